@@ -1,0 +1,289 @@
+/*
+ * pgring: a lock-free, io_uring-driven PostgreSQL connection pool.
+ *
+ * Overview
+ *   A pool keeps up to max_size (+ max_overflow) libpq connections open and hands them out.
+ *   Idle connections sit in per-CPU shards; a checkout takes one from the caller's CPU shard
+ *   with one compare-and-swap, steals from the other shards when that is empty, and parks on
+ *   a futex with a deadline when the whole pool is busy. A returned connection goes straight
+ *   to the oldest waiter. Connects, pings, rollbacks and closes run on a manager thread that
+ *   drives libpq's nonblocking API through its own io_uring ring, so no caller ever blocks on
+ *   the network inside the pool.
+ *
+ * API
+ *   pgr_config_init / pgr_pool_create / pgr_pool_destroy   pool lifetime
+ *   pgr_acquire / pgr_try_acquire / pgr_release / pgr_discard   checkout
+ *   PGR_SCOPED_CONN                                         checkout released at block end
+ *   pgr_pool_stats / pgr_pool_prometheus / pgr_pool_histogram   observability
+ *   pgr_strerror                                            error names
+ *
+ * Errors are negative: -errno values, or pgring's own codes negated (-PGR_E_*), so that
+ * `rc < 0` catches every failure.
+ * Every function documents whether it is thread-safe and whether it blocks.
+ */
+#ifndef PGRING_H
+#define PGRING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <libpq-fe.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(PGR_BUILDING) && defined(__GNUC__)
+#define PGR_API __attribute__((visibility("default")))
+#else
+#define PGR_API
+#endif
+
+#define PGRING_VERSION_MAJOR 0
+#define PGRING_VERSION_MINOR 1
+#define PGRING_VERSION_PATCH 0
+
+typedef struct pgr_pool pgr_pool;
+typedef struct pgr_conn pgr_conn;
+
+/* pgring's own error codes, reserved range far above errno values; returned negated. */
+enum {
+	PGR_E_BASE = 10000,
+	PGR_E_TOO_MANY_WAITERS = PGR_E_BASE, /* max_waiters callers already wait */
+	PGR_E_CONNECT_FAILED,                /* the server refused or failed the connect */
+	PGR_E_NOT_OWNED,                     /* release of a connection not checked out */
+	PGR_E_LAST = PGR_E_NOT_OWNED,
+};
+
+enum pgr_event_type {
+	PGR_EV_CONN_OPENED = 1,   /* a connection is open and ready (conn_id set) */
+	PGR_EV_CONN_CLOSED,       /* a connection was closed (reason set) */
+	PGR_EV_CONNECT_FAILED,    /* a connect attempt failed (message: libpq's text) */
+	PGR_EV_POOL_EXHAUSTED,    /* every connection is in use and a caller must wait */
+	PGR_EV_WAITER_REJECTED,   /* a caller was refused: max_waiters already wait */
+	PGR_EV_LEAK_SUSPECTED,    /* held longer than leak_threshold_ms (file/line/func set) */
+	PGR_EV_CONFIG_ERROR,      /* pgr_pool_create rejected a field (field set) */
+	PGR_EV_ACQUIRE_TIMEOUT,   /* an acquire timed out (message: pool state, last error) */
+};
+
+typedef struct pgr_event {
+	enum pgr_event_type type;
+	const char *message; /* human text, never contains a password; never NULL */
+	const char *reason;  /* CONN_CLOSED: why ("max_lifetime", "broken", ...), else NULL */
+	const char *field;   /* CONFIG_ERROR: the pgr_config field at fault, else NULL */
+	uint32_t conn_id;    /* connection slot, or UINT32_MAX when none */
+	int64_t held_ms;     /* LEAK_SUSPECTED: how long the connection has been held */
+	const char *file;    /* LEAK_SUSPECTED: where it was acquired, or NULL */
+	int line;
+	const char *func;
+	const char *pool;    /* the pool's name (pgr_config.name) */
+} pgr_event;
+
+/*
+ * Event callback. Runs on the pool's manager thread for connection events and on the calling
+ * thread for acquire events (exhausted, rejected, timeout) and config errors. It must not call
+ * back into the pool with a blocking call, and must be quick.
+ */
+typedef void (*pgr_event_fn)(const pgr_event *ev, void *user_data);
+
+/*
+ * Called on the manager thread right after a connection opens, before it is handed out.
+ * Return 0 to accept the connection, anything else to close it (counted as a failed connect).
+ * It may run short blocking statements (SET ...); the manager waits for it.
+ */
+typedef int (*pgr_connect_fn)(PGconn *pg, void *user_data);
+
+/* A ready-made pgr_event_fn that prints one line per event to stderr. Thread-safe. */
+PGR_API void pgr_event_log_stderr(const pgr_event *ev, void *user_data);
+
+typedef struct pgr_config {
+	const char *conninfo;         /* libpq conninfo string or URI; required */
+	const char *name;             /* pool label in metrics and logs; default "default" */
+	uint32_t min_idle;            /* connections kept open when unused; default 0 */
+	uint32_t max_size;            /* steady upper bound; default 10 */
+	uint32_t max_overflow;        /* burst above max_size, closed on return; default 0 */
+	uint32_t max_waiters;         /* callers that may wait at once; default 1024 */
+	uint32_t max_connecting;      /* connects in flight at once; default 4 */
+	uint32_t shards;              /* idle-connection shards; 0 = one per online CPU */
+	int64_t acquire_timeout_ms;   /* pgr_acquire's default deadline; default 30000 */
+	int64_t connect_timeout_ms;   /* whole connect attempt, TLS and auth included; 10000 */
+	int64_t max_lifetime_ms;      /* 0 = unlimited; default 1800000 (30 min) */
+	int64_t lifetime_jitter_ms;   /* up to this much is taken off each lifetime; 0 = none */
+	int64_t idle_timeout_ms;      /* close idle connections above min_idle; 0 = never; 600000 */
+	int64_t ping_after_idle_ms;   /* ping at checkout when idle this long; 0 = always,
+	                                 -1 = never; default 30000 */
+	int64_t check_after_idle_ms;  /* zero-round-trip socket check at checkout when idle this
+	                                 long; 0 = every checkout; default 1 */
+	int64_t ping_timeout_ms;      /* deadline of one ping; default 5000 */
+	int64_t reset_timeout_ms;     /* deadline of a rollback or reset_sql on return; 5000 */
+	int64_t keepalive_interval_ms;/* background ping of idle connections; 0 = off */
+	int64_t leak_threshold_ms;    /* report connections held longer; 0 = off */
+	int64_t backoff_min_ms;       /* first reconnect delay after a failure; default 100 */
+	int64_t backoff_max_ms;       /* cap of the exponential backoff; default 10000 */
+	int64_t tcp_user_timeout_ms;  /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
+	const char *reset_sql;        /* run on every return when set, e.g. "DISCARD ALL" */
+	pgr_connect_fn on_connect;
+	pgr_event_fn on_event;
+	void *user_data;              /* passed to on_connect and on_event */
+} pgr_config;
+
+typedef struct pgr_stats {
+	/* gauges */
+	uint32_t size;            /* open connections (idle + in use + being checked/reset) */
+	uint32_t idle;
+	uint32_t in_use;
+	uint32_t overflow_in_use; /* open connections above max_size */
+	uint32_t waiting;         /* callers parked in the wait queue */
+	uint32_t connecting;
+	uint32_t max_size;
+	uint32_t max_overflow;
+	/* counters, monotonic since create */
+	uint64_t acquires;             /* successful checkouts */
+	uint64_t acquired_immediately; /* without waiting */
+	uint64_t steals;               /* taken from another CPU's shard */
+	uint64_t handoffs;             /* handed straight from a return to a waiter */
+	uint64_t waits;                /* checkouts that had to wait */
+	uint64_t timeouts;
+	uint64_t rejected;             /* refused: too many waiters */
+	uint64_t connects_ok;
+	uint64_t connects_failed;
+	uint64_t pings;
+	uint64_t pings_failed;
+	uint64_t checks_failed;        /* zero-round-trip check found a dead socket */
+	uint64_t rollbacks;            /* returned in a transaction and rolled back */
+	uint64_t resets;               /* reset_sql runs */
+	uint64_t resets_failed;
+	uint64_t leaks;                /* leak reports */
+	uint64_t closes;               /* all closes; by reason below */
+	uint64_t closes_by_reason[16]; /* index: enum pgr_close_reason */
+} pgr_stats;
+
+/* Why a connection was closed; names from pgr_close_reason_name(). */
+enum pgr_close_reason {
+	PGR_CLOSE_MAX_LIFETIME = 0,
+	PGR_CLOSE_IDLE_TIMEOUT,
+	PGR_CLOSE_BROKEN,        /* bad status seen at return or by a check */
+	PGR_CLOSE_PING_FAILED,
+	PGR_CLOSE_RESET_FAILED,
+	PGR_CLOSE_OVERFLOW,      /* returned while the pool already held max_size */
+	PGR_CLOSE_DISCARDED,     /* pgr_discard */
+	PGR_CLOSE_SERVER_ERROR,  /* FATAL / admin shutdown / read-only server */
+	PGR_CLOSE_ACTIVE_QUERY,  /* returned with a query still running */
+	PGR_CLOSE_POOL_CLOSING,
+	PGR_CLOSE_CONNECT_FAILED,/* on_connect refused or setup failed after connect */
+	PGR_CLOSE_REASONS,
+};
+PGR_API const char *pgr_close_reason_name(int reason);
+
+/* Latency histograms kept by the pool. */
+enum pgr_hist_kind {
+	PGR_HIST_ACQUIRE_WAIT = 0, /* time a checkout waited (0 for an immediate checkout) */
+	PGR_HIST_CONNECT,          /* connect attempt, start to ready */
+	PGR_HIST_HOLD,             /* checkout to return */
+	PGR_HIST_KINDS,
+};
+
+typedef struct pgr_hist_summary {
+	uint64_t count;
+	uint64_t sum_ns;
+	uint64_t p50_ns, p90_ns, p99_ns, p999_ns, max_ns;
+} pgr_hist_summary;
+
+/* Fill cfg with every default. conninfo must still be set. Thread-safe, never blocks. */
+PGR_API void pgr_config_init(pgr_config *cfg);
+
+/*
+ * Validate and copy cfg (strings are copied), start the manager thread and begin opening
+ * min_idle connections in the background. Returns 0 and sets *out, or -EINVAL (a bad field,
+ * also reported as a PGR_EV_CONFIG_ERROR event naming it), -ENOMEM, or the error of
+ * io_uring setup. Does not wait for connections to open. Thread-safe.
+ */
+PGR_API int pgr_pool_create(const pgr_config *cfg, pgr_pool **out);
+
+/*
+ * Stop handing out connections, wake every waiter with -ESHUTDOWN, wait up to drain_ms for
+ * checked-out connections to come back, then close every connection (in-flight io_uring
+ * operations are cancelled first). Connections still checked out after the deadline are
+ * closed under their holders' feet only at pgr_pool_destroy. Returns 0, or -ETIMEDOUT when
+ * some were still out at the deadline. Blocks up to drain_ms. Call once, from one thread.
+ */
+PGR_API int pgr_pool_drain(pgr_pool *pool, int64_t drain_ms);
+
+/*
+ * pgr_pool_drain(pool, 0) if not drained yet, then free everything. Connections still checked
+ * out are closed; using them afterwards is undefined. Not thread-safe with other calls on the
+ * same pool.
+ */
+PGR_API void pgr_pool_destroy(pgr_pool *pool);
+
+/*
+ * Check out a connection, waiting up to timeout_ms (negative: the configured
+ * acquire_timeout_ms; 0: do not wait). Returns 0 and sets *out; -ETIMEDOUT (when the server is
+ * failing the error is -PGR_E_CONNECT_FAILED instead, and pgr_pool_last_error() explains);
+ * -PGR_E_TOO_MANY_WAITERS; -ESHUTDOWN once the pool is draining; -EINVAL for NULL arguments.
+ * Thread-safe. Blocks up to the deadline; never blocks on the network.
+ */
+PGR_API int pgr_acquire_at(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out, const char *file,
+                           int line, const char *func);
+PGR_API int pgr_acquire(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out);
+/* The macro records where the connection was acquired, for leak reports, at no cost. */
+#define pgr_acquire(pool, timeout_ms, out)                                                     \
+	pgr_acquire_at((pool), (timeout_ms), (out), __FILE__, __LINE__, __func__)
+
+/* Like pgr_acquire with a zero timeout: returns -EAGAIN at once when none is idle. */
+PGR_API int pgr_try_acquire(pgr_pool *pool, pgr_conn **out);
+
+/*
+ * Return a connection. An idle, healthy connection goes to the oldest waiter or back to an
+ * idle shard with no system call and no lock; one left in a transaction is rolled back by the
+ * manager first; one with a query running or a broken socket is closed. Thread-safe, never
+ * blocks. Releasing a connection that is not checked out aborts in debug builds and is
+ * reported (PGR_EV_CONN_CLOSED is not sent; the misuse is logged) in release builds.
+ */
+PGR_API void pgr_release(pgr_conn *conn);
+
+/* Return a connection the caller knows is unusable: it is closed, never reused. */
+PGR_API void pgr_discard(pgr_conn *conn);
+
+/* The libpq connection; valid until pgr_release/pgr_discard. Never NULL for a checked-out conn. */
+PGR_API PGconn *pgr_conn_pg(pgr_conn *conn);
+/* Stable slot number of a connection, as in events. */
+PGR_API uint32_t pgr_conn_id(const pgr_conn *conn);
+
+/* Snapshot of the pool's gauges and counters. Thread-safe, never blocks, no lock. */
+PGR_API void pgr_pool_stats(pgr_pool *pool, pgr_stats *out);
+
+/* Summary of one latency histogram. Thread-safe, never blocks. */
+PGR_API void pgr_pool_histogram(pgr_pool *pool, enum pgr_hist_kind kind, pgr_hist_summary *out);
+
+/*
+ * Prometheus text exposition of stats and histograms, names pgring_*, label pool="<name>".
+ * Like snprintf: writes at most len bytes (NUL included) and returns the length the whole
+ * text needs, excluding the NUL. Thread-safe, never blocks.
+ */
+PGR_API size_t pgr_pool_prometheus(pgr_pool *pool, char *buf, size_t len);
+
+/*
+ * Copy into buf (snprintf-like, returns the needed length) the reason of the most recent
+ * failure the pool saw: the last connect error with libpq's text, or the state at the last
+ * acquire timeout. Thread-safe.
+ */
+PGR_API size_t pgr_pool_last_error(pgr_pool *pool, char *buf, size_t len);
+
+/* Name of an error code returned by pgring (negative errno or a PGR_E_* code). */
+PGR_API const char *pgr_strerror(int err);
+
+/*
+ * Scoped checkout: the connection is released when the variable leaves scope.
+ *
+ *   PGR_SCOPED_CONN(c);
+ *   if (pgr_acquire(pool, 100, &c) == 0) { ... PQexec(pgr_conn_pg(c), ...) ... }
+ *   // released here, on every path out of the block
+ */
+PGR_API void pgr__conn_cleanup(pgr_conn **conn);
+#define PGR_SCOPED_CONN(var) pgr_conn *var __attribute__((cleanup(pgr__conn_cleanup))) = NULL
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PGRING_H */

@@ -1,0 +1,596 @@
+/*
+ * The checkout path: idle shards, work stealing, the waiter FIFO.
+ *
+ * Idle connections are bits. Each shard owns a bitmap with one bit per connection slot; a set
+ * bit means "this slot is idle and parked in this shard". Taking one is a CAS that clears a bit;
+ * returning one is a fetch_or that sets it. Why bitmaps and not ck_ring: ck_ring's mpmc enqueue
+ * makes every producer wait until earlier producers commit, so a producer preempted between
+ * reserve and commit stalls all others (41 us per op with 8 threads on 2 cores, PITFALLS.md).
+ * A bitmap CAS never waits for another thread: a failed CAS means someone else made progress.
+ * Bits are taken lowest-first, so load concentrates on the low slots and surplus connections
+ * stay idle long enough to be retired by idle_timeout (the effect LIFO reuse gives pgbouncer).
+ *
+ * A caller that finds no idle bit parks in a FIFO of pool-owned waiter slots, each with its own
+ * futex word, and a returning connection is granted to the oldest waiter directly. The FIFO is
+ * guarded by a mutex: only callers about to sleep, and releasers that have a waiter to serve,
+ * ever take it.
+ *
+ * No lost wake-up: a waiter increments nwaiters and then re-scans the bitmaps; a releaser sets
+ * its bit and then reads nwaiters. All four accesses are seq_cst, so at least one side sees the
+ * other (Dekker), and a releaser that sees a waiter after publishing runs pump().
+ */
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/rseq.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "pool.h"
+
+/* ---- CPU and futex ---- */
+
+/* rseq's cpu_id costs ~0.5 ns against ~2.5 ns for sched_getcpu; it is only a hint. */
+static inline unsigned cur_shard(pgr_pool *p)
+{
+	int c;
+	if (__rseq_size > 0) {
+		struct rseq *rs = (struct rseq *)((char *)__builtin_thread_pointer() + __rseq_offset);
+		c = (int)__atomic_load_n(&rs->cpu_id, __ATOMIC_RELAXED);
+		if (c < 0)
+			c = sched_getcpu();
+	} else {
+		c = sched_getcpu();
+	}
+	if (c < 0)
+		c = 0;
+	return (unsigned)c % p->nshards;
+}
+
+/*
+ * Waiter words are shared (not FUTEX_PRIVATE) futexes on purpose: an io_uring FUTEX_WAIT armed
+ * while the process had a single thread is never woken by a private wake on kernels 6.16+
+ * (PITFALLS.md, futex3.c); with shared words one wake reaches threads and rings alike.
+ */
+static int futex_wait_abs(_Atomic uint32_t *addr, uint32_t val, const struct timespec *abs)
+{
+	long r = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_BITSET, val, abs, NULL,
+	                 FUTEX_BITSET_MATCH_ANY);
+	return r == 0 ? 0 : -errno;
+}
+
+static void futex_wake1(_Atomic uint32_t *addr)
+{
+	syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/* ---- shards ---- */
+
+static int shard_take_mt(pgr_pool *p, unsigned s)
+{
+	_Atomic uint64_t *w = pgr__shard_words(p, s);
+	for (uint32_t i = 0; i < p->nwords; i++) {
+		/* seq_cst: this load is the waiter's half of the Dekker pair (file comment). */
+		uint64_t v = atomic_load_explicit(&w[i], memory_order_seq_cst);
+		while (v) {
+			uint64_t bit = v & (~v + 1);
+			/*
+			 * Acquires the slot from the fetch_or that published it; seq_cst (free on x86,
+			 * where a locked cmpxchg is a full barrier) keeps a failed CAS's reload in the
+			 * Dekker order too.
+			 */
+			if (atomic_compare_exchange_weak_explicit(&w[i], &v, v & ~bit,
+			                                          memory_order_seq_cst,
+			                                          memory_order_seq_cst))
+				return (int)(i * 64 + (uint32_t)__builtin_ctzll(bit));
+		}
+	}
+	return -1;
+}
+
+/* Own shard first, then the others in a fixed rotation from the next one. */
+static struct pgr_conn *take_any(pgr_pool *p, bool *stolen)
+{
+	unsigned home = cur_shard(p);
+	int id = shard_take_mt(p, home);
+	if (likely(id >= 0)) {
+		*stolen = false;
+		return &p->conns[id];
+	}
+	for (unsigned k = 1; k < p->nshards; k++) {
+		unsigned s = home + k;
+		if (s >= p->nshards)
+			s -= p->nshards;
+		id = shard_take_mt(p, s);
+		if (id >= 0) {
+			*stolen = true;
+			return &p->conns[id];
+		}
+	}
+	return NULL;
+}
+
+static void shard_put(pgr_pool *p, struct pgr_conn *c)
+{
+	unsigned s = cur_shard(p);
+	atomic_store_explicit(&c->home_shard, s, memory_order_relaxed);
+	pgr__conn_move(c, PGR__IDLE);
+	/* seq_cst: release for the next owner's acquire CAS, and the releaser's half of Dekker. */
+	atomic_fetch_or_explicit(&pgr__shard_words(p, s)[c->id / 64], 1ull << (c->id % 64),
+	                         memory_order_seq_cst);
+}
+
+int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c)
+{
+	unsigned s = atomic_load_explicit(&c->home_shard, memory_order_relaxed);
+	_Atomic uint64_t *w = &pgr__shard_words(p, s)[c->id / 64];
+	uint64_t bit = 1ull << (c->id % 64);
+	uint64_t v = atomic_load_explicit(w, memory_order_relaxed);
+	while (v & bit) {
+		if (atomic_compare_exchange_weak_explicit(w, &v, v & ~bit, memory_order_acquire,
+		                                          memory_order_relaxed))
+			return 1;
+	}
+	return 0;
+}
+
+uint32_t pgr__idle_count(pgr_pool *p)
+{
+	uint32_t n = 0;
+	for (uint32_t s = 0; s < p->nshards; s++)
+		for (uint32_t i = 0; i < p->nwords; i++)
+			n += (uint32_t)__builtin_popcountll(
+				atomic_load_explicit(&pgr__shard_words(p, s)[i], memory_order_relaxed));
+	return n;
+}
+
+/* ---- waiter FIFO (under wq_lock) ---- */
+
+static void wq_unlink(pgr_pool *p, uint32_t i)
+{
+	struct pgr__waiter *w = &p->waiters[i];
+	if (w->prev != PGR__NONE)
+		p->waiters[w->prev].next = w->next;
+	else
+		p->wq_head = w->next;
+	if (w->next != PGR__NONE)
+		p->waiters[w->next].prev = w->prev;
+	else
+		p->wq_tail = w->prev;
+	w->next = w->prev = PGR__NONE;
+}
+
+static void wq_free_slot(pgr_pool *p, uint32_t i)
+{
+	struct pgr__waiter *w = &p->waiters[i];
+	atomic_store_explicit(&w->state, PGR__W_FREE, memory_order_relaxed);
+	w->next = p->wq_free;
+	p->wq_free = i;
+}
+
+/* Grant c to the oldest waiter; returns its index or NONE. Caller holds wq_lock. */
+static uint32_t wq_grant_locked(pgr_pool *p, struct pgr_conn *c)
+{
+	uint32_t i = p->wq_head;
+	if (i == PGR__NONE)
+		return PGR__NONE;
+	struct pgr__waiter *w = &p->waiters[i];
+	wq_unlink(p, i);
+	atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
+	w->conn = c->id;
+	pgr__conn_move(c, PGR__IDLE);
+	/* release: the waiter's acquire load of GRANTED sees the connection's every field. */
+	atomic_store_explicit(&w->state, PGR__W_GRANTED, memory_order_release);
+	return i;
+}
+
+/* Hand c (owned by the caller) to the oldest waiter. False when nobody waits. */
+static bool handoff(pgr_pool *p, struct pgr_conn *c)
+{
+	pthread_mutex_lock(&p->wq_lock);
+	uint32_t i = wq_grant_locked(p, c);
+	pthread_mutex_unlock(&p->wq_lock);
+	if (i == PGR__NONE)
+		return false;
+	pgr__inc(&c->n_handoffs);
+	/* A late wake of a slot already reused is a spurious wake-up: waiters re-check state. */
+	futex_wake1(&p->waiters[i].state);
+	return true;
+}
+
+/* Serve waiters from idle shards: runs when a publish raced with a waiter's arrival. */
+static void pump(pgr_pool *p)
+{
+	pthread_mutex_lock(&p->wq_lock);
+	while (p->wq_head != PGR__NONE) {
+		bool stolen;
+		struct pgr_conn *c = take_any(p, &stolen);
+		if (!c)
+			break;
+		uint32_t i = wq_grant_locked(p, c);
+		pgr__inc(&c->n_handoffs);
+		futex_wake1(&p->waiters[i].state);
+	}
+	pthread_mutex_unlock(&p->wq_lock);
+}
+
+void pgr__publish(pgr_pool *p, struct pgr_conn *c)
+{
+	if (atomic_load_explicit(&p->nwaiters, memory_order_relaxed) > 0 && handoff(p, c))
+		return;
+	shard_put(p, c);
+	if (unlikely(atomic_load_explicit(&p->nwaiters, memory_order_seq_cst) > 0))
+		pump(p);
+}
+
+void pgr__waiters_shutdown(pgr_pool *p)
+{
+	pthread_mutex_lock(&p->wq_lock);
+	while (p->wq_head != PGR__NONE) {
+		uint32_t i = p->wq_head;
+		wq_unlink(p, i);
+		atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
+		atomic_store_explicit(&p->waiters[i].state, PGR__W_SHUTDOWN, memory_order_release);
+		futex_wake1(&p->waiters[i].state);
+	}
+	pthread_mutex_unlock(&p->wq_lock);
+}
+
+/* ---- acquire ---- */
+
+/* Zero-round-trip liveness check: a killed backend leaves FATAL + EOF on an idle socket. */
+static int socket_event(struct pgr_conn *c)
+{
+	struct pollfd pfd = {.fd = PQsocket(c->pg), .events = POLLIN | POLLRDHUP};
+	if (pfd.fd < 0)
+		return POLLHUP;
+	if (poll(&pfd, 1, 0) <= 0)
+		return 0;
+	return pfd.revents ? pfd.revents : 0;
+}
+
+/*
+ * Decide whether an idle connection just taken may go to the caller. Returns true to hand it
+ * out; otherwise the connection has been passed to the manager (retire, ping or check) and the
+ * caller keeps looking. No I/O here beyond one zero-timeout poll on long-idle sockets.
+ */
+static bool validate(pgr_pool *p, struct pgr_conn *c)
+{
+	int64_t now = pgr__now_ms(p);
+	if (unlikely(now >= atomic_load_explicit(&c->expire_ms, memory_order_relaxed))) {
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_MAX_LIFETIME);
+		return false;
+	}
+	int64_t idle = now - atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);
+	if (atomic_load_explicit(&c->fresh, memory_order_relaxed)) {
+		atomic_store_explicit(&c->fresh, 0, memory_order_relaxed);
+		return true;
+	}
+	int64_t ping_after = p->cfg.ping_after_idle_ms;
+	if (ping_after >= 0 && idle >= ping_after) {
+		pgr__manager_push(p, c, PGR__REQ_PING, 0);
+		return false;
+	}
+	if (idle >= p->cfg.check_after_idle_ms) {
+		int ev = socket_event(c);
+		if (unlikely(ev)) {
+			if (ev & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) {
+				atomic_fetch_add_explicit(&p->c_checks_failed, 1, memory_order_relaxed);
+				pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_BROKEN);
+			} else {
+				/* Readable but open: a NOTIFY or a FATAL still in flight. Let the manager read it. */
+				pgr__manager_push(p, c, PGR__REQ_CHECK, 0);
+			}
+			return false;
+		}
+	}
+	return true;
+}
+
+static inline void checked_out(pgr_conn *c, const char *file, int line, const char *func)
+{
+	pgr__conn_move(c, PGR__IN_USE);
+	atomic_store_explicit(&c->acquired_ms, pgr__now_ms(c->pool), memory_order_relaxed);
+	pgr__inc(&c->checkout_seq);
+	pgr__inc(&c->n_acquires);
+	atomic_store_explicit(&c->acq_file, file, memory_order_relaxed);
+	atomic_store_explicit(&c->acq_func, func, memory_order_relaxed);
+	atomic_store_explicit(&c->acq_line, line, memory_order_relaxed);
+}
+
+/* The lock-free part: idle shards only. */
+static struct pgr_conn *fast_take(pgr_pool *p)
+{
+	bool stolen;
+	struct pgr_conn *c;
+	while ((c = take_any(p, &stolen)) != NULL) {
+		if (likely(validate(p, c))) {
+			if (stolen)
+				pgr__inc(&c->n_steals);
+			return c;
+		}
+	}
+	return NULL;
+}
+
+static void timespec_add_ms(struct timespec *ts, int64_t ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, ts);
+	ts->tv_sec += ms / 1000;
+	ts->tv_nsec += (ms % 1000) * 1000000;
+	if (ts->tv_nsec >= 1000000000) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000;
+	}
+}
+
+static int timeout_error(pgr_pool *p, int64_t waited_ms)
+{
+	atomic_fetch_add_explicit(&p->c_timeouts, 1, memory_order_relaxed);
+	pgr_stats st;
+	pgr_pool_stats(p, &st);
+	bool failing = atomic_load_explicit(&p->connect_failing, memory_order_relaxed);
+	char msg[768], last[512] = "";
+	if (failing)
+		pgr_pool_last_error(p, last, sizeof(last));
+	snprintf(msg, sizeof(msg),
+	         "acquire timed out after %lld ms: size=%u/%u in_use=%u idle=%u waiting=%u "
+	         "connecting=%u%s%s",
+	         (long long)waited_ms, st.size, st.max_size + st.max_overflow, st.in_use, st.idle,
+	         st.waiting, st.connecting, failing ? "; last connect error: " : "",
+	         failing ? last : "");
+	pgr__emit(p, PGR_EV_ACQUIRE_TIMEOUT, msg, NULL, NULL, PGR__NONE);
+	if (!failing)
+		pgr__set_last_error(p, msg);
+	return failing ? -PGR_E_CONNECT_FAILED : -ETIMEDOUT;
+}
+
+/* A connection the waiter no longer needs (it got two) goes back through the normal path. */
+static void give_back(pgr_pool *p, struct pgr_conn *c)
+{
+	pgr__publish(p, c);
+}
+
+static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
+{
+	int64_t t0 = pgr__mono_ns();
+	struct timespec deadline;
+	timespec_add_ms(&deadline, timeout_ms);
+
+	pthread_mutex_lock(&p->wq_lock);
+	if (atomic_load_explicit(&p->closing, memory_order_relaxed)) {
+		pthread_mutex_unlock(&p->wq_lock);
+		return -ESHUTDOWN;
+	}
+	uint32_t wi = p->wq_free;
+	if (wi == PGR__NONE) {
+		pthread_mutex_unlock(&p->wq_lock);
+		atomic_fetch_add_explicit(&p->c_rejected, 1, memory_order_relaxed);
+		pgr__emitf(p, PGR_EV_WAITER_REJECTED, PGR__NONE,
+		           "acquire rejected: %u callers already waiting (max_waiters)",
+		           p->nwaiter_slots);
+		return -PGR_E_TOO_MANY_WAITERS;
+	}
+	struct pgr__waiter *w = &p->waiters[wi];
+	p->wq_free = w->next;
+	w->gen++;
+	w->conn = PGR__NONE;
+	w->next = PGR__NONE;
+	w->prev = p->wq_tail;
+	if (p->wq_tail != PGR__NONE)
+		p->waiters[p->wq_tail].next = wi;
+	else
+		p->wq_head = wi;
+	p->wq_tail = wi;
+	atomic_store_explicit(&w->state, PGR__W_WAITING, memory_order_relaxed);
+	/* seq_cst: the waiter's half of the Dekker pair with pgr__publish. */
+	uint32_t nw = atomic_fetch_add_explicit(&p->nwaiters, 1, memory_order_seq_cst) + 1;
+	pthread_mutex_unlock(&p->wq_lock);
+
+	if (nw == 1 && atomic_load_explicit(&p->nopen, memory_order_relaxed) >= p->cap)
+		pgr__emitf(p, PGR_EV_POOL_EXHAUSTED, PGR__NONE,
+		           "pool exhausted: all %u connections in use, a caller waits", p->cap);
+	/* The manager opens connections for waiters that in-flight connects do not cover. */
+	if (atomic_load_explicit(&p->nopen, memory_order_relaxed) < p->cap)
+		pgr__manager_wake(p);
+
+	struct pgr_conn *mine = fast_take(p);
+	int rc = 0;
+	for (;;) {
+		uint32_t s = atomic_load_explicit(&w->state, memory_order_acquire);
+		if (s == PGR__W_WAITING && !mine) {
+			int r = futex_wait_abs(&w->state, PGR__W_WAITING, &deadline);
+			if (r != -ETIMEDOUT)
+				continue;
+		}
+		/* Got one ourselves, timed out, or granted/shut down: settle under the lock. */
+		pthread_mutex_lock(&p->wq_lock);
+		s = atomic_load_explicit(&w->state, memory_order_acquire);
+		if (s == PGR__W_WAITING) {
+			wq_unlink(p, wi);
+			atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
+			wq_free_slot(p, wi);
+			pthread_mutex_unlock(&p->wq_lock);
+			if (!mine)
+				rc = timeout_error(p, (pgr__mono_ns() - t0) / 1000000);
+			break;
+		}
+		uint32_t got = w->conn;
+		wq_free_slot(p, wi);
+		pthread_mutex_unlock(&p->wq_lock);
+		if (s == PGR__W_SHUTDOWN) {
+			if (mine)
+				give_back(p, mine);
+			mine = NULL;
+			rc = -ESHUTDOWN;
+			break;
+		}
+		/* GRANTED. Validate like any idle connection; a stale one goes to the manager. */
+		struct pgr_conn *g = &p->conns[got];
+		if (mine) {
+			give_back(p, g);
+			break;
+		}
+		if (validate(p, g)) {
+			mine = g;
+			break;
+		}
+		/* The grant was not usable: queue again with what is left of the deadline. */
+		int64_t left = timeout_ms - (pgr__mono_ns() - t0) / 1000000;
+		if (left <= 0)
+			return timeout_error(p, timeout_ms);
+		return slow_acquire(p, left, out);
+	}
+	if (!mine)
+		return rc;
+	uint64_t waited = (uint64_t)(pgr__mono_ns() - t0);
+	pgr__inc(&mine->n_waits);
+	pgr__hist_add(&mine->hist[PGR_HIST_ACQUIRE_WAIT], waited);
+	*out = mine;
+	return 0;
+}
+
+int pgr_acquire_at(pgr_pool *p, int64_t timeout_ms, pgr_conn **out, const char *file, int line,
+                   const char *func)
+{
+	if (unlikely(!p || !out))
+		return -EINVAL;
+	if (unlikely(atomic_load_explicit(&p->closing, memory_order_relaxed)))
+		return -ESHUTDOWN;
+	struct pgr_conn *c = fast_take(p);
+	if (likely(c != NULL)) {
+		pgr__inc(&c->n_immediate);
+		checked_out(c, file, line, func);
+		*out = c;
+		return 0;
+	}
+	if (timeout_ms < 0)
+		timeout_ms = p->cfg.acquire_timeout_ms;
+	if (timeout_ms == 0) {
+		if (atomic_load_explicit(&p->nopen, memory_order_relaxed) < p->cfg.max_size &&
+		    !atomic_exchange_explicit(&p->demand, 1, memory_order_relaxed))
+			pgr__manager_wake(p);
+		return -EAGAIN;
+	}
+	int rc = slow_acquire(p, timeout_ms, &c);
+	if (rc == 0) {
+		checked_out(c, file, line, func);
+		*out = c;
+	}
+	return rc;
+}
+
+#undef pgr_acquire
+int pgr_acquire(pgr_pool *p, int64_t timeout_ms, pgr_conn **out)
+{
+	return pgr_acquire_at(p, timeout_ms, out, NULL, 0, NULL);
+}
+
+int pgr_try_acquire(pgr_pool *p, pgr_conn **out)
+{
+	return pgr_acquire_at(p, 0, out, NULL, 0, NULL);
+}
+
+/* ---- release ---- */
+
+static void misuse(struct pgr_conn *c, const char *what)
+{
+	char msg[160];
+	snprintf(msg, sizeof(msg), "misuse: %s of connection %u that is not checked out", what,
+	         c->id);
+#ifndef NDEBUG
+	fprintf(stderr, "pgring: %s\n", msg);
+	abort();
+#else
+	pgr__emit(c->pool, PGR_EV_CONFIG_ERROR, msg, NULL, NULL, c->id);
+#endif
+}
+
+static void release_to(pgr_conn *c, bool discard)
+{
+	pgr_pool *p = c->pool;
+	if (unlikely(atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)) {
+		misuse(c, discard ? "discard" : "release");
+		return;
+	}
+	int64_t now = pgr__now_ms(p);
+	int64_t held = now - atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
+	pgr__hist_add(&c->hist[PGR_HIST_HOLD], held > 0 ? (uint64_t)held * 1000000u : 0);
+	atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);
+
+	if (unlikely(discard)) {
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_DISCARDED);
+		return;
+	}
+	if (unlikely(atomic_load_explicit(&p->closing, memory_order_relaxed))) {
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_POOL_CLOSING);
+		return;
+	}
+	if (unlikely(PQstatus(c->pg) != CONNECTION_OK)) {
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_BROKEN);
+		return;
+	}
+	if (unlikely(atomic_load_explicit(&c->server_error, memory_order_relaxed))) {
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_SERVER_ERROR);
+		return;
+	}
+	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
+	if (unlikely(ts != PQTRANS_IDLE)) {
+		if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
+			pgr__manager_push(p, c, PGR__REQ_ROLLBACK, 0);
+		else
+			pgr__manager_push(p, c, PGR__REQ_RETIRE,
+			                  ts == PQTRANS_ACTIVE ? PGR_CLOSE_ACTIVE_QUERY : PGR_CLOSE_BROKEN);
+		return;
+	}
+	if (unlikely(now >= atomic_load_explicit(&c->expire_ms, memory_order_relaxed))) {
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_MAX_LIFETIME);
+		return;
+	}
+	/* SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes. */
+	if (unlikely(atomic_load_explicit(&p->nopen, memory_order_relaxed) > p->cfg.max_size) &&
+	    atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0) {
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_OVERFLOW);
+		return;
+	}
+	if (unlikely(p->cfg.reset_sql != NULL)) {
+		pgr__manager_push(p, c, PGR__REQ_RESET, 0);
+		return;
+	}
+	pgr__publish(p, c);
+}
+
+void pgr_release(pgr_conn *c)
+{
+	if (c)
+		release_to(c, false);
+}
+
+void pgr_discard(pgr_conn *c)
+{
+	if (c)
+		release_to(c, true);
+}
+
+void pgr__conn_cleanup(pgr_conn **c)
+{
+	if (c && *c) {
+		pgr_release(*c);
+		*c = NULL;
+	}
+}
+
+PGconn *pgr_conn_pg(pgr_conn *c)
+{
+	return c ? c->pg : NULL;
+}
+
+uint32_t pgr_conn_id(const pgr_conn *c)
+{
+	return c ? c->id : PGR__NONE;
+}

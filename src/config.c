@@ -1,0 +1,224 @@
+/*
+ * Configuration: defaults, validation and the private copy a pool keeps.
+ *
+ * A pool never reads the caller's pgr_config after pgr_pool_create returns; strings are
+ * duplicated. The conninfo is parsed here once, both to reject a bad one early with libpq's
+ * own message and to add the TCP keepalive / user-timeout defaults a pool needs (a black-holed
+ * server is otherwise noticed only after two hours) unless the conninfo sets them.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pool.h"
+
+void pgr_config_init(pgr_config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->name = "default";
+	cfg->min_idle = 0;
+	cfg->max_size = 10;
+	cfg->max_overflow = 0;
+	cfg->max_waiters = 1024;
+	cfg->max_connecting = 4;
+	cfg->shards = 0;
+	cfg->acquire_timeout_ms = 30000;
+	cfg->connect_timeout_ms = 10000;
+	cfg->max_lifetime_ms = 1800000;
+	cfg->lifetime_jitter_ms = 0;
+	cfg->idle_timeout_ms = 600000;
+	cfg->ping_after_idle_ms = 30000;
+	cfg->check_after_idle_ms = 1;
+	cfg->ping_timeout_ms = 5000;
+	cfg->reset_timeout_ms = 5000;
+	cfg->keepalive_interval_ms = 0;
+	cfg->leak_threshold_ms = 0;
+	cfg->backoff_min_ms = 100;
+	cfg->backoff_max_ms = 10000;
+	cfg->tcp_user_timeout_ms = 30000;
+}
+
+static int reject(pgr_pool *p, const char *field, const char *why)
+{
+	char msg[256];
+	snprintf(msg, sizeof(msg), "invalid config: %s %s", field, why);
+	pgr__emit(p, PGR_EV_CONFIG_ERROR, msg, NULL, field, PGR__NONE);
+	pgr__set_last_error(p, msg);
+	return -EINVAL;
+}
+
+int pgr__config_validate(pgr_pool *p, const pgr_config *c)
+{
+	if (!c->conninfo)
+		return reject(p, "conninfo", "must be set");
+	if (c->max_size == 0)
+		return reject(p, "max_size", "must be at least 1");
+	if ((uint64_t)c->max_size + c->max_overflow > PGR__MAX_CONNS)
+		return reject(p, "max_overflow", "with max_size exceeds 4096 connections");
+	if (c->min_idle > c->max_size)
+		return reject(p, "min_idle", "must not exceed max_size");
+	if (c->max_connecting == 0)
+		return reject(p, "max_connecting", "must be at least 1");
+	if (c->shards > PGR__MAX_SHARDS)
+		return reject(p, "shards", "must be at most 64 (0 = one per CPU)");
+	if (c->acquire_timeout_ms < 0)
+		return reject(p, "acquire_timeout_ms", "must not be negative");
+	if (c->connect_timeout_ms <= 0)
+		return reject(p, "connect_timeout_ms", "must be positive");
+	if (c->max_lifetime_ms < 0)
+		return reject(p, "max_lifetime_ms", "must not be negative (0 = unlimited)");
+	if (c->lifetime_jitter_ms < 0)
+		return reject(p, "lifetime_jitter_ms", "must not be negative");
+	if (c->max_lifetime_ms > 0 && c->lifetime_jitter_ms >= c->max_lifetime_ms)
+		return reject(p, "lifetime_jitter_ms", "must be smaller than max_lifetime_ms");
+	if (c->idle_timeout_ms < 0)
+		return reject(p, "idle_timeout_ms", "must not be negative (0 = never)");
+	if (c->ping_after_idle_ms < -1)
+		return reject(p, "ping_after_idle_ms", "must be -1 (never), 0 (always) or positive");
+	if (c->check_after_idle_ms < 0)
+		return reject(p, "check_after_idle_ms", "must not be negative");
+	if (c->ping_timeout_ms <= 0)
+		return reject(p, "ping_timeout_ms", "must be positive");
+	if (c->reset_timeout_ms <= 0)
+		return reject(p, "reset_timeout_ms", "must be positive");
+	if (c->keepalive_interval_ms < 0)
+		return reject(p, "keepalive_interval_ms", "must not be negative (0 = off)");
+	if (c->leak_threshold_ms < 0)
+		return reject(p, "leak_threshold_ms", "must not be negative (0 = off)");
+	if (c->backoff_min_ms <= 0)
+		return reject(p, "backoff_min_ms", "must be positive");
+	if (c->backoff_max_ms < c->backoff_min_ms)
+		return reject(p, "backoff_max_ms", "must not be below backoff_min_ms");
+	if (c->tcp_user_timeout_ms < 0)
+		return reject(p, "tcp_user_timeout_ms", "must not be negative (0 = off)");
+	if (c->reset_sql && !c->reset_sql[0])
+		return reject(p, "reset_sql", "must be NULL or a statement");
+	return 0;
+}
+
+static const char *find(PQconninfoOption *opts, const char *kw)
+{
+	for (PQconninfoOption *o = opts; o->keyword; o++)
+		if (strcmp(o->keyword, kw) == 0)
+			return o->val;
+	return NULL;
+}
+
+/*
+ * Turn the conninfo into keyword/value arrays for PQconnectStartParams, adding what a pool
+ * needs and the user did not say. expand_dbname stays 0 at connect: the parse below already
+ * expanded a URI, so a dbname holding a connection string cannot smuggle in new options.
+ */
+static int build_params(pgr_pool *p)
+{
+	char *err = NULL;
+	PQconninfoOption *opts = PQconninfoParse(p->conninfo_copy, &err);
+	if (!opts) {
+		char msg[384];
+		snprintf(msg, sizeof(msg), "invalid config: conninfo: %s",
+		         err ? err : "out of memory");
+		if (err)
+			PQfreemem(err);
+		size_t n = strlen(msg);
+		while (n && msg[n - 1] == '\n')
+			msg[--n] = 0;
+		pgr__emit(p, PGR_EV_CONFIG_ERROR, msg, NULL, "conninfo", PGR__NONE);
+		pgr__set_last_error(p, msg);
+		return -EINVAL;
+	}
+	size_t n = 0;
+	for (PQconninfoOption *o = opts; o->keyword; o++)
+		n++;
+	char ka_user_timeout[32], ka_idle[16];
+	snprintf(ka_user_timeout, sizeof(ka_user_timeout), "%lld",
+	         (long long)p->cfg.tcp_user_timeout_ms);
+	/* Idle probes every 30 s, 3 misses: a dead peer is found in about a minute and a half. */
+	snprintf(ka_idle, sizeof(ka_idle), "%d", 30);
+	struct {
+		const char *kw, *val;
+	} extra[] = {
+		{"keepalives", "1"},
+		{"keepalives_idle", ka_idle},
+		{"keepalives_interval", "10"},
+		{"keepalives_count", "3"},
+		{"tcp_user_timeout", p->cfg.tcp_user_timeout_ms ? ka_user_timeout : NULL},
+		/* A GSSAPI attempt with a Kerberos cache present can block; pools opt in explicitly. */
+		{"gssencmode", "disable"},
+		{"application_name", "pgring"},
+	};
+	size_t nextra = sizeof(extra) / sizeof(extra[0]);
+	p->kw = calloc(n + nextra + 1, sizeof(char *));
+	p->val = calloc(n + nextra + 1, sizeof(char *));
+	if (!p->kw || !p->val) {
+		PQconninfoFree(opts);
+		return -ENOMEM;
+	}
+	size_t k = 0;
+	for (PQconninfoOption *o = opts; o->keyword; o++) {
+		if (!o->val)
+			continue;
+		p->kw[k] = strdup(o->keyword);
+		p->val[k] = strdup(o->val);
+		if (!p->kw[k] || !p->val[k])
+			goto nomem;
+		if (strcmp(o->keyword, "password") == 0 && o->val[0]) {
+			p->password = strdup(o->val);
+			if (!p->password)
+				goto nomem;
+		}
+		k++;
+	}
+	for (size_t i = 0; i < nextra; i++) {
+		if (!extra[i].val || find(opts, extra[i].kw))
+			continue;
+		p->kw[k] = strdup(extra[i].kw);
+		p->val[k] = strdup(extra[i].val);
+		if (!p->kw[k] || !p->val[k])
+			goto nomem;
+		k++;
+	}
+	PQconninfoFree(opts);
+	return 0;
+nomem:
+	PQconninfoFree(opts);
+	return -ENOMEM;
+}
+
+int pgr__config_copy(pgr_pool *p, const pgr_config *cfg)
+{
+	p->cfg = *cfg;
+	p->conninfo_copy = strdup(cfg->conninfo);
+	p->name_copy = strdup(cfg->name ? cfg->name : "default");
+	p->reset_sql_copy = cfg->reset_sql ? strdup(cfg->reset_sql) : NULL;
+	if (!p->conninfo_copy || !p->name_copy || (cfg->reset_sql && !p->reset_sql_copy))
+		return -ENOMEM;
+	p->cfg.conninfo = p->conninfo_copy;
+	p->cfg.name = p->name_copy;
+	p->cfg.reset_sql = p->reset_sql_copy;
+	if (p->cfg.shards == 0) {
+		long n = sysconf(_SC_NPROCESSORS_CONF);
+		p->cfg.shards = n < 1 ? 1 : (n > (long)PGR__MAX_SHARDS ? PGR__MAX_SHARDS : (uint32_t)n);
+	}
+	return build_params(p);
+}
+
+void pgr__config_free(pgr_pool *p)
+{
+	if (p->kw) {
+		for (size_t i = 0; p->kw[i]; i++) {
+			free((void *)p->kw[i]);
+			free((void *)p->val[i]);
+		}
+	}
+	free(p->kw);
+	free(p->val);
+	if (p->password) {
+		explicit_bzero(p->password, strlen(p->password));
+		free(p->password);
+	}
+	free(p->conninfo_copy);
+	free(p->name_copy);
+	free(p->reset_sql_copy);
+}

@@ -1,0 +1,306 @@
+/*
+ * Pool lifetime (create, drain, destroy), events, the last-error buffer and the read side of
+ * observability (stats, histograms, Prometheus).
+ *
+ * Everything a pool needs is allocated here, at create: the connection table, the shard
+ * bitmaps, the waiter slots. Nothing on the checkout path allocates.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pool.h"
+#include "prom.h"
+
+/* ---- events and errors ---- */
+
+void pgr__emit(pgr_pool *p, enum pgr_event_type type, const char *msg, const char *reason,
+               const char *field, uint32_t conn_id)
+{
+	if (!p->cfg.on_event)
+		return;
+	pgr_event ev = {.type = type, .message = msg ? msg : "", .reason = reason, .field = field,
+	                .conn_id = conn_id, .pool = p->cfg.name};
+	p->cfg.on_event(&ev, p->cfg.user_data);
+}
+
+void pgr__emitf(pgr_pool *p, enum pgr_event_type type, uint32_t conn_id, const char *fmt, ...)
+{
+	if (!p->cfg.on_event)
+		return;
+	char msg[640];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	const char *reason = NULL;
+	if (type == PGR_EV_CONN_CLOSED && conn_id < p->cap)
+		reason = pgr_close_reason_name(p->conns[conn_id].close_reason);
+	pgr__emit(p, type, msg, reason, NULL, conn_id);
+}
+
+/* libpq does not echo passwords, but a conninfo error could; never let one out. */
+void pgr__scrub(const pgr_pool *p, char *msg)
+{
+	if (!p->password)
+		return;
+	size_t n = strlen(p->password);
+	char *hit;
+	while ((hit = strstr(msg, p->password)) != NULL)
+		memset(hit, '*', n);
+}
+
+void pgr__set_last_error(pgr_pool *p, const char *msg)
+{
+	pthread_mutex_lock(&p->err_lock);
+	snprintf(p->last_error, sizeof(p->last_error), "%s", msg);
+	pthread_mutex_unlock(&p->err_lock);
+}
+
+size_t pgr_pool_last_error(pgr_pool *p, char *buf, size_t len)
+{
+	pthread_mutex_lock(&p->err_lock);
+	int n = snprintf(buf, len, "%s", p->last_error);
+	pthread_mutex_unlock(&p->err_lock);
+	return n < 0 ? 0 : (size_t)n;
+}
+
+void pgr__conn_bad_move(struct pgr_conn *c, unsigned from, unsigned to)
+{
+	static const char *names[] = {"FREE", "CONNECTING", "IDLE", "IN_USE", "MANAGED", "CLOSING"};
+	fprintf(stderr, "pgring: connection %u: illegal state move %s -> %s\n", c->id,
+	        from < PGR__STATES ? names[from] : "?", to < PGR__STATES ? names[to] : "?");
+	abort();
+}
+
+/* ---- create / drain / destroy ---- */
+
+static void pool_free(pgr_pool *p)
+{
+	if (p->conns) {
+		for (uint32_t i = 0; i < p->cap; i++)
+			if (p->conns[i].pg)
+				PQfinish(p->conns[i].pg);
+	}
+	free(p->conns);
+	free(p->bits);
+	free(p->waiters);
+	pthread_mutex_destroy(&p->wq_lock);
+	pthread_mutex_destroy(&p->err_lock);
+	pgr__config_free(p);
+	free(p);
+}
+
+int pgr_pool_create(const pgr_config *cfg, pgr_pool **out)
+{
+	if (!out)
+		return -EINVAL;
+	*out = NULL;
+	if (!cfg)
+		return -EINVAL;
+	pgr_pool *p = aligned_alloc(PGR__CACHELINE, (sizeof(*p) + PGR__CACHELINE - 1) &
+	                                                ~(size_t)(PGR__CACHELINE - 1));
+	if (!p)
+		return -ENOMEM;
+	memset(p, 0, sizeof(*p));
+	pthread_mutex_init(&p->wq_lock, NULL);
+	pthread_mutex_init(&p->err_lock, NULL);
+	p->efd = -1;
+	/* Events of a rejected config go to the caller's callback before anything is copied. */
+	p->cfg.on_event = cfg->on_event;
+	p->cfg.user_data = cfg->user_data;
+	p->cfg.name = cfg->name ? cfg->name : "default";
+	int rc = pgr__config_validate(p, cfg);
+	if (rc == 0)
+		rc = pgr__config_copy(p, cfg);
+	if (rc != 0) {
+		pool_free(p);
+		return rc;
+	}
+	p->cap = p->cfg.max_size + p->cfg.max_overflow;
+	p->nshards = p->cfg.shards;
+	p->nwords = (p->cap + 63) / 64;
+	/* Each shard's bitmap starts on its own cache line: CPUs write different shards. */
+	p->shard_stride = (p->nwords + 7) & ~7u;
+	p->conns = aligned_alloc(PGR__CACHELINE, sizeof(struct pgr_conn) * p->cap);
+	p->bits = aligned_alloc(PGR__CACHELINE, sizeof(uint64_t) * p->shard_stride * p->nshards);
+	p->nwaiter_slots = p->cfg.max_waiters;
+	p->waiters = p->nwaiter_slots
+		? aligned_alloc(PGR__CACHELINE, sizeof(struct pgr__waiter) * p->nwaiter_slots)
+		: NULL;
+	if (!p->conns || !p->bits || (p->nwaiter_slots && !p->waiters)) {
+		pool_free(p);
+		return -ENOMEM;
+	}
+	memset(p->conns, 0, sizeof(struct pgr_conn) * p->cap);
+	memset(p->bits, 0, sizeof(uint64_t) * p->shard_stride * p->nshards);
+	for (uint32_t i = 0; i < p->cap; i++) {
+		p->conns[i].pool = p;
+		p->conns[i].id = i;
+		p->conns[i].expire_ms = INT64_MAX;
+	}
+	p->wq_head = p->wq_tail = PGR__NONE;
+	p->wq_free = p->nwaiter_slots ? 0 : PGR__NONE;
+	for (uint32_t i = 0; i < p->nwaiter_slots; i++) {
+		memset(&p->waiters[i], 0, sizeof(p->waiters[i]));
+		p->waiters[i].next = i + 1 < p->nwaiter_slots ? i + 1 : PGR__NONE;
+		p->waiters[i].prev = PGR__NONE;
+	}
+	p->req_head = PGR__NONE;
+	rc = pgr__manager_start(p);
+	if (rc != 0) {
+		pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE, "cannot start the manager: %s",
+		           pgr_strerror(rc));
+		pool_free(p);
+		return rc;
+	}
+	*out = p;
+	return 0;
+}
+
+static uint32_t count_state(pgr_pool *p, unsigned st)
+{
+	uint32_t n = 0;
+	for (uint32_t i = 0; i < p->cap; i++)
+		n += atomic_load_explicit(&p->conns[i].state, memory_order_relaxed) == st;
+	return n;
+}
+
+int pgr_pool_drain(pgr_pool *p, int64_t drain_ms)
+{
+	if (!p)
+		return -EINVAL;
+	if (p->drained)
+		return 0;
+	p->drained = 1;
+	pthread_mutex_lock(&p->wq_lock);
+	atomic_store_explicit(&p->closing, 1, memory_order_seq_cst);
+	pthread_mutex_unlock(&p->wq_lock);
+	pgr__waiters_shutdown(p);
+	pgr__manager_wake(p);
+	int64_t deadline = pgr__mono_ns() + (drain_ms > 0 ? drain_ms : 0) * 1000000;
+	int rc = 0;
+	/* Wait for holders to return, and for rollbacks/resets in progress to end in a close. */
+	for (;;) {
+		uint32_t busy = count_state(p, PGR__IN_USE) + count_state(p, PGR__MANAGED);
+		if (busy == 0)
+			break;
+		if (pgr__mono_ns() >= deadline) {
+			rc = count_state(p, PGR__IN_USE) ? -ETIMEDOUT : 0;
+			break;
+		}
+		usleep(1000);
+	}
+	pgr__manager_stop(p);
+	return rc;
+}
+
+void pgr_pool_destroy(pgr_pool *p)
+{
+	if (!p)
+		return;
+	pgr_pool_drain(p, 0);
+	/* What is left is checked out past the drain deadline: closed under its holder. */
+	for (uint32_t i = 0; i < p->cap; i++) {
+		struct pgr_conn *c = &p->conns[i];
+		if (c->pg) {
+			c->close_reason = PGR_CLOSE_POOL_CLOSING;
+			atomic_fetch_add_explicit(&p->c_closes[PGR_CLOSE_POOL_CLOSING], 1,
+			                          memory_order_relaxed);
+			pgr__emitf(p, PGR_EV_CONN_CLOSED, c->id,
+			           "connection %u closed while checked out: pool_closing", c->id);
+			PQfinish(c->pg);
+			c->pg = NULL;
+		}
+	}
+	pool_free(p);
+}
+
+/* ---- stats ---- */
+
+void pgr_pool_stats(pgr_pool *p, pgr_stats *o)
+{
+	memset(o, 0, sizeof(*o));
+	for (uint32_t i = 0; i < p->cap; i++) {
+		struct pgr_conn *c = &p->conns[i];
+		switch (atomic_load_explicit(&c->state, memory_order_relaxed)) {
+		case PGR__IN_USE:
+			o->in_use++;
+			o->size++;
+			break;
+		case PGR__IDLE:
+		case PGR__MANAGED:
+		case PGR__CLOSING:
+			o->size++;
+			break;
+		case PGR__CONNECTING:
+			o->connecting++;
+			break;
+		}
+		o->acquires += atomic_load_explicit(&c->n_acquires, memory_order_relaxed);
+		o->acquired_immediately += atomic_load_explicit(&c->n_immediate, memory_order_relaxed);
+		o->steals += atomic_load_explicit(&c->n_steals, memory_order_relaxed);
+		o->handoffs += atomic_load_explicit(&c->n_handoffs, memory_order_relaxed);
+		o->waits += atomic_load_explicit(&c->n_waits, memory_order_relaxed);
+	}
+	o->idle = pgr__idle_count(p);
+	o->waiting = atomic_load_explicit(&p->nwaiters, memory_order_relaxed);
+	o->max_size = p->cfg.max_size;
+	o->max_overflow = p->cfg.max_overflow;
+	o->overflow_in_use = o->size > p->cfg.max_size ? o->size - p->cfg.max_size : 0;
+	if (o->overflow_in_use > o->in_use)
+		o->overflow_in_use = o->in_use;
+	o->timeouts = atomic_load_explicit(&p->c_timeouts, memory_order_relaxed);
+	o->rejected = atomic_load_explicit(&p->c_rejected, memory_order_relaxed);
+	o->connects_ok = atomic_load_explicit(&p->c_connects_ok, memory_order_relaxed);
+	o->connects_failed = atomic_load_explicit(&p->c_connects_failed, memory_order_relaxed);
+	o->pings = atomic_load_explicit(&p->c_pings, memory_order_relaxed);
+	o->pings_failed = atomic_load_explicit(&p->c_pings_failed, memory_order_relaxed);
+	o->checks_failed = atomic_load_explicit(&p->c_checks_failed, memory_order_relaxed);
+	o->rollbacks = atomic_load_explicit(&p->c_rollbacks, memory_order_relaxed);
+	o->resets = atomic_load_explicit(&p->c_resets, memory_order_relaxed);
+	o->resets_failed = atomic_load_explicit(&p->c_resets_failed, memory_order_relaxed);
+	o->leaks = atomic_load_explicit(&p->c_leaks, memory_order_relaxed);
+	for (int r = 0; r < PGR_CLOSE_REASONS; r++) {
+		o->closes_by_reason[r] = atomic_load_explicit(&p->c_closes[r], memory_order_relaxed);
+		o->closes += o->closes_by_reason[r];
+	}
+}
+
+static void hist_snap(pgr_pool *p, enum pgr_hist_kind kind, pgr__hist_snap *s)
+{
+	pgr__hist_snap_clear(s);
+	uint64_t immediate = 0;
+	for (uint32_t i = 0; i < p->cap; i++) {
+		pgr__hist_snap_merge(s, &p->conns[i].hist[kind]);
+		immediate += atomic_load_explicit(&p->conns[i].n_immediate, memory_order_relaxed);
+	}
+	/* Immediate checkouts waited 0 ns; the fast path counts them instead of recording them. */
+	if (kind == PGR_HIST_ACQUIRE_WAIT) {
+		s->bucket[0] += immediate;
+		s->count += immediate;
+	}
+}
+
+void pgr_pool_histogram(pgr_pool *p, enum pgr_hist_kind kind, pgr_hist_summary *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (!p || (unsigned)kind >= PGR_HIST_KINDS)
+		return;
+	pgr__hist_snap s;
+	hist_snap(p, kind, &s);
+	pgr__hist_snap_summary(&s, out);
+}
+
+size_t pgr_pool_prometheus(pgr_pool *p, char *buf, size_t len)
+{
+	pgr_stats st;
+	pgr_pool_stats(p, &st);
+	pgr__hist_snap snaps[PGR_HIST_KINDS];
+	for (int k = 0; k < PGR_HIST_KINDS; k++)
+		hist_snap(p, (enum pgr_hist_kind)k, &snaps[k]);
+	return pgr__prom_format(buf, len, p->cfg.name, &st, snaps);
+}

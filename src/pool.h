@@ -1,0 +1,272 @@
+/*
+ * Internal structures of a pool.
+ *
+ * Ownership is the concurrency rule of this library: at any instant a connection slot has
+ * exactly one owner, and only the owner writes its non-atomic fields.
+ *   - an idle shard (its bit is set in one shard's bitmap): nobody may touch it until a CAS
+ *     clears the bit, which makes the clearing thread the owner;
+ *   - a holder (a caller between acquire and release);
+ *   - the manager thread (connecting, pinging, rolling back, closing), after it pulled the slot
+ *     from its request stack or cleared its idle bit;
+ *   - a waiter, between the grant and the moment it returns the connection to its caller.
+ * Ownership moves with release/acquire ordering (bitmap CAS, request-stack CAS, waiter grant),
+ * so the next owner sees every write of the previous one. Fields that other threads read
+ * without owning the slot (stats, leak scan, validation hints) are relaxed atomics, written
+ * with plain load+store by the owner: a reader may see a stale value, never a torn one.
+ */
+#ifndef PGR_POOL_H
+#define PGR_POOL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+#include <liburing.h>
+
+#include "hist.h"
+#include "pgring.h"
+
+#define PGR__CACHELINE 64
+#define PGR__ALIGNED __attribute__((aligned(PGR__CACHELINE)))
+#define PGR__MAX_CONNS 4096u
+#define PGR__MAX_SHARDS 64u
+#define PGR__NONE UINT32_MAX
+#define PGR__TICK_MS 10
+
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+/* A connection slot's life. Transitions are checked by pgr__conn_move. */
+enum pgr__state {
+	PGR__FREE = 0,   /* slot unused */
+	PGR__CONNECTING, /* manager: connect in progress */
+	PGR__IDLE,       /* in a shard, or granted to a waiter on its way out */
+	PGR__IN_USE,     /* a holder has it */
+	PGR__MANAGED,    /* manager: ping, check, rollback or reset in progress */
+	PGR__CLOSING,    /* manager: io cancelled, waiting for CQEs before PQfinish */
+	PGR__STATES,
+};
+
+/* What the manager is asked to do with a slot handed to it. */
+enum pgr__req {
+	PGR__REQ_NONE = 0,
+	PGR__REQ_ROLLBACK, /* returned inside a transaction */
+	PGR__REQ_RESET,    /* reset_sql on return */
+	PGR__REQ_PING,     /* pre-ping at checkout */
+	PGR__REQ_CHECK,    /* socket readable while idle: consume and re-check */
+	PGR__REQ_RETIRE,   /* close with c->close_reason */
+};
+
+/* The manager's current network operation on a slot. */
+enum pgr__op {
+	PGR__OP_NONE = 0,
+	PGR__OP_CONNECT,
+	PGR__OP_EXEC, /* ping (""), ROLLBACK or reset_sql */
+};
+
+struct pgr_conn {
+	/* Read-mostly identity. */
+	pgr_pool *pool;
+	uint32_t id;
+
+	/* Owner-written; others read relaxed (see the file comment). */
+	_Atomic uint32_t state;
+	PGconn *pg;
+	_Atomic int64_t expire_ms;     /* born + lifetime - jitter; INT64_MAX when unlimited */
+	_Atomic int64_t idle_since_ms; /* set on every return to a shard */
+	_Atomic int64_t acquired_ms;   /* set on every checkout */
+	_Atomic uint64_t checkout_seq; /* bumped on every checkout; leak reported once per value */
+	const char *_Atomic acq_file;
+	const char *_Atomic acq_func;
+	_Atomic int acq_line;
+	_Atomic uint32_t home_shard;   /* shard whose bitmap holds it while idle */
+	_Atomic uint8_t fresh;         /* validated by the manager; skip the next pre-ping */
+	_Atomic uint8_t server_error;  /* saw FATAL / 57P0x / 25006: never reuse */
+	uint8_t overflow_hint;
+
+	/* Per-slot counters and histograms: single writer (the owner), merged on read. */
+	_Atomic uint64_t n_acquires;
+	_Atomic uint64_t n_immediate;
+	_Atomic uint64_t n_steals;
+	_Atomic uint64_t n_handoffs;
+	_Atomic uint64_t n_waits;
+
+	/* Request stack link (multi-producer push, manager pops all). */
+	_Atomic uint32_t req_next;
+	uint8_t req;           /* enum pgr__req, written by the pusher before the push */
+	uint8_t close_reason;  /* enum pgr_close_reason for PGR__REQ_RETIRE */
+
+	/* Manager-only. */
+	uint8_t op;            /* enum pgr__op */
+	uint8_t op_after;      /* EXEC: enum pgr__req that started it */
+	uint8_t armed;         /* a POLL_ADD is in flight */
+	uint8_t exec_failed;
+	uint16_t inflight;     /* SQEs submitted and not yet reaped */
+	uint32_t io_gen;       /* tags the current poll; stale CQEs are ignored */
+	uint64_t leak_seq_reported;
+	int64_t op_start_ns;
+	int64_t op_deadline_ns;
+	struct __kernel_timespec ts;
+	int64_t last_keepalive_ms;
+
+	pgr__hist hist[PGR_HIST_KINDS];
+} PGR__ALIGNED;
+
+/* A parked caller. Lives in the pool's fixed waiter array, never on a stack. */
+enum pgr__wstate {
+	PGR__W_FREE = 0,
+	PGR__W_WAITING,
+	PGR__W_GRANTED,
+	PGR__W_CANCELLED,
+	PGR__W_SHUTDOWN,
+};
+
+struct pgr__waiter {
+	_Atomic uint32_t state; /* the futex word; shared (not PRIVATE): see futex_wait */
+	uint32_t conn;          /* granted slot, valid once state == GRANTED */
+	uint32_t next, prev;    /* FIFO links, under wq_lock */
+	uint32_t gen;
+} PGR__ALIGNED;
+
+struct pgr_pool {
+	/* Read-mostly: configuration and derived constants. */
+	pgr_config cfg;
+	char *conninfo_copy, *name_copy, *reset_sql_copy;
+	const char **kw;  /* conninfo as keywords/values, keepalive defaults added */
+	const char **val;
+	char *password;   /* to scrub from messages */
+	uint32_t cap;     /* max_size + max_overflow */
+	uint32_t nshards;
+	uint32_t nwords;  /* 64-bit words per shard bitmap */
+	uint32_t shard_stride; /* words between shards, padded to a cache line */
+	struct pgr_conn *conns;
+	_Atomic uint64_t *bits; /* nshards * shard_stride words */
+
+	/* Read on every checkout, written rarely (manager tick / drain). */
+	_Atomic int64_t now_ms PGR__ALIGNED;
+	_Atomic int closing;
+
+	/* Written by waiters and releasers; its own line. */
+	_Atomic uint32_t nwaiters PGR__ALIGNED;
+
+	/* Slot accounting, written on connect/close and by growing waiters. */
+	_Atomic uint32_t nopen PGR__ALIGNED; /* reserved slots: connecting + open */
+	_Atomic uint32_t nconnecting;
+	_Atomic uint32_t req_head;           /* request stack of slot ids */
+	_Atomic uint32_t demand;             /* try_acquire found nothing: open one */
+
+	/* Waiter FIFO: the slow path, guarded by a mutex (a caller here is about to sleep). */
+	pthread_mutex_t wq_lock PGR__ALIGNED;
+	struct pgr__waiter *waiters;
+	uint32_t wq_head, wq_tail, wq_free;
+	uint32_t nwaiter_slots;
+
+	/* Pool-level counters for events that are not a slot's (relaxed). */
+	_Atomic uint64_t c_timeouts PGR__ALIGNED;
+	_Atomic uint64_t c_rejected;
+	_Atomic uint64_t c_connects_ok;
+	_Atomic uint64_t c_connects_failed;
+	_Atomic uint64_t c_pings;
+	_Atomic uint64_t c_pings_failed;
+	_Atomic uint64_t c_checks_failed;
+	_Atomic uint64_t c_rollbacks;
+	_Atomic uint64_t c_resets;
+	_Atomic uint64_t c_resets_failed;
+	_Atomic uint64_t c_leaks;
+	_Atomic uint64_t c_closes[PGR_CLOSE_REASONS];
+	_Atomic uint64_t c_wait_hist_misses;
+	_Atomic int64_t last_connect_fail_ms; /* 0 when the last connect succeeded */
+	_Atomic int connect_failing;
+
+	pthread_mutex_t err_lock;
+	char last_error[512];
+
+	/* Manager. */
+	pthread_t mgr_thread;
+	int mgr_started;
+	int efd;
+	_Atomic int mgr_stop;
+	struct io_uring ring;
+	uint64_t efd_buf;
+	uint64_t rng;
+	uint32_t consecutive_failures;
+	int64_t backoff_ms;
+	int64_t next_connect_ms;
+	int drained;
+};
+
+/* ---- shared helpers ---- */
+
+static inline int64_t pgr__mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline int64_t pgr__now_ms(pgr_pool *p)
+{
+	return atomic_load_explicit(&p->now_ms, memory_order_relaxed);
+}
+
+/* Owner-only increment of a slot counter (see the file comment). */
+static inline void pgr__inc(_Atomic uint64_t *c)
+{
+	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+	                      memory_order_relaxed);
+}
+
+static inline _Atomic uint64_t *pgr__shard_words(pgr_pool *p, uint32_t s)
+{
+	return p->bits + (size_t)s * p->shard_stride;
+}
+
+/* Legal moves of enum pgr__state; anything else is a bug in the pool and aborts. */
+static const uint8_t pgr__legal[PGR__STATES] = {
+	[PGR__FREE] = 1u << PGR__CONNECTING,
+	[PGR__CONNECTING] = 1u << PGR__IDLE | 1u << PGR__FREE | 1u << PGR__CLOSING,
+	/* IDLE -> IDLE: a connection taken from a shard and granted to a waiter. */
+	[PGR__IDLE] = 1u << PGR__IN_USE | 1u << PGR__MANAGED | 1u << PGR__CLOSING | 1u << PGR__IDLE,
+	[PGR__IN_USE] = 1u << PGR__IDLE | 1u << PGR__MANAGED | 1u << PGR__CLOSING,
+	/* MANAGED -> MANAGED: a rollback followed by reset_sql. */
+	[PGR__MANAGED] = 1u << PGR__IDLE | 1u << PGR__CLOSING | 1u << PGR__MANAGED,
+	[PGR__CLOSING] = 1u << PGR__FREE,
+};
+void pgr__conn_bad_move(struct pgr_conn *c, unsigned from, unsigned to);
+/* The one transition function: only the slot's owner calls it. */
+static inline void pgr__conn_move(struct pgr_conn *c, unsigned to)
+{
+	unsigned cur = atomic_load_explicit(&c->state, memory_order_relaxed);
+	if (unlikely(cur >= PGR__STATES || !(pgr__legal[cur] & (1u << to))))
+		pgr__conn_bad_move(c, cur, to);
+	atomic_store_explicit(&c->state, to, memory_order_relaxed);
+}
+
+/* config.c */
+int pgr__config_validate(pgr_pool *p, const pgr_config *cfg);
+int pgr__config_copy(pgr_pool *p, const pgr_config *cfg);
+void pgr__config_free(pgr_pool *p);
+
+/* events (pool.c) */
+void pgr__emit(pgr_pool *p, enum pgr_event_type type, const char *msg, const char *reason,
+               const char *field, uint32_t conn_id);
+void pgr__emitf(pgr_pool *p, enum pgr_event_type type, uint32_t conn_id, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+void pgr__set_last_error(pgr_pool *p, const char *msg);
+void pgr__scrub(const pgr_pool *p, char *msg);
+
+/* checkout.c */
+void pgr__publish(pgr_pool *p, struct pgr_conn *c); /* owner hands an idle conn to the pool */
+int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c); /* manager takes a known-idle conn */
+void pgr__waiters_shutdown(pgr_pool *p);
+uint32_t pgr__idle_count(pgr_pool *p);
+
+/* manager.c */
+int pgr__manager_start(pgr_pool *p);
+void pgr__manager_stop(pgr_pool *p);
+void pgr__manager_wake(pgr_pool *p);
+void pgr__manager_push(pgr_pool *p, struct pgr_conn *c, enum pgr__req req, int reason);
+
+#endif

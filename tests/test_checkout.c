@@ -1,0 +1,259 @@
+/* The checkout core against a real server: round trip, exhaustion, deadlines, FIFO, waiters. */
+#include <errno.h>
+#include <stdatomic.h>
+#include <string.h>
+
+#include "testutil.h"
+
+static pgr_pool *small_pool(uint32_t size, struct tu_events *ev)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = size;
+	cfg.max_size = size;
+	cfg.ping_after_idle_ms = -1;
+	if (ev) {
+		tu_events_init(ev);
+		cfg.on_event = tu_events_cb;
+		cfg.user_data = ev;
+	}
+	return tu_pool(&cfg);
+}
+
+Test(checkout, acquire_release_runs_select_1, .timeout = 30)
+{
+	pgr_pool *p = small_pool(2, NULL);
+	pgr_conn *c = NULL;
+	cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
+	PGresult *r = PQexec(pgr_conn_pg(c), "select 1");
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+	cr_assert_str_eq(PQgetvalue(r, 0, 0), "1");
+	PQclear(r);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.in_use, 1);
+	cr_assert_eq(s.idle, 1);
+	pgr_release(c);
+	s = tu_stats(p);
+	cr_assert_eq(s.in_use, 0);
+	cr_assert_eq(s.idle, 2);
+	cr_assert_eq(s.acquires, 1);
+	cr_assert_eq(s.connects_ok, 2);
+	pgr_pool_destroy(p);
+}
+
+Test(checkout, same_connection_is_reused, .timeout = 30)
+{
+	pgr_pool *p = small_pool(1, NULL);
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
+	int pid = PQbackendPID(pgr_conn_pg(c));
+	pgr_release(c);
+	for (int i = 0; i < 100; i++) {
+		cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
+		cr_assert_eq(PQbackendPID(pgr_conn_pg(c)), pid);
+		pgr_release(c);
+	}
+	cr_assert_eq(tu_stats(p).connects_ok, 1);
+	pgr_pool_destroy(p);
+}
+
+Test(checkout, try_acquire_on_exhausted_pool_fails_at_once, .timeout = 30)
+{
+	pgr_pool *p = small_pool(1, NULL);
+	pgr_conn *a, *b = NULL;
+	cr_assert_eq(pgr_try_acquire(p, &a), 0);
+	int64_t t0 = tu_now_ms();
+	cr_assert_eq(pgr_try_acquire(p, &b), -EAGAIN);
+	cr_assert_lt(tu_now_ms() - t0, 50);
+	cr_assert_null(b);
+	pgr_release(a);
+	cr_assert_eq(pgr_try_acquire(p, &b), 0);
+	pgr_release(b);
+	pgr_pool_destroy(p);
+}
+
+Test(checkout, acquire_times_out_within_deadline_when_exhausted, .timeout = 30)
+{
+	struct tu_events ev;
+	pgr_pool *p = small_pool(1, &ev);
+	pgr_conn *a, *b = NULL;
+	cr_assert_eq(pgr_acquire(p, 1000, &a), 0);
+	int64_t t0 = tu_now_ms();
+	int rc = pgr_acquire(p, 200, &b);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert_eq(rc, -ETIMEDOUT, "rc=%d %s", rc, pgr_strerror(rc));
+	cr_assert_geq(took, 195, "returned after %lld ms, before its deadline", (long long)took);
+	cr_assert_lt(took, 1500, "returned %lld ms after a 200 ms deadline", (long long)took);
+	cr_assert_eq(tu_stats(p).timeouts, 1);
+	cr_assert_eq(tu_stats(p).waiting, 0);
+	/* The timeout explains itself. */
+	int i = tu_events_find(&ev, PGR_EV_ACQUIRE_TIMEOUT, "in_use=1");
+	cr_assert_geq(i, 0, "no acquire-timeout event with the pool state");
+	char err[512];
+	pgr_pool_last_error(p, err, sizeof(err));
+	cr_assert(strstr(err, "timed out"), "last error: %s", err);
+	pgr_release(a);
+	pgr_pool_destroy(p);
+}
+
+Test(checkout, negative_timeout_uses_configured_default, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = cfg.max_size = 1;
+	cfg.acquire_timeout_ms = 150;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *a, *b;
+	cr_assert_eq(pgr_acquire(p, -1, &a), 0);
+	int64_t t0 = tu_now_ms();
+	cr_assert_eq(pgr_acquire(p, -1, &b), -ETIMEDOUT);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert(took >= 145 && took < 1500, "took %lld ms", (long long)took);
+	pgr_release(a);
+	pgr_pool_destroy(p);
+}
+
+/* ---- waiters ---- */
+
+struct waiter_arg {
+	pgr_pool *p;
+	int order_slot;
+	int64_t timeout_ms;
+	int rc;
+	_Atomic int *served_counter;
+	int served_rank;
+	int hold_ms;
+};
+
+static void *waiter_main(void *a)
+{
+	struct waiter_arg *w = a;
+	pgr_conn *c;
+	w->rc = pgr_acquire(w->p, w->timeout_ms, &c);
+	if (w->rc == 0) {
+		w->served_rank = atomic_fetch_add(w->served_counter, 1);
+		if (w->hold_ms)
+			tu_sleep_ms(w->hold_ms);
+		pgr_release(c);
+	}
+	return NULL;
+}
+
+Test(checkout, waiters_are_served_in_arrival_order, .timeout = 60)
+{
+	pgr_pool *p = small_pool(1, NULL);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(p, 1000, &held), 0);
+	enum { N = 6 };
+	pthread_t th[N];
+	struct waiter_arg wa[N];
+	_Atomic int served = 0;
+	for (int i = 0; i < N; i++) {
+		wa[i] = (struct waiter_arg){.p = p, .order_slot = i, .timeout_ms = 20000,
+		                            .served_counter = &served, .served_rank = -1, .hold_ms = 2};
+		pthread_create(&th[i], NULL, waiter_main, &wa[i]);
+		/* Arrival order is the order they show up in the queue. */
+		cr_assert(TU_WAIT_UNTIL(tu_stats(p).waiting == (uint32_t)i + 1, 5000),
+		          "waiter %d never queued", i);
+	}
+	pgr_release(held);
+	for (int i = 0; i < N; i++)
+		pthread_join(th[i], NULL);
+	for (int i = 0; i < N; i++) {
+		cr_assert_eq(wa[i].rc, 0);
+		cr_assert_eq(wa[i].served_rank, i, "waiter %d was served %d-th", i, wa[i].served_rank);
+	}
+	cr_assert_geq(tu_stats(p).handoffs, N);
+	pgr_pool_destroy(p);
+}
+
+Test(checkout, waiters_over_max_waiters_are_rejected_at_once, .timeout = 60)
+{
+	struct tu_events ev;
+	tu_events_init(&ev);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = cfg.max_size = 1;
+	cfg.max_waiters = 2;
+	cfg.on_event = tu_events_cb;
+	cfg.user_data = &ev;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *held, *c = NULL;
+	cr_assert_eq(pgr_acquire(p, 1000, &held), 0);
+	pthread_t th[2];
+	struct waiter_arg wa[2];
+	_Atomic int served = 0;
+	for (int i = 0; i < 2; i++) {
+		wa[i] = (struct waiter_arg){.p = p, .timeout_ms = 20000, .served_counter = &served};
+		pthread_create(&th[i], NULL, waiter_main, &wa[i]);
+	}
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).waiting == 2, 5000));
+	int64_t t0 = tu_now_ms();
+	int rc = pgr_acquire(p, 5000, &c);
+	cr_assert_eq(rc, -PGR_E_TOO_MANY_WAITERS, "rc=%d (%s)", rc, pgr_strerror(rc));
+	cr_assert_lt(tu_now_ms() - t0, 100, "rejection was not immediate");
+	cr_assert_eq(tu_stats(p).rejected, 1);
+	cr_assert_eq(tu_events_count(&ev, PGR_EV_WAITER_REJECTED), 1);
+	cr_assert_eq(tu_events_count(&ev, PGR_EV_POOL_EXHAUSTED), 1);
+	pgr_release(held);
+	for (int i = 0; i < 2; i++) {
+		pthread_join(th[i], NULL);
+		cr_assert_eq(wa[i].rc, 0);
+	}
+	pgr_pool_destroy(p);
+}
+
+Test(checkout, scoped_checkout_releases_at_block_end, .timeout = 30)
+{
+	pgr_pool *p = small_pool(1, NULL);
+	{
+		PGR_SCOPED_CONN(c);
+		cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
+		cr_assert_eq(tu_stats(p).in_use, 1);
+	}
+	cr_assert_eq(tu_stats(p).in_use, 0);
+	cr_assert_eq(tu_stats(p).idle, 1);
+	pgr_pool_destroy(p);
+}
+
+Test(checkout, discard_closes_and_pool_refills, .timeout = 30)
+{
+	struct tu_events ev;
+	pgr_pool *p = small_pool(1, &ev);
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
+	int pid = PQbackendPID(pgr_conn_pg(c));
+	pgr_discard(c);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).closes_by_reason[PGR_CLOSE_DISCARDED] == 1, 5000));
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	cr_assert_neq(PQbackendPID(pgr_conn_pg(c)), pid);
+	pgr_release(c);
+	cr_assert_geq(tu_events_find(&ev, PGR_EV_CONN_CLOSED, "discarded"), 0);
+	pgr_pool_destroy(p);
+}
+
+Test(checkout, pool_grows_on_demand_up_to_max_size, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = 0;
+	cfg.max_size = 3;
+	pgr_pool *p = tu_pool(&cfg);
+	cr_assert_eq(tu_stats(p).size, 0);
+	pgr_conn *c[3];
+	for (int i = 0; i < 3; i++)
+		cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0, "acquire %d", i);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.size, 3);
+	cr_assert_eq(s.in_use, 3);
+	pgr_conn *x;
+	cr_assert_eq(pgr_acquire(p, 100, &x), -ETIMEDOUT);
+	for (int i = 0; i < 3; i++)
+		pgr_release(c[i]);
+	cr_assert_eq(tu_stats(p).connects_ok, 3);
+	pgr_pool_destroy(p);
+}
