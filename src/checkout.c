@@ -552,11 +552,21 @@ static void release_to(pgr_conn *c, bool discard)
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_MAX_LIFETIME);
 		return;
 	}
-	/* SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes. */
-	if (unlikely(atomic_load_explicit(&p->nopen, memory_order_relaxed) > p->cfg.max_size) &&
-	    atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0) {
-		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_OVERFLOW);
-		return;
+	/*
+	 * SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes. The slot
+	 * leaves nopen here, by CAS, so that concurrent returns retire only the surplus and not
+	 * every connection that comes back before the manager has closed the first.
+	 */
+	uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
+	while (unlikely(open > p->cfg.max_size) &&
+	       atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0) {
+		if (atomic_compare_exchange_weak_explicit(&p->nopen, &open, open - 1,
+		                                          memory_order_relaxed,
+		                                          memory_order_relaxed)) {
+			c->uncounted = 1;
+			pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_OVERFLOW);
+			return;
+		}
 	}
 	if (unlikely(p->cfg.reset_sql != NULL)) {
 		pgr__manager_push(p, c, PGR__REQ_RESET, 0);

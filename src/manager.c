@@ -108,7 +108,10 @@ static void finish_close(pgr_pool *p, struct pgr_conn *c)
 	pgr__emitf(p, PGR_EV_CONN_CLOSED, c->id, "connection %u closed: %s", c->id,
 	           pgr_close_reason_name(reason));
 	pgr__conn_move(c, PGR__FREE);
-	atomic_fetch_sub_explicit(&p->nopen, 1, memory_order_relaxed);
+	if (c->uncounted)
+		c->uncounted = 0;
+	else
+		atomic_fetch_sub_explicit(&p->nopen, 1, memory_order_relaxed);
 }
 
 /* Close c (manager-owned). Waits for its poll to complete first if one is in flight. */
@@ -175,7 +178,10 @@ static void connect_failed(pgr_pool *p, struct pgr_conn *c, const char *why)
 	}
 	c->op = PGR__OP_NONE;
 	pgr__conn_move(c, PGR__FREE);
-	atomic_fetch_sub_explicit(&p->nopen, 1, memory_order_relaxed);
+	if (c->uncounted)
+		c->uncounted = 0;
+	else
+		atomic_fetch_sub_explicit(&p->nopen, 1, memory_order_relaxed);
 }
 
 /* Marks a connection that saw an error meaning "this server is no longer what you wanted". */

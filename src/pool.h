@@ -84,7 +84,7 @@ struct pgr_conn {
 	_Atomic uint32_t home_shard;   /* shard whose bitmap holds it while idle */
 	_Atomic uint8_t fresh;         /* validated by the manager; skip the next pre-ping */
 	_Atomic uint8_t server_error;  /* saw FATAL / 57P0x / 25006: never reuse */
-	uint8_t overflow_hint;
+	uint8_t uncounted;     /* already taken out of nopen by an overflow return */
 
 	/* Per-slot counters and histograms: single writer (the owner), merged on read. */
 	_Atomic uint64_t n_acquires;

@@ -1,0 +1,363 @@
+#!/usr/bin/env bash
+# pgring developer entry point.
+#
+#   ./run.sh test             build, then run the whole test suite against a
+#                             throwaway PostgreSQL cluster, then the stress
+#                             tests under ThreadSanitizer and the whole suite
+#                             under AddressSanitizer
+#   ./run.sh bench [ARGS...]  Release build, cluster + pgbouncer, then
+#                             build-bench/bench/pgr_bench ARGS...
+#   ./run.sh demo             build, start a cluster and run scripts/demo.sh
+#
+# Missing Debian packages are installed when running as root; otherwise the
+# apt-get command to run is printed.
+#
+# Environment:
+#   PGR_SKIP_SANITIZERS=1     skip the TSan/ASan stages of `test` (for quick
+#                             local iterations only; CI runs them)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/common.sh
+. "$ROOT/scripts/common.sh"
+PGR_LOG_TAG=run.sh
+PG_CLUSTER=$ROOT/scripts/pg_cluster.sh
+
+BASE_PKGS=(build-essential cmake pkg-config liburing-dev libpq-dev libck-dev
+    libcriterion-dev postgresql postgresql-contrib openssl iproute2)
+BENCH_PKGS=(libzdb-dev pgbouncer)
+
+usage() {
+    cat >&2 <<'EOF'
+usage: ./run.sh test | bench [pgr_bench args...] | demo
+  test   build and run all test suites (plain, TSan stress, ASan)
+  bench  build in Release mode and run the benchmarks
+  demo   build and run the demo
+EOF
+    exit 2
+}
+
+# ---------------------------------------------------------------------------
+# Dependencies
+
+pkg_installed() {
+    [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true) == "install ok installed" ]]
+}
+
+APT_UPDATED=0
+# apt-get install, running `apt-get update` once if the install fails without
+# it (fresh containers often have empty package lists).
+apt_install() {
+    local -a cmd=(env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@")
+    pgr_log "installing: $*"
+    "${cmd[@]}" >&2 && return 0
+    ((APT_UPDATED)) && return 1
+    APT_UPDATED=1
+    pgr_log "retrying after apt-get update"
+    apt-get update >&2 || return 1
+    "${cmd[@]}" >&2
+}
+
+# ensure_deps test|bench|demo
+ensure_deps() {
+    local mode=$1 p
+    local -a want=("${BASE_PKGS[@]}") missing=()
+    [[ $mode == bench ]] && want+=("${BENCH_PKGS[@]}")
+
+    if ! command -v dpkg-query >/dev/null 2>&1; then
+        pgr_warn "dpkg-query not found (not Debian?); not checking packages: ${want[*]}"
+    else
+        for p in "${want[@]}"; do
+            pkg_installed "$p" || missing+=("$p")
+        done
+    fi
+    if ((${#missing[@]})); then
+        if pgr_is_root; then
+            apt_install "${missing[@]}" || pgr_die "could not install: ${missing[*]}"
+        else
+            pgr_log "missing packages: ${missing[*]}; install them with:"
+            echo "sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+            exit 1
+        fi
+    fi
+
+    # promtool (from the `prometheus` package) is used by the tests to check
+    # the metrics exposition format. Not fatal here: the tests that need it
+    # fail loudly on their own.
+    if [[ $mode == test ]] && ! command -v promtool >/dev/null 2>&1; then
+        if pgr_is_root; then
+            apt_install prometheus ||
+                pgr_warn "could not install 'prometheus' (promtool); tests that need it will fail"
+        else
+            pgr_warn "promtool not found; tests that need it will fail. Install it with:"
+            echo "sudo apt-get install -y --no-install-recommends prometheus" >&2
+        fi
+        command -v promtool >/dev/null 2>&1 ||
+            pgr_warn "promtool still not available"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Build
+
+# build_tree DIR CMAKE_ARGS...: configure (if needed) and build.
+build_tree() {
+    local dir=$1
+    shift
+    pgr_log "building $dir ($*)"
+    cmake -S "$ROOT" -B "$ROOT/$dir" "$@" &&
+        cmake --build "$ROOT/$dir" -j"$(nproc)"
+}
+
+# ---------------------------------------------------------------------------
+# Cluster, pgbouncer, cleanup
+
+CLUSTER_DIR=
+PGB_PIDFILE=
+
+cleanup() {
+    local rc=$?
+    # Ignore further signals so a second Ctrl-C cannot leave the cluster
+    # behind (stopping it is bounded by pg_ctl's timeouts).
+    trap - EXIT
+    trap '' INT TERM HUP
+    stop_pgbouncer || true
+    if [[ -n $CLUSTER_DIR ]]; then
+        "$PG_CLUSTER" stop "$CLUSTER_DIR" ||
+            pgr_warn "could not remove test cluster $CLUSTER_DIR"
+    fi
+    exit "$rc"
+}
+
+# A signal ends the script with the conventional 128+N status; the EXIT trap
+# then removes the cluster.
+install_traps() {
+    trap cleanup EXIT
+    trap 'pgr_log "interrupted"; exit 130' INT
+    trap 'pgr_log "terminated"; exit 143' TERM
+    trap 'pgr_log "hangup"; exit 129' HUP
+}
+
+# Clear libpq's environment variables (PGHOST, PGPASSWORD, PGSSLMODE, ...)
+# so that the tests see exactly the conninfo strings they are given; a stray
+# PGPASSWORD could e.g. make an authentication test pass for the wrong reason.
+# Our own PGR_* variables are kept.
+scrub_libpq_env() {
+    local v
+    for v in $(compgen -e); do
+        if [[ $v =~ ^PG[A-Z] && $v != PGR_* ]]; then
+            unset "$v"
+        fi
+    done
+}
+
+# Start a fresh cluster and export its PGR_TEST_* variables. Requires
+# install_traps to have run (the trap removes the cluster).
+start_cluster() {
+    local exports
+    scrub_libpq_env
+    CLUSTER_DIR=$(mktemp -d /tmp/pgring-test.XXXXXX)
+    # Not `eval "$(...)"`: that would ignore a failed start.
+    exports=$("$PG_CLUSTER" start "$CLUSTER_DIR")
+    eval "$exports"
+    pgr_log "PostgreSQL test cluster on 127.0.0.1:$PGR_TEST_PORT in $CLUSTER_DIR"
+}
+
+# Tests may stop the server to simulate an outage; make sure a test that
+# died half-way does not leave the next stage without a server.
+ensure_server_up() {
+    "$PGR_TEST_CTL" server-start "$PGR_TEST_CTL_DIR"
+}
+
+# Start pgbouncer (transaction pooling) in front of the test cluster and
+# export PGR_BENCH_PGBOUNCER_PORT / PGR_BENCH_PGBOUNCER_CONNINFO. pgbouncer
+# refuses to run as root, so it runs as the cluster's user.
+start_pgbouncer() {
+    local dir=$CLUSTER_DIR/pgbouncer port attempt bin
+    # Absolute path: runuser may run the command with a different PATH.
+    bin=$(command -v pgbouncer) || {
+        pgr_warn "pgbouncer not installed"
+        return 1
+    }
+    mkdir -p "$dir"
+    chmod 0755 "$dir"
+    # trust auth still needs the user listed in auth_file.
+    echo '"pgr_trust" ""' >"$dir/userlist.txt"
+    for ((attempt = 1; attempt <= 3; attempt++)); do
+        port=$(pgr_free_port)
+        cat >"$dir/pgbouncer.ini" <<EOF
+[databases]
+postgres = host=127.0.0.1 port=$PGR_TEST_PORT dbname=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir = $dir
+auth_type = trust
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+max_client_conn = 500
+default_pool_size = 20
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+ignore_startup_parameters = extra_float_digits
+EOF
+        chown -R "$(pgr_pg_user)": "$dir"
+        PGB_PIDFILE=$dir/pgbouncer.pid
+        if pgr_as_pg "$bin" -d "$dir/pgbouncer.ini" >&2 && pgr_wait_port "$port" 10; then
+            export PGR_BENCH_PGBOUNCER_PORT=$port
+            export PGR_BENCH_PGBOUNCER_CONNINFO="host=127.0.0.1 port=$port user=pgr_trust dbname=postgres sslmode=disable"
+            pgr_log "pgbouncer on 127.0.0.1:$port"
+            return 0
+        fi
+        stop_pgbouncer || true
+        pgr_warn "pgbouncer did not start on port $port"
+        tail -n 20 "$dir/pgbouncer.log" >&2 2>/dev/null || true
+        # Only a lost race for the port is worth another try.
+        grep -qiE 'address already in use|bind' "$dir/pgbouncer.log" 2>/dev/null || return 1
+        mv "$dir/pgbouncer.log" "$dir/pgbouncer.log.attempt$attempt"
+    done
+    return 1
+}
+
+stop_pgbouncer() {
+    local pid i
+    [[ -n $PGB_PIDFILE && -f $PGB_PIDFILE ]] || return 0
+    pid=$(head -n 1 "$PGB_PIDFILE" 2>/dev/null || true)
+    # Only signal the pid if it really is a pgbouncer (pid files go stale).
+    if [[ $pid =~ ^[0-9]+$ && $(cat "/proc/$pid/comm" 2>/dev/null) == pgbouncer ]]; then
+        kill -TERM "$pid" 2>/dev/null || true # TERM = immediate shutdown
+        for ((i = 0; i < 50; i++)); do
+            [[ -d /proc/$pid ]] || break
+            sleep 0.1
+        done
+        if [[ -d /proc/$pid ]]; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$PGB_PIDFILE"
+    PGB_PIDFILE=
+}
+
+# ---------------------------------------------------------------------------
+# Commands
+
+# Without ASLR where the kernel randomises mmap more than older TSan
+# runtimes cope with ("FATAL: ThreadSanitizer: unexpected memory mapping").
+tsan_wrapper() {
+    local bits
+    bits=$(cat /proc/sys/vm/mmap_rnd_bits 2>/dev/null || echo 0)
+    if ((bits > 28)) && setarch "$(uname -m)" -R true 2>/dev/null; then
+        echo setarch "$(uname -m)" -R
+    fi
+}
+
+stage_main() {
+    ensure_server_up || return 1
+    ctest --test-dir "$ROOT/build" --output-on-failure --no-tests=error -j1 --timeout 300
+}
+
+stage_tsan() {
+    build_tree build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_TSAN=ON \
+        -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=OFF || return 1
+    ensure_server_up || return 1
+    local -a wrap
+    read -r -a wrap <<<"$(tsan_wrapper)"
+    TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1${TSAN_OPTIONS:+ $TSAN_OPTIONS}" \
+        "${wrap[@]}" ctest --test-dir "$ROOT/build-tsan" -L stress --output-on-failure \
+        --no-tests=error -j1 --timeout 600
+}
+
+stage_asan() {
+    build_tree build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_ASAN=ON \
+        -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=OFF || return 1
+    ensure_server_up || return 1
+    ASAN_OPTIONS="detect_leaks=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
+        ctest --test-dir "$ROOT/build-asan" --output-on-failure --no-tests=error -j1 --timeout 300
+}
+
+cmd_test() {
+    local -a failed=()
+    ensure_deps test
+    # A compile error would break the sanitizer builds the same way, so a
+    # failed main build ends the run; failed tests do not.
+    build_tree build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=ON ||
+        pgr_die "build failed"
+
+    install_traps
+    start_cluster
+
+    # Stages run as `stage || ...`, where set -e is off inside them; they
+    # report failure through their return status.
+    pgr_log "=== stage: test suite (build) ==="
+    stage_main || failed+=("test suite")
+    if [[ ${PGR_SKIP_SANITIZERS:-0} == 1 ]]; then
+        pgr_warn "PGR_SKIP_SANITIZERS=1: skipping the ThreadSanitizer and AddressSanitizer stages"
+    else
+        pgr_log "=== stage: stress tests under ThreadSanitizer (build-tsan) ==="
+        stage_tsan || failed+=("tsan stress")
+        pgr_log "=== stage: test suite under AddressSanitizer (build-asan) ==="
+        stage_asan || failed+=("asan suite")
+    fi
+
+    if ((${#failed[@]})); then
+        local IFS=,
+        echo "run.sh test: FAILED: ${failed[*]}" >&2
+        return 1
+    fi
+    if [[ ${PGR_SKIP_SANITIZERS:-0} == 1 ]]; then
+        echo "run.sh test: test suite passed (sanitizer stages skipped)"
+    else
+        echo "run.sh test: all suites passed"
+    fi
+}
+
+cmd_bench() {
+    ensure_deps bench
+    build_tree build-bench -DCMAKE_BUILD_TYPE=Release -DPGR_BUILD_BENCH=ON -DPGR_BUILD_TESTS=OFF ||
+        pgr_die "build failed"
+    local bench=$ROOT/build-bench/bench/pgr_bench
+    [[ -x $bench ]] || pgr_die "$bench was not built"
+
+    install_traps
+    start_cluster
+    start_pgbouncer ||
+        pgr_warn "pgbouncer did not start; continuing without PGR_BENCH_PGBOUNCER_*"
+    "$bench" "$@"
+}
+
+cmd_demo() {
+    # Filled in once examples/ provides the demo server; scripts/demo.sh runs
+    # it against the cluster (PGR_TEST_* and PGR_DEMO_BUILD_DIR are exported).
+    if [[ ! -d $ROOT/examples || ! -f $ROOT/scripts/demo.sh ]]; then
+        echo "demo: not available yet" >&2
+        exit 2
+    fi
+    ensure_deps demo
+    build_tree build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=ON ||
+        pgr_die "build failed"
+    install_traps
+    start_cluster
+    export PGR_DEMO_BUILD_DIR=$ROOT/build
+    bash "$ROOT/scripts/demo.sh" "$@"
+}
+
+main() {
+    (($# >= 1)) || usage
+    local sub=$1
+    shift
+    cd "$ROOT"
+    case $sub in
+        test) (($# == 0)) || usage; cmd_test ;;
+        bench) cmd_bench "$@" ;;
+        demo) cmd_demo "$@" ;;
+        -h | --help | help) usage ;;
+        *) usage ;;
+    esac
+}
+
+# Sourcing the script (e.g. to try start_pgbouncer on its own) defines the
+# functions without running anything.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    main "$@"
+fi

@@ -1,0 +1,223 @@
+/* Config validation: each bad field is refused with -EINVAL and an event that names it. */
+#include <errno.h>
+#include <string.h>
+
+#include "testutil.h"
+
+static struct tu_events ev;
+
+static pgr_config base(void)
+{
+	pgr_config c;
+	pgr_config_init(&c);
+	c.conninfo = "host=127.0.0.1 port=1 dbname=x";
+	tu_events_init(&ev);
+	c.on_event = tu_events_cb;
+	c.user_data = &ev;
+	return c;
+}
+
+static void expect_rejected(pgr_config *c, const char *field)
+{
+	pgr_pool *p = (pgr_pool *)0x1;
+	int rc = pgr_pool_create(c, &p);
+	cr_assert_eq(rc, -EINVAL, "field %s: rc=%d", field, rc);
+	cr_assert_null(p, "no pool may be returned on error");
+	cr_assert_eq(tu_events_count(&ev, PGR_EV_CONFIG_ERROR), 1);
+	int i = tu_events_find(&ev, PGR_EV_CONFIG_ERROR, field);
+	cr_assert_geq(i, 0, "config error event does not name %s", field);
+	cr_assert_str_eq(ev.field[i], field);
+}
+
+Test(config, defaults_are_filled_in)
+{
+	pgr_config c;
+	memset(&c, 0x5a, sizeof(c));
+	pgr_config_init(&c);
+	cr_assert_null(c.conninfo);
+	cr_assert_eq(c.max_size, 10);
+	cr_assert_eq(c.min_idle, 0);
+	cr_assert_eq(c.max_overflow, 0);
+	cr_assert_gt(c.max_waiters, 0);
+	cr_assert_gt(c.acquire_timeout_ms, 0);
+	cr_assert_gt(c.connect_timeout_ms, 0);
+	cr_assert_null(c.reset_sql);
+	cr_assert_null(c.on_event);
+	cr_assert_null(c.on_connect);
+}
+
+Test(config, null_conninfo_rejected)
+{
+	pgr_config c = base();
+	c.conninfo = NULL;
+	expect_rejected(&c, "conninfo");
+}
+
+Test(config, unparsable_conninfo_rejected_with_libpq_message)
+{
+	pgr_config c = base();
+	c.conninfo = "host=127.0.0.1 bogus_option=1";
+	expect_rejected(&c, "conninfo");
+	cr_assert(tu_events_find(&ev, PGR_EV_CONFIG_ERROR, "bogus_option") >= 0,
+	          "message should quote libpq's complaint: %s", ev.msg[0]);
+}
+
+Test(config, zero_max_size_rejected)
+{
+	pgr_config c = base();
+	c.max_size = 0;
+	expect_rejected(&c, "max_size");
+}
+
+Test(config, min_idle_above_max_size_rejected)
+{
+	pgr_config c = base();
+	c.max_size = 2;
+	c.min_idle = 3;
+	expect_rejected(&c, "min_idle");
+}
+
+Test(config, too_many_connections_rejected)
+{
+	pgr_config c = base();
+	c.max_size = 4000;
+	c.max_overflow = 200;
+	expect_rejected(&c, "max_overflow");
+}
+
+Test(config, negative_acquire_timeout_rejected)
+{
+	pgr_config c = base();
+	c.acquire_timeout_ms = -5;
+	expect_rejected(&c, "acquire_timeout_ms");
+}
+
+Test(config, zero_connect_timeout_rejected)
+{
+	pgr_config c = base();
+	c.connect_timeout_ms = 0;
+	expect_rejected(&c, "connect_timeout_ms");
+}
+
+Test(config, negative_max_lifetime_rejected)
+{
+	pgr_config c = base();
+	c.max_lifetime_ms = -1;
+	expect_rejected(&c, "max_lifetime_ms");
+}
+
+Test(config, jitter_not_below_lifetime_rejected)
+{
+	pgr_config c = base();
+	c.max_lifetime_ms = 1000;
+	c.lifetime_jitter_ms = 1000;
+	expect_rejected(&c, "lifetime_jitter_ms");
+}
+
+Test(config, negative_idle_timeout_rejected)
+{
+	pgr_config c = base();
+	c.idle_timeout_ms = -1;
+	expect_rejected(&c, "idle_timeout_ms");
+}
+
+Test(config, ping_after_idle_below_minus_one_rejected)
+{
+	pgr_config c = base();
+	c.ping_after_idle_ms = -2;
+	expect_rejected(&c, "ping_after_idle_ms");
+}
+
+Test(config, zero_ping_timeout_rejected)
+{
+	pgr_config c = base();
+	c.ping_timeout_ms = 0;
+	expect_rejected(&c, "ping_timeout_ms");
+}
+
+Test(config, negative_leak_threshold_rejected)
+{
+	pgr_config c = base();
+	c.leak_threshold_ms = -1;
+	expect_rejected(&c, "leak_threshold_ms");
+}
+
+Test(config, negative_keepalive_rejected)
+{
+	pgr_config c = base();
+	c.keepalive_interval_ms = -1;
+	expect_rejected(&c, "keepalive_interval_ms");
+}
+
+Test(config, backoff_max_below_min_rejected)
+{
+	pgr_config c = base();
+	c.backoff_min_ms = 500;
+	c.backoff_max_ms = 100;
+	expect_rejected(&c, "backoff_max_ms");
+}
+
+Test(config, zero_max_connecting_rejected)
+{
+	pgr_config c = base();
+	c.max_connecting = 0;
+	expect_rejected(&c, "max_connecting");
+}
+
+Test(config, too_many_shards_rejected)
+{
+	pgr_config c = base();
+	c.shards = 65;
+	expect_rejected(&c, "shards");
+}
+
+Test(config, empty_reset_sql_rejected)
+{
+	pgr_config c = base();
+	c.reset_sql = "";
+	expect_rejected(&c, "reset_sql");
+}
+
+Test(config, null_arguments_rejected)
+{
+	pgr_pool *p;
+	cr_assert_eq(pgr_pool_create(NULL, &p), -EINVAL);
+	pgr_config c = base();
+	cr_assert_eq(pgr_pool_create(&c, NULL), -EINVAL);
+	pgr_conn *conn;
+	cr_assert_eq(pgr_acquire(NULL, 0, &conn), -EINVAL);
+}
+
+Test(config, config_is_copied_at_create, .timeout = 30)
+{
+	char conninfo[256];
+	snprintf(conninfo, sizeof(conninfo), "%s", tu_conninfo());
+	char name[] = "copied";
+	pgr_config c;
+	pgr_config_init(&c);
+	c.conninfo = conninfo;
+	c.name = name;
+	c.min_idle = c.max_size = 1;
+	pgr_pool *p = tu_pool(&c);
+	/* The caller's buffers may be reused at once. */
+	memset(conninfo, 'x', sizeof(conninfo) - 1);
+	memset(name, 'y', sizeof(name) - 1);
+	pgr_conn *conn;
+	cr_assert_eq(pgr_acquire(p, 2000, &conn), 0);
+	pgr_discard(conn); /* forces a new connect with the copied conninfo */
+	cr_assert_eq(pgr_acquire(p, 5000, &conn), 0);
+	pgr_release(conn);
+	char buf[8192];
+	pgr_pool_prometheus(p, buf, sizeof(buf));
+	cr_assert(strstr(buf, "pool=\"copied\""), "pool label lost");
+	pgr_pool_destroy(p);
+}
+
+Test(config, strerror_names_every_code)
+{
+	cr_assert(strstr(pgr_strerror(-ETIMEDOUT), "timed out"));
+	cr_assert(strstr(pgr_strerror(-ESHUTDOWN), "shutting down"));
+	cr_assert_str_neq(pgr_strerror(-PGR_E_TOO_MANY_WAITERS), pgr_strerror(-PGR_E_CONNECT_FAILED));
+	for (int e = PGR_E_BASE; e <= PGR_E_LAST; e++)
+		cr_assert_null(strstr(pgr_strerror(-e), "unknown"), "code %d unnamed", e);
+}

@@ -1,0 +1,174 @@
+/* Connect failures and authentication, against a real server and a dead port. */
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+Test(connect, dead_port_fails_acquire_with_clear_error_and_does_not_spin, .timeout = 60)
+{
+	char conninfo[256];
+	snprintf(conninfo, sizeof(conninfo), "host=127.0.0.1 port=%d user=x dbname=x sslmode=disable",
+	         tu_dead_port());
+	struct tu_events ev;
+	tu_events_init(&ev);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = conninfo;
+	cfg.max_size = 4;
+	cfg.min_idle = 4;
+	cfg.backoff_min_ms = 100;
+	cfg.backoff_max_ms = 400;
+	cfg.on_event = tu_events_cb;
+	cfg.user_data = &ev;
+	pgr_pool *p;
+	cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
+	pgr_conn *c = NULL;
+	int64_t t0 = tu_now_ms();
+	int rc = pgr_acquire(p, 1000, &c);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert_eq(rc, -PGR_E_CONNECT_FAILED, "rc=%d (%s)", rc, pgr_strerror(rc));
+	cr_assert(took >= 995 && took < 2500, "took %lld ms for a 1000 ms deadline", (long long)took);
+	char err[512];
+	pgr_pool_last_error(p, err, sizeof(err));
+	cr_assert(strstr(err, "refused"), "last error should carry libpq's reason: %s", err);
+	cr_assert_geq(tu_events_find(&ev, PGR_EV_CONNECT_FAILED, "refused"), 0);
+	cr_assert_geq(tu_events_find(&ev, PGR_EV_ACQUIRE_TIMEOUT, "refused"), 0,
+	              "the timeout event should name the connect error");
+	/*
+	 * ~1.2 s of a dead server with backoff 100 ms doubling to 400 ms and one probe at a time:
+	 * attempts at about 0, 50-100, 150-300, 350-700, 550-1100 ms ... a handful, not thousands.
+	 */
+	tu_sleep_ms(200);
+	pgr_stats s = tu_stats(p);
+	cr_assert_geq(s.connects_failed, 2);
+	cr_assert_leq(s.connects_failed, 12, "%llu connect attempts in ~1.2 s: connect storm",
+	              (unsigned long long)s.connects_failed);
+	cr_assert_eq(s.connects_ok, 0);
+	cr_assert_eq(s.size, 0);
+	pgr_pool_destroy(p);
+}
+
+Test(connect, try_acquire_opens_a_connection_in_the_background, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.max_size = 2;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *c;
+	cr_assert_eq(pgr_try_acquire(p, &c), -EAGAIN);
+	cr_assert(TU_WAIT_UNTIL(pgr_try_acquire(p, &c) == 0, 5000));
+	pgr_release(c);
+	cr_assert_leq(tu_stats(p).size, 2);
+	pgr_pool_destroy(p);
+}
+
+Test(connect, scram_password_connects, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_env("PGR_TEST_CONNINFO_SCRAM");
+	cfg.min_idle = cfg.max_size = 1;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 2000, &c), 0);
+	PGresult *r = PQexec(pgr_conn_pg(c), "select current_user");
+	cr_assert_str_eq(PQgetvalue(r, 0, 0), "pgr_scram");
+	PQclear(r);
+	pgr_release(c);
+	pgr_pool_destroy(p);
+}
+
+Test(connect, wrong_password_event_names_auth_failure_without_password, .timeout = 30)
+{
+	const char *good = tu_env("PGR_TEST_CONNINFO_SCRAM");
+	const char *pw = tu_env("PGR_TEST_PASSWORD");
+	/* Same conninfo, a wrong password that is easy to spot if it leaks. */
+	char bad[512];
+	const char *at = strstr(good, pw);
+	cr_assert(at);
+	snprintf(bad, sizeof(bad), "%.*sWrongSecret-4242%s", (int)(at - good), good,
+	         at + strlen(pw));
+	struct tu_events ev;
+	tu_events_init(&ev);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = bad;
+	cfg.max_size = 1;
+	cfg.on_event = tu_events_cb;
+	cfg.user_data = &ev;
+	pgr_pool *p;
+	cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
+	pgr_conn *c;
+	int rc = pgr_acquire(p, 500, &c);
+	cr_assert_eq(rc, -PGR_E_CONNECT_FAILED, "rc=%d (%s)", rc, pgr_strerror(rc));
+	cr_assert(TU_WAIT_UNTIL(tu_events_count(&ev, PGR_EV_CONNECT_FAILED) >= 1, 3000));
+	int i = tu_events_find(&ev, PGR_EV_CONNECT_FAILED, "password authentication failed");
+	cr_assert_geq(i, 0, "connect-failed event should name the auth failure: %s", ev.msg[0]);
+	pthread_mutex_lock(&ev.lock);
+	for (int k = 0; k < ev.n; k++)
+		cr_assert_null(strstr(ev.msg[k], "WrongSecret-4242"), "password leaked: %s", ev.msg[k]);
+	pthread_mutex_unlock(&ev.lock);
+	char err[512];
+	pgr_pool_last_error(p, err, sizeof(err));
+	cr_assert_null(strstr(err, "WrongSecret-4242"));
+	pgr_pool_destroy(p);
+}
+
+static int set_app_name(PGconn *pg, void *ud)
+{
+	(*(int *)ud)++;
+	PGresult *r = PQexec(pg, "set application_name = 'from_on_connect'");
+	int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+	PQclear(r);
+	return ok ? 0 : -1;
+}
+
+static int refuse(PGconn *pg, void *ud)
+{
+	(void)pg;
+	(*(int *)ud)++;
+	return -1;
+}
+
+Test(connect, on_connect_refusal_fails_the_connect, .timeout = 30)
+{
+	struct tu_events ev;
+	tu_events_init(&ev);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.max_size = 1;
+	int calls = 0;
+	cfg.on_connect = refuse;
+	cfg.user_data = &calls;
+	pgr_pool *p;
+	cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 300, &c), -PGR_E_CONNECT_FAILED);
+	cr_assert_geq(calls, 1);
+	cr_assert_geq(tu_stats(p).connects_failed, 1);
+	cr_assert_eq(tu_stats(p).size, 0);
+	pgr_pool_destroy(p);
+}
+
+Test(connect, on_connect_runs_before_hand_out, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = cfg.max_size = 1;
+	int calls = 0;
+	cfg.on_connect = set_app_name;
+	cfg.user_data = &calls;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 2000, &c), 0);
+	PGresult *r = PQexec(pgr_conn_pg(c), "show application_name");
+	cr_assert_str_eq(PQgetvalue(r, 0, 0), "from_on_connect");
+	PQclear(r);
+	pgr_release(c);
+	cr_assert_eq(calls, 1);
+	pgr_pool_destroy(p);
+}
