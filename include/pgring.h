@@ -274,6 +274,77 @@ PGR_API size_t pgr_pool_last_error(pgr_pool *pool, char *buf, size_t len);
 PGR_API const char *pgr_strerror(int err);
 
 /*
+ * ---- Async checkout and queries on a caller-owned io_uring ring ----
+ *
+ * A pgr_loop binds a pool to one io_uring ring that the caller owns and drives from one thread
+ * (an event loop). pgring prepares SQEs on that ring, only from the loop's thread and only
+ * inside the pgr_loop_* / pgr_*_async calls; it never submits, never waits on the ring and
+ * never reads a CQE it did not produce. The caller:
+ *   - submits as it normally does (pgring's SQEs ride along with the caller's),
+ *   - hands every CQE whose user_data satisfies pgr_loop_owns(user_data) to
+ *     pgr_loop_handle_cqe() and marks it seen as usual; every other CQE is the caller's.
+ * pgring's user_data values have 0x7067 in their top 16 bits; user-space pointers on x86-64
+ * and arm64 never do, so a loop that stores pointers in user_data needs no other rule.
+ * Every SQE pgring prepares produces exactly one CQE that pgring consumes.
+ *
+ * Callbacks run on the loop's thread, from pgr_loop_handle_cqe, or from the async call itself
+ * when the result is known at once (an idle connection was there). They may call any pgring
+ * function that does not block (release, discard, more async calls).
+ */
+typedef struct pgr_loop pgr_loop;
+struct io_uring;
+struct io_uring_cqe;
+
+#define PGR_LOOP_UD_TAG 0x7067ull
+static inline int pgr_loop_owns(uint64_t user_data)
+{
+	return (user_data >> 48) == PGR_LOOP_UD_TAG;
+}
+
+/*
+ * Bind pool to ring for async calls, with room for max_ops operations in flight (acquires
+ * waiting plus queries running; 0 = 1024). Returns 0 or -EINVAL / -ENOMEM. Call from the loop's
+ * thread; the ring must outlive the loop.
+ */
+PGR_API int pgr_loop_create(pgr_pool *pool, struct io_uring *ring, uint32_t max_ops,
+                            pgr_loop **out);
+/*
+ * Free the loop. Operations still in flight are completed first with -ECANCELED through their
+ * callbacks (their SQEs are cancelled, and their CQEs must still be handed over: destroy
+ * returns -EBUSY while any is outstanding; keep reaping and call it again).
+ */
+PGR_API int pgr_loop_destroy(pgr_loop *loop);
+/* Handle one of pgring's CQEs. Returns 1 when it was pgring's, 0 when not (left untouched). */
+PGR_API int pgr_loop_handle_cqe(pgr_loop *loop, const struct io_uring_cqe *cqe);
+/* Operations in flight on the loop (acquires waiting, queries running, CQEs owed). */
+PGR_API uint32_t pgr_loop_pending(const pgr_loop *loop);
+
+typedef void (*pgr_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, void *arg);
+/*
+ * Check out a connection without blocking the loop. Returns 0 when cb will be called (perhaps
+ * already was, with an idle connection); or a negative error, cb not called: -ESHUTDOWN,
+ * -PGR_E_TOO_MANY_WAITERS, -EBUSY (max_ops in flight), -EINVAL. cb gets err 0 and the
+ * connection, or -ETIMEDOUT / -PGR_E_CONNECT_FAILED / -ESHUTDOWN / -ECANCELED. Waits in the
+ * same FIFO as pgr_acquire: a release serves blocking and async waiters in arrival order.
+ */
+PGR_API int pgr_acquire_async(pgr_loop *loop, int64_t timeout_ms, pgr_acquire_cb cb, void *arg);
+
+typedef void (*pgr_query_cb)(pgr_loop *loop, int err, PGresult *res, void *arg);
+/*
+ * Send a parameterised query (text parameters) on a checked-out connection and deliver its
+ * result through the loop. cb owns res (PQclear it); res is the last result of the query, or
+ * the first error result. err: 0 (check PQresultStatus), -ETIMEDOUT when timeout_ms (< 0: no
+ * deadline) passed: the query is then cancelled from a helper thread (PostgreSQL 15's cancel
+ * blocks) and the connection is marked so that its release closes it instead of handing it out
+ * with a query still running; -EIO when the connection failed (res may say why).
+ * Returns 0, or a negative error with cb not called (-EBUSY, -EINVAL, -EIO if the send failed).
+ * One query at a time per connection.
+ */
+PGR_API int pgr_query_async(pgr_loop *loop, pgr_conn *conn, const char *sql, int nparams,
+                            const char *const *params, int64_t timeout_ms, pgr_query_cb cb,
+                            void *arg);
+
+/*
  * Scoped checkout: the connection is released when the variable leaves scope.
  *
  *   PGR_SCOPED_CONN(c);

@@ -267,9 +267,11 @@ static bool validate(pgr_pool *p, struct pgr_conn *c)
 		return false;
 	}
 	int64_t idle = now - atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);
+	/* Just connected or pinged for a waiting caller: no second check on the way out. */
 	if (atomic_load_explicit(&c->fresh, memory_order_relaxed)) {
 		atomic_store_explicit(&c->fresh, 0, memory_order_relaxed);
-		return true;
+		if (idle <= 2 * PGR__TICK_MS)
+			return true;
 	}
 	int64_t ping_after = p->cfg.ping_after_idle_ms;
 	if (ping_after >= 0 && idle >= ping_after) {
@@ -350,18 +352,13 @@ static int timeout_error(pgr_pool *p, int64_t waited_ms)
 	return failing ? -PGR_E_CONNECT_FAILED : -ETIMEDOUT;
 }
 
-/* A connection the waiter no longer needs (it got two) goes back through the normal path. */
-static void give_back(pgr_pool *p, struct pgr_conn *c)
+/*
+ * Queue a waiter at the tail of the FIFO. Returns its slot in *wi, or -ESHUTDOWN, or
+ * -PGR_E_TOO_MANY_WAITERS. Shared by blocking and io_uring waiters, so one release serves both
+ * in arrival order.
+ */
+int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 {
-	pgr__publish(p, c);
-}
-
-static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
-{
-	int64_t t0 = pgr__mono_ns();
-	struct timespec deadline;
-	timespec_add_ms(&deadline, timeout_ms);
-
 	pthread_mutex_lock(&p->wq_lock);
 	if (atomic_load_explicit(&p->closing, memory_order_relaxed)) {
 		pthread_mutex_unlock(&p->wq_lock);
@@ -398,61 +395,124 @@ static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 	/* The manager opens connections for waiters that in-flight connects do not cover. */
 	if (atomic_load_explicit(&p->nopen, memory_order_relaxed) < p->cap)
 		pgr__manager_wake(p);
+	*wi_out = wi;
+	return 0;
+}
 
-	struct pgr_conn *mine = fast_take(p);
-	int rc = 0;
-	for (;;) {
-		uint32_t s = atomic_load_explicit(&w->state, memory_order_acquire);
-		if (s == PGR__W_WAITING && !mine) {
-			int r = futex_wait_abs(&w->state, PGR__W_WAITING, &deadline);
-			if (r != -ETIMEDOUT)
-				continue;
-		}
-		/* Got one ourselves, timed out, or granted/shut down: settle under the lock. */
-		pthread_mutex_lock(&p->wq_lock);
-		s = atomic_load_explicit(&w->state, memory_order_acquire);
-		if (s == PGR__W_WAITING) {
-			wq_unlink(p, wi);
-			atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
-			wq_free_slot(p, wi);
-			pthread_mutex_unlock(&p->wq_lock);
-			if (!mine)
-				rc = timeout_error(p, (pgr__mono_ns() - t0) / 1000000);
-			break;
-		}
-		uint32_t got = w->conn;
-		wq_free_slot(p, wi);
-		pthread_mutex_unlock(&p->wq_lock);
-		if (s == PGR__W_SHUTDOWN) {
-			if (mine)
-				give_back(p, mine);
-			mine = NULL;
-			rc = -ESHUTDOWN;
-			break;
-		}
-		/* GRANTED. Validate like any idle connection; a stale one goes to the manager. */
-		struct pgr_conn *g = &p->conns[got];
+/*
+ * Settle a waiter that stops waiting (it found a connection itself, its deadline passed, or its
+ * state changed). Returns the state it ended in: WAITING (it was still queued and is now
+ * cancelled), GRANTED (*granted set), or SHUTDOWN. The slot is not freed: an io_uring waiter
+ * may still have a futex wait on it in flight (pgr__wq_free).
+ */
+unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted)
+{
+	struct pgr__waiter *w = &p->waiters[wi];
+	pthread_mutex_lock(&p->wq_lock);
+	unsigned s = atomic_load_explicit(&w->state, memory_order_acquire);
+	if (s == PGR__W_WAITING) {
+		wq_unlink(p, wi);
+		atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
+		atomic_store_explicit(&w->state, PGR__W_CANCELLED, memory_order_relaxed);
+	}
+	pthread_mutex_unlock(&p->wq_lock);
+	*granted = s == PGR__W_GRANTED ? &p->conns[w->conn] : NULL;
+	return s;
+}
+
+void pgr__wq_free(pgr_pool *p, uint32_t wi)
+{
+	pthread_mutex_lock(&p->wq_lock);
+	wq_free_slot(p, wi);
+	pthread_mutex_unlock(&p->wq_lock);
+}
+
+/*
+ * What a settled waiter does with its outcome. mine: what it took itself; granted: what a
+ * release handed it. Returns the connection to hand out (validated), or NULL with *rc set:
+ * -EAGAIN means "queue again" (a grant failed validation), others are final.
+ */
+struct pgr_conn *pgr__wq_outcome(pgr_pool *p, unsigned s, struct pgr_conn *mine,
+                                 struct pgr_conn *granted, int *rc)
+{
+	*rc = 0;
+	if (s == PGR__W_SHUTDOWN) {
+		if (mine)
+			pgr__publish(p, mine);
+		*rc = -ESHUTDOWN;
+		return NULL;
+	}
+	if (granted) {
 		if (mine) {
-			give_back(p, g);
-			break;
+			/* Took one itself and was granted another: the spare goes back. */
+			pgr__publish(p, granted);
+			return mine;
 		}
-		if (validate(p, g)) {
-			mine = g;
-			break;
-		}
-		/* The grant was not usable: queue again with what is left of the deadline. */
-		int64_t left = timeout_ms - (pgr__mono_ns() - t0) / 1000000;
-		if (left <= 0)
-			return timeout_error(p, timeout_ms);
-		return slow_acquire(p, left, out);
+		if (validate(p, granted))
+			return granted;
+		*rc = -EAGAIN;
+		return NULL;
 	}
 	if (!mine)
-		return rc;
-	uint64_t waited = (uint64_t)(pgr__mono_ns() - t0);
-	pgr__inc(&mine->n_waits);
-	pgr__hist_add(&mine->hist[PGR_HIST_ACQUIRE_WAIT], waited);
-	*out = mine;
-	return 0;
+		*rc = -ETIMEDOUT;
+	return mine;
+}
+
+struct pgr_conn *pgr__fast_take(pgr_pool *p)
+{
+	return fast_take(p);
+}
+
+void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
+                      const char *func)
+{
+	if (waited_ns < 0) {
+		pgr__inc(&c->n_immediate);
+	} else {
+		pgr__inc(&c->n_waits);
+		pgr__hist_add(&c->hist[PGR_HIST_ACQUIRE_WAIT], (uint64_t)waited_ns);
+	}
+	checked_out(c, file, line, func);
+}
+
+int pgr__timeout_error(pgr_pool *p, int64_t waited_ms)
+{
+	return timeout_error(p, waited_ms);
+}
+
+static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
+{
+	int64_t t0 = pgr__mono_ns();
+	struct timespec deadline;
+	timespec_add_ms(&deadline, timeout_ms);
+	for (;;) {
+		uint32_t wi;
+		int rc = pgr__wq_enqueue(p, &wi);
+		if (rc)
+			return rc;
+		struct pgr__waiter *w = &p->waiters[wi];
+		struct pgr_conn *mine = fast_take(p);
+		while (!mine && atomic_load_explicit(&w->state, memory_order_acquire) == PGR__W_WAITING) {
+			if (futex_wait_abs(&w->state, PGR__W_WAITING, &deadline) == -ETIMEDOUT)
+				break;
+		}
+		struct pgr_conn *granted;
+		unsigned s = pgr__wq_settle(p, wi, &granted);
+		pgr__wq_free(p, wi);
+		struct pgr_conn *c = pgr__wq_outcome(p, s, mine, granted, &rc);
+		if (c) {
+			pgr__inc(&c->n_waits);
+			pgr__hist_add(&c->hist[PGR_HIST_ACQUIRE_WAIT], (uint64_t)(pgr__mono_ns() - t0));
+			*out = c;
+			return 0;
+		}
+		int64_t waited_ms = (pgr__mono_ns() - t0) / 1000000;
+		if (rc == -ETIMEDOUT || (rc == -EAGAIN && waited_ms >= timeout_ms))
+			return timeout_error(p, waited_ms);
+		if (rc != -EAGAIN)
+			return rc;
+		/* The grant was stale and went to the manager: queue again, same deadline. */
+	}
 }
 
 int pgr_acquire_at(pgr_pool *p, int64_t timeout_ms, pgr_conn **out, const char *file, int line,

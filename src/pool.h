@@ -262,6 +262,16 @@ void pgr__publish(pgr_pool *p, struct pgr_conn *c); /* owner hands an idle conn 
 int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c); /* manager takes a known-idle conn */
 void pgr__waiters_shutdown(pgr_pool *p);
 uint32_t pgr__idle_count(pgr_pool *p);
+int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi);
+unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted);
+void pgr__wq_free(pgr_pool *p, uint32_t wi);
+struct pgr_conn *pgr__wq_outcome(pgr_pool *p, unsigned s, struct pgr_conn *mine,
+                                 struct pgr_conn *granted, int *rc);
+struct pgr_conn *pgr__fast_take(pgr_pool *p);
+/* waited_ns < 0: an immediate checkout. */
+void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
+                      const char *func);
+int pgr__timeout_error(pgr_pool *p, int64_t waited_ms);
 
 /* manager.c */
 int pgr__manager_start(pgr_pool *p);

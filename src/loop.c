@@ -1,0 +1,515 @@
+/*
+ * Async checkout and queries on a ring the caller owns (pgr_loop).
+ *
+ * A loop never blocks: an acquire that finds no idle connection takes a waiter slot in the
+ * pool's FIFO (the same one blocking callers use, so a release serves both in arrival order)
+ * and arms IORING_OP_FUTEX_WAIT on the slot's futex word, linked to an absolute timeout. A
+ * release on any thread grants the slot and does a FUTEX_WAKE, which completes the wait on the
+ * loop's ring.
+ *
+ * Why a futex wait and not a MSG_RING grant: the grant already ends in a futex wake (for
+ * blocking waiters), so a futex wait needs nothing from the releaser that knows about rings,
+ * and one wake reaches either kind of waiter. The kernel quirks (PITFALLS.md 5) are handled
+ * here: the words are shared futexes (no FUTEX2_PRIVATE), because a private wait armed while
+ * the process was single-threaded is never woken on 6.16+; the linked timeout completes with
+ * res=1, not -ETIME, so results are read from the waiter's state, never from res; and a slot
+ * is not reused until both CQEs of its wait are reaped, since a stale wait on a reused word
+ * would swallow the next waiter's wake.
+ *
+ * Everything here runs on the loop's thread. Operation records live in a fixed array made at
+ * pgr_loop_create; nothing is allocated per operation (a cancel of a timed-out query excepted).
+ */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <linux/futex.h>
+#include <openssl/ssl.h>
+
+#include "pool.h"
+
+enum { K_FUTEX = 1, K_ALTO, K_POLL, K_QLTO, K_CANCEL };
+enum { OP_FREE = 0, OP_ACQUIRE, OP_QUERY };
+
+#define FUTEX2_SIZE_U32_ 0x02 /* futex2 flags; no FUTEX2_PRIVATE: see the file comment */
+#define IORING_OP_FUTEX_WAIT_ 51
+
+struct op {
+	uint8_t kind;
+	uint8_t armed;
+	uint8_t done;     /* callback delivered; the record waits for its CQEs */
+	uint16_t inflight;
+	uint16_t gen;
+	uint32_t wi;      /* waiter slot (acquire) */
+	uint32_t next_free;
+	int64_t t0_ns;
+	int64_t deadline_ns;
+	struct __kernel_timespec ts;
+	pgr_acquire_cb acb;
+	pgr_query_cb qcb;
+	void *arg;
+	struct pgr_conn *conn;
+	PGresult *res;
+};
+
+struct pgr_loop {
+	pgr_pool *pool;
+	struct io_uring *ring;
+	struct op *ops;
+	uint32_t nops;
+	uint32_t free_head;
+	uint32_t pending;
+	int destroying;
+};
+
+static inline uint64_t ud(pgr_loop *l, struct op *o, unsigned kind)
+{
+	uint64_t idx = (uint64_t)(o - l->ops);
+	return (PGR_LOOP_UD_TAG << 48) | ((uint64_t)o->gen << 32) | (idx << 8) | kind;
+}
+
+static struct op *op_alloc(pgr_loop *l, int kind)
+{
+	if (l->free_head == PGR__NONE || l->destroying)
+		return NULL;
+	struct op *o = &l->ops[l->free_head];
+	l->free_head = o->next_free;
+	uint16_t gen = o->gen;
+	memset(o, 0, sizeof(*o));
+	o->gen = (uint16_t)(gen + 1);
+	o->kind = (uint8_t)kind;
+	o->t0_ns = pgr__mono_ns();
+	l->pending++;
+	return o;
+}
+
+static void op_free(pgr_loop *l, struct op *o)
+{
+	o->kind = OP_FREE;
+	o->next_free = l->free_head;
+	l->free_head = (uint32_t)(o - l->ops);
+	l->pending--;
+}
+
+/* Two SQEs for a linked pair, or NULL: never split a link, never wait on the caller's ring. */
+static struct io_uring_sqe *get_pair(pgr_loop *l)
+{
+	if (io_uring_sq_space_left(l->ring) < 2)
+		io_uring_submit(l->ring);
+	if (io_uring_sq_space_left(l->ring) < 2)
+		return NULL;
+	return io_uring_get_sqe(l->ring);
+}
+
+static void set_deadline(struct op *o, int64_t timeout_ms)
+{
+	/* No deadline: a year is "never" for a query and keeps one code path. */
+	int64_t ms = timeout_ms < 0 ? 365LL * 24 * 3600 * 1000 : timeout_ms;
+	o->deadline_ns = o->t0_ns + ms * 1000000;
+}
+
+static void link_timeout(pgr_loop *l, struct op *o, unsigned kind)
+{
+	o->ts.tv_sec = o->deadline_ns / 1000000000;
+	o->ts.tv_nsec = o->deadline_ns % 1000000000;
+	struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
+	io_uring_prep_link_timeout(s, &o->ts, IORING_TIMEOUT_ABS);
+	io_uring_sqe_set_data64(s, ud(l, o, kind));
+	o->inflight += 2;
+	o->armed = 1;
+}
+
+/* ---- acquire ---- */
+
+static int arm_futex(pgr_loop *l, struct op *o)
+{
+	struct io_uring_sqe *s = get_pair(l);
+	if (!s)
+		return -EBUSY;
+	struct pgr__waiter *w = &l->pool->waiters[o->wi];
+	o->gen++;
+	memset(s, 0, sizeof(*s));
+	s->opcode = IORING_OP_FUTEX_WAIT_;
+	s->fd = FUTEX2_SIZE_U32_;
+	s->addr = (uint64_t)(uintptr_t)&w->state;
+	s->off = PGR__W_WAITING;
+	s->addr3 = FUTEX_BITSET_MATCH_ANY;
+	s->flags = IOSQE_IO_LINK;
+	io_uring_sqe_set_data64(s, ud(l, o, K_FUTEX));
+	link_timeout(l, o, K_ALTO);
+	return 0;
+}
+
+static void deliver_acquire(pgr_loop *l, struct op *o, int err, struct pgr_conn *c)
+{
+	pgr_acquire_cb cb = o->acb;
+	void *arg = o->arg;
+	o->done = 1;
+	if (o->inflight == 0)
+		op_free(l, o);
+	cb(l, err, c, arg);
+}
+
+/* Queue (again) and either take a connection found meanwhile or arm the wait. */
+static void acquire_wait(pgr_loop *l, struct op *o);
+
+static void acquire_settle(pgr_loop *l, struct op *o, struct pgr_conn *mine)
+{
+	pgr_pool *p = l->pool;
+	struct pgr_conn *granted;
+	unsigned s = pgr__wq_settle(p, o->wi, &granted);
+	pgr__wq_free(p, o->wi);
+	int rc;
+	if (l->destroying) {
+		if (mine)
+			pgr__publish(p, mine);
+		if (granted)
+			pgr__publish(p, granted);
+		deliver_acquire(l, o, -ECANCELED, NULL);
+		return;
+	}
+	struct pgr_conn *c = pgr__wq_outcome(p, s, mine, granted, &rc);
+	int64_t now = pgr__mono_ns();
+	if (c) {
+		pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL);
+		deliver_acquire(l, o, 0, c);
+		return;
+	}
+	if (rc == -EAGAIN && now < o->deadline_ns) {
+		acquire_wait(l, o);
+		return;
+	}
+	if (rc == -ETIMEDOUT || rc == -EAGAIN)
+		rc = pgr__timeout_error(p, (now - o->t0_ns) / 1000000);
+	deliver_acquire(l, o, rc, NULL);
+}
+
+static void acquire_wait(pgr_loop *l, struct op *o)
+{
+	int rc = pgr__wq_enqueue(l->pool, &o->wi);
+	if (rc) {
+		deliver_acquire(l, o, rc, NULL);
+		return;
+	}
+	struct pgr_conn *mine = pgr__fast_take(l->pool);
+	if (mine || arm_futex(l, o) != 0) {
+		/* No wait armed: settle at once (a full SQ ring counts as a timeout-free failure). */
+		acquire_settle(l, o, mine);
+	}
+}
+
+int pgr_acquire_async(pgr_loop *l, int64_t timeout_ms, pgr_acquire_cb cb, void *arg)
+{
+	if (!l || !cb)
+		return -EINVAL;
+	pgr_pool *p = l->pool;
+	if (atomic_load_explicit(&p->closing, memory_order_relaxed))
+		return -ESHUTDOWN;
+	struct pgr_conn *c = pgr__fast_take(p);
+	if (c) {
+		pgr__checked_out(c, -1, NULL, 0, NULL);
+		cb(l, 0, c, arg);
+		return 0;
+	}
+	if (timeout_ms < 0)
+		timeout_ms = p->cfg.acquire_timeout_ms;
+	if (timeout_ms == 0)
+		return -EAGAIN;
+	if (io_uring_sq_space_left(l->ring) < 2)
+		io_uring_submit(l->ring);
+	if (io_uring_sq_space_left(l->ring) < 2)
+		return -EBUSY;
+	struct op *o = op_alloc(l, OP_ACQUIRE);
+	if (!o)
+		return -EBUSY;
+	o->acb = cb;
+	o->arg = arg;
+	set_deadline(o, timeout_ms);
+	int rc = pgr__wq_enqueue(p, &o->wi);
+	if (rc) {
+		op_free(l, o);
+		return rc;
+	}
+	struct pgr_conn *mine = pgr__fast_take(p);
+	if (mine || arm_futex(l, o) != 0)
+		acquire_settle(l, o, mine);
+	return 0;
+}
+
+static void acquire_cqe(pgr_loop *l, struct op *o)
+{
+	/* Act only once both CQEs of the wait are in: the slot may not be reused before. */
+	if (o->inflight > 0)
+		return;
+	o->armed = 0;
+	struct pgr__waiter *w = &l->pool->waiters[o->wi];
+	unsigned s = atomic_load_explicit(&w->state, memory_order_acquire);
+	if (s == PGR__W_WAITING && !l->destroying && pgr__mono_ns() < o->deadline_ns &&
+	    arm_futex(l, o) == 0)
+		return; /* spurious wake-up (a late wake meant for a slot's earlier waiter) */
+	acquire_settle(l, o, NULL);
+}
+
+/* ---- queries ---- */
+
+static void deliver_query(pgr_loop *l, struct op *o, int err)
+{
+	pgr_query_cb cb = o->qcb;
+	void *arg = o->arg;
+	PGresult *res = o->res;
+	o->res = NULL;
+	o->done = 1;
+	if (o->inflight == 0)
+		op_free(l, o);
+	cb(l, err, res, arg);
+}
+
+static int arm_poll(pgr_loop *l, struct op *o, unsigned events)
+{
+	int fd = PQsocket(o->conn->pg);
+	if (fd < 0)
+		return -EBADF;
+	struct io_uring_sqe *s = get_pair(l);
+	if (!s)
+		return -EBUSY;
+	o->gen++;
+	io_uring_prep_poll_add(s, fd, events);
+	s->flags |= IOSQE_IO_LINK;
+	io_uring_sqe_set_data64(s, ud(l, o, K_POLL));
+	link_timeout(l, o, K_QLTO);
+	return 0;
+}
+
+static void keep_result(struct op *o, PGresult *r)
+{
+	ExecStatusType st = PQresultStatus(r);
+	bool err = st == PGRES_FATAL_ERROR || st == PGRES_BAD_RESPONSE;
+	if (!o->res) {
+		o->res = r;
+	} else if (PQresultStatus(o->res) == PGRES_FATAL_ERROR ||
+	           PQresultStatus(o->res) == PGRES_BAD_RESPONSE) {
+		PQclear(r); /* the first error tells the story */
+	} else {
+		(void)err;
+		PQclear(o->res);
+		o->res = r;
+	}
+}
+
+static void query_read(pgr_loop *l, struct op *o)
+{
+	PGconn *pg = o->conn->pg;
+	for (;;) {
+		if (!PQconsumeInput(pg)) {
+			deliver_query(l, o, -EIO);
+			return;
+		}
+		while (!PQisBusy(pg)) {
+			PGresult *r = PQgetResult(pg);
+			if (!r) {
+				deliver_query(l, o, 0);
+				return;
+			}
+			keep_result(o, r);
+		}
+		/* Bytes OpenSSL already holds would never make the socket readable (PITFALLS.md 2). */
+		if (PQsslInUse(pg)) {
+			SSL *ssl = PQsslStruct(pg, "OpenSSL");
+			if (ssl && SSL_has_pending(ssl))
+				continue;
+		}
+		break;
+	}
+	if (arm_poll(l, o, POLLIN) < 0)
+		deliver_query(l, o, -EIO);
+}
+
+static void query_step(pgr_loop *l, struct op *o, int revents)
+{
+	PGconn *pg = o->conn->pg;
+	int f = PQflush(pg);
+	if (f < 0) {
+		deliver_query(l, o, -EIO);
+		return;
+	}
+	if (f == 1) {
+		if ((revents & POLLIN) && !PQconsumeInput(pg)) {
+			deliver_query(l, o, -EIO);
+			return;
+		}
+		if (arm_poll(l, o, POLLOUT | POLLIN) < 0)
+			deliver_query(l, o, -EIO);
+		return;
+	}
+	query_read(l, o);
+}
+
+static void *cancel_main(void *a)
+{
+	char err[256];
+	PQcancel((PGcancel *)a, err, sizeof(err));
+	PQfreeCancel((PGcancel *)a);
+	return NULL;
+}
+
+/*
+ * PostgreSQL 15's cancel connects, sends and waits for the server to hang up (~45 ms on
+ * loopback): it runs on a short-lived detached thread, never on the loop. The connection stays
+ * PQTRANS_ACTIVE, so its release closes it ("active_query") rather than reusing it.
+ */
+static void cancel_in_background(PGconn *pg)
+{
+	PGcancel *pc = PQgetCancel(pg);
+	if (!pc)
+		return;
+	pthread_t t;
+	pthread_attr_t at;
+	pthread_attr_init(&at);
+	pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&t, &at, cancel_main, pc) != 0)
+		PQfreeCancel(pc);
+	pthread_attr_destroy(&at);
+}
+
+int pgr_query_async(pgr_loop *l, pgr_conn *c, const char *sql, int nparams,
+                    const char *const *params, int64_t timeout_ms, pgr_query_cb cb, void *arg)
+{
+	if (!l || !c || !sql || !cb || nparams < 0 || c->pool != l->pool)
+		return -EINVAL;
+	if (atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)
+		return -EINVAL;
+	if (io_uring_sq_space_left(l->ring) < 2)
+		io_uring_submit(l->ring);
+	if (io_uring_sq_space_left(l->ring) < 2)
+		return -EBUSY;
+	struct op *o = op_alloc(l, OP_QUERY);
+	if (!o)
+		return -EBUSY;
+	if (!PQsendQueryParams(c->pg, sql, nparams, NULL, params, NULL, NULL, 0)) {
+		op_free(l, o);
+		return -EIO;
+	}
+	o->conn = c;
+	o->qcb = cb;
+	o->arg = arg;
+	set_deadline(o, timeout_ms);
+	query_step(l, o, 0);
+	return 0;
+}
+
+static void query_cqe(pgr_loop *l, struct op *o, unsigned kind, uint16_t gen, int res)
+{
+	if (kind != K_POLL || gen != o->gen || o->done) {
+		if (o->done && o->inflight == 0)
+			op_free(l, o);
+		return;
+	}
+	o->armed = 0;
+	if (l->destroying) {
+		deliver_query(l, o, -ECANCELED);
+		return;
+	}
+	if (res == -ECANCELED) {
+		/* The linked deadline fired. */
+		cancel_in_background(o->conn->pg);
+		if (o->res) {
+			PQclear(o->res);
+			o->res = NULL;
+		}
+		deliver_query(l, o, -ETIMEDOUT);
+		return;
+	}
+	query_step(l, o, res < 0 ? POLLERR : res);
+}
+
+/* ---- the loop ---- */
+
+int pgr_loop_handle_cqe(pgr_loop *l, const struct io_uring_cqe *cqe)
+{
+	uint64_t u = io_uring_cqe_get_data64(cqe);
+	if (!pgr_loop_owns(u))
+		return 0;
+	uint32_t idx = (uint32_t)(u >> 8) & 0xffffff;
+	unsigned kind = u & 0xff;
+	uint16_t gen = (uint16_t)(u >> 32);
+	if (idx >= l->nops)
+		return 1;
+	struct op *o = &l->ops[idx];
+	if (o->kind == OP_FREE)
+		return 1;
+	o->inflight--;
+	if (o->kind == OP_ACQUIRE) {
+		if (o->done) {
+			if (o->inflight == 0)
+				op_free(l, o);
+			return 1;
+		}
+		acquire_cqe(l, o);
+	} else {
+		query_cqe(l, o, kind, gen, cqe->res);
+	}
+	return 1;
+}
+
+int pgr_loop_create(pgr_pool *p, struct io_uring *ring, uint32_t max_ops, pgr_loop **out)
+{
+	if (!p || !ring || !out)
+		return -EINVAL;
+	if (max_ops == 0)
+		max_ops = 1024;
+	if (max_ops > 0xffffff)
+		return -EINVAL;
+	pgr_loop *l = calloc(1, sizeof(*l));
+	if (!l)
+		return -ENOMEM;
+	l->ops = calloc(max_ops, sizeof(struct op));
+	if (!l->ops) {
+		free(l);
+		return -ENOMEM;
+	}
+	l->pool = p;
+	l->ring = ring;
+	l->nops = max_ops;
+	for (uint32_t i = 0; i < max_ops; i++)
+		l->ops[i].next_free = i + 1 < max_ops ? i + 1 : PGR__NONE;
+	l->free_head = 0;
+	*out = l;
+	return 0;
+}
+
+uint32_t pgr_loop_pending(const pgr_loop *l)
+{
+	return l ? l->pending : 0;
+}
+
+int pgr_loop_destroy(pgr_loop *l)
+{
+	if (!l)
+		return 0;
+	if (!l->destroying) {
+		l->destroying = 1;
+		for (uint32_t i = 0; i < l->nops; i++) {
+			struct op *o = &l->ops[i];
+			if (o->kind == OP_FREE || !o->armed || o->done)
+				continue;
+			struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
+			if (!s) {
+				io_uring_submit(l->ring);
+				s = io_uring_get_sqe(l->ring);
+			}
+			if (!s)
+				break; /* try again on the next call */
+			io_uring_prep_cancel64(s, ud(l, o, o->kind == OP_ACQUIRE ? K_FUTEX : K_POLL), 0);
+			io_uring_sqe_set_data64(s, ud(l, o, K_CANCEL));
+			o->inflight++;
+		}
+		io_uring_submit(l->ring);
+	}
+	if (l->pending)
+		return -EBUSY;
+	free(l->ops);
+	free(l);
+	return 0;
+}

@@ -1,0 +1,369 @@
+/* Async checkout and queries on a caller-owned io_uring ring, against the real server. */
+#include <errno.h>
+#include <liburing.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "testutil.h"
+
+struct env {
+	struct io_uring ring;
+	pgr_pool *pool;
+	pgr_loop *loop;
+	uint64_t foreign_cqes;
+	int64_t max_iter_ns;
+	int64_t iter_ns[20000];
+	int niter;
+};
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void env_init(struct env *e, uint32_t size, uint32_t min_idle)
+{
+	memset(e, 0, sizeof(*e));
+	cr_assert_eq(io_uring_queue_init(256, &e->ring, 0), 0);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.max_size = size;
+	cfg.min_idle = min_idle;
+	e->pool = tu_pool(&cfg);
+	cr_assert_eq(pgr_loop_create(e->pool, &e->ring, 0, &e->loop), 0);
+}
+
+/* One turn of the caller's event loop: submit, wait up to 10 ms, hand pgring its CQEs. */
+static void turn(struct env *e)
+{
+	struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 10000000};
+	struct io_uring_cqe *cqe;
+	io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, &ts, NULL);
+	int64_t t0 = now_ns();
+	unsigned head, n = 0;
+	io_uring_for_each_cqe(&e->ring, head, cqe)
+	{
+		if (!pgr_loop_handle_cqe(e->loop, cqe))
+			e->foreign_cqes++;
+		n++;
+	}
+	io_uring_cq_advance(&e->ring, n);
+	int64_t d = now_ns() - t0;
+	if (n && e->niter < 20000)
+		e->iter_ns[e->niter++] = d;
+	if (d > e->max_iter_ns)
+		e->max_iter_ns = d;
+}
+
+static void env_fini(struct env *e)
+{
+	int64_t dl = tu_now_ms() + 5000;
+	while (pgr_loop_destroy(e->loop) == -EBUSY) {
+		cr_assert_lt(tu_now_ms(), dl, "loop never drained");
+		turn(e);
+	}
+	pgr_pool_destroy(e->pool);
+	io_uring_queue_exit(&e->ring);
+}
+
+/* ---- 1000 cycles through acquire_async -> query_async -> release ---- */
+
+struct cycle {
+	struct env *e;
+	int id;
+	int value;
+	pgr_conn *conn;
+	char param[16];
+	int *done, *errors, *started, total;
+};
+
+static void start_cycle(struct cycle *c);
+
+static void on_query(pgr_loop *l, int err, PGresult *res, void *arg)
+{
+	struct cycle *c = arg;
+	if (err || PQresultStatus(res) != PGRES_TUPLES_OK ||
+	    atoi(PQgetvalue(res, 0, 0)) != c->value * 2) {
+		(*c->errors)++;
+		cr_log_error("cycle %d: err=%d %s", c->id, err, res ? PQresultErrorMessage(res) : "");
+	}
+	PQclear(res);
+	pgr_release(c->conn);
+	c->conn = NULL;
+	(*c->done)++;
+	if (*c->started < c->total)
+		start_cycle(c);
+}
+
+static void on_acquire(pgr_loop *l, int err, pgr_conn *conn, void *arg)
+{
+	struct cycle *c = arg;
+	if (err) {
+		(*c->errors)++;
+		(*c->done)++;
+		cr_log_error("acquire: %s", pgr_strerror(err));
+		return;
+	}
+	c->conn = conn;
+	snprintf(c->param, sizeof(c->param), "%d", c->value);
+	const char *params[1] = {c->param};
+	int rc = pgr_query_async(l, conn, "select $1::int * 2 from pg_sleep(0.001)", 1, params, 5000,
+	                         on_query, c);
+	if (rc) {
+		(*c->errors)++;
+		pgr_release(conn);
+		(*c->done)++;
+	}
+}
+
+static void start_cycle(struct cycle *c)
+{
+	c->value = (*c->started)++;
+	int rc = pgr_acquire_async(c->e->loop, 10000, on_acquire, c);
+	if (rc) {
+		(*c->errors)++;
+		(*c->done)++;
+	}
+}
+
+static int cmp64(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+Test(async, thousand_cycles_on_a_pool_smaller_than_concurrency, .timeout = 120)
+{
+	static struct env e;
+	env_init(&e, 4, 4);
+	enum { CONC = 16, TOTAL = 1000 };
+	struct cycle cy[CONC];
+	int done = 0, errors = 0, started = 0;
+	for (int i = 0; i < CONC; i++) {
+		cy[i] = (struct cycle){.e = &e, .id = i, .done = &done, .errors = &errors,
+		                       .started = &started, .total = TOTAL};
+		start_cycle(&cy[i]);
+	}
+	int64_t dl = tu_now_ms() + 60000;
+	while (done < TOTAL && tu_now_ms() < dl)
+		turn(&e);
+	cr_assert_eq(done, TOTAL, "only %d of %d cycles completed", done, TOTAL);
+	cr_assert_eq(errors, 0);
+	cr_assert_eq(e.foreign_cqes, 0, "a CQE was not pgring's");
+	cr_assert_eq(pgr_loop_pending(e.loop), 0, "operations or CQEs left unclaimed");
+	pgr_stats s = tu_stats(e.pool);
+	cr_assert_eq(s.in_use, 0);
+	cr_assert_eq(s.size, 4);
+	cr_assert_geq(s.waits, 1, "the pool should have been too small, making callers wait");
+	/*
+	 * The loop never blocks: each query sleeps 1 ms on the server, 16 are in flight on 4
+	 * connections, so a loop that blocked on the network would spend >= 1 ms in most turns.
+	 */
+	qsort(e.iter_ns, (size_t)e.niter, sizeof(int64_t), cmp64);
+	int64_t p50 = e.iter_ns[e.niter / 2], p99 = e.iter_ns[e.niter * 99 / 100];
+	cr_log_info("loop turn: p50 %lld ns, p99 %lld ns, max %lld ns over %d turns", (long long)p50,
+	            (long long)p99, (long long)e.max_iter_ns, e.niter);
+	cr_assert_lt(p50, 500000, "median loop turn %lld ns: the loop blocks", (long long)p50);
+	env_fini(&e);
+}
+
+/* ---- FIFO across blocking and async waiters ---- */
+
+static _Atomic int rank;
+
+struct bwait {
+	pgr_pool *p;
+	int got;
+};
+
+static void *blocking_waiter(void *a)
+{
+	struct bwait *b = a;
+	pgr_conn *c;
+	if (pgr_acquire(b->p, 20000, &c) == 0) {
+		b->got = atomic_fetch_add(&rank, 1);
+		tu_sleep_ms(5);
+		pgr_release(c);
+	}
+	return NULL;
+}
+
+struct await {
+	int got;
+	int err;
+	pgr_conn *conn;
+};
+
+static void on_async_acquire(pgr_loop *l, int err, pgr_conn *conn, void *arg)
+{
+	struct await *a = arg;
+	a->err = err;
+	if (!err) {
+		a->got = atomic_fetch_add(&rank, 1);
+		a->conn = conn;
+	}
+}
+
+Test(async, blocking_and_async_waiters_are_served_fifo, .timeout = 60)
+{
+	static struct env e;
+	env_init(&e, 1, 1);
+	atomic_store(&rank, 0);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(e.pool, 1000, &held), 0);
+	struct bwait b1 = {.p = e.pool, .got = -1}, b2 = {.p = e.pool, .got = -1};
+	struct await a1 = {.got = -1, .err = 1}, a2 = {.got = -1, .err = 1};
+	pthread_t t1, t2;
+	pthread_create(&t1, NULL, blocking_waiter, &b1);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 1, 5000));
+	cr_assert_eq(pgr_acquire_async(e.loop, 20000, on_async_acquire, &a1), 0);
+	io_uring_submit(&e.ring);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 2, 5000));
+	pthread_create(&t2, NULL, blocking_waiter, &b2);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 3, 5000));
+	cr_assert_eq(pgr_acquire_async(e.loop, 20000, on_async_acquire, &a2), 0);
+	io_uring_submit(&e.ring);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 4, 5000));
+	pgr_release(held);
+	/* b1 first; then a1 (released from this loop), then b2, then a2. */
+	int64_t dl = tu_now_ms() + 10000;
+	while (a1.err && tu_now_ms() < dl)
+		turn(&e);
+	cr_assert_eq(a1.err, 0);
+	tu_sleep_ms(5);
+	pgr_release(a1.conn);
+	while (a2.err && tu_now_ms() < dl)
+		turn(&e);
+	cr_assert_eq(a2.err, 0);
+	pgr_release(a2.conn);
+	pthread_join(t1, NULL);
+	pthread_join(t2, NULL);
+	cr_assert_eq(b1.got, 0);
+	cr_assert_eq(a1.got, 1);
+	cr_assert_eq(b2.got, 2);
+	cr_assert_eq(a2.got, 3);
+	env_fini(&e);
+}
+
+/* ---- errors through the callback ---- */
+
+Test(async, acquire_timeout_is_delivered_through_callback, .timeout = 30)
+{
+	static struct env e;
+	env_init(&e, 1, 1);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(e.pool, 1000, &held), 0);
+	struct await a = {.got = -1, .err = 1};
+	int64_t t0 = tu_now_ms();
+	cr_assert_eq(pgr_acquire_async(e.loop, 150, on_async_acquire, &a), 0);
+	while (a.err == 1 && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert_eq(a.err, -ETIMEDOUT, "err=%d %s", a.err, pgr_strerror(a.err));
+	cr_assert(took >= 145 && took < 1500, "took %lld ms", (long long)took);
+	cr_assert_eq(tu_stats(e.pool).waiting, 0);
+	pgr_release(held);
+	env_fini(&e);
+}
+
+struct drain_arg {
+	pgr_pool *p;
+	int64_t ms;
+	int rc;
+};
+
+static void *drainer(void *a)
+{
+	struct drain_arg *d = a;
+	d->rc = pgr_pool_drain(d->p, d->ms);
+	return NULL;
+}
+
+Test(async, pool_shutdown_is_delivered_through_callback, .timeout = 30)
+{
+	static struct env e;
+	env_init(&e, 1, 1);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(e.pool, 1000, &held), 0);
+	struct await a = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_acquire_async(e.loop, 20000, on_async_acquire, &a), 0);
+	io_uring_submit(&e.ring);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 1, 5000));
+	struct drain_arg d = {.p = e.pool, .ms = 3000};
+	pthread_t t;
+	pthread_create(&t, NULL, drainer, &d);
+	int64_t t0 = tu_now_ms();
+	while (a.err == 1 && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	cr_assert_eq(a.err, -ESHUTDOWN, "err=%d %s", a.err, pgr_strerror(a.err));
+	cr_assert_lt(tu_now_ms() - t0, 1000, "shutdown was not delivered promptly");
+	cr_assert_eq(pgr_acquire_async(e.loop, 100, on_async_acquire, &a), -ESHUTDOWN);
+	pgr_release(held);
+	pthread_join(t, NULL);
+	cr_assert_eq(d.rc, 0);
+	env_fini(&e);
+}
+
+/* ---- query deadline ---- */
+
+struct qres {
+	int err;
+	int done;
+	ExecStatusType st;
+};
+
+static void on_q(pgr_loop *l, int err, PGresult *res, void *arg)
+{
+	struct qres *q = arg;
+	q->err = err;
+	q->st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+	PQclear(res);
+	q->done = 1;
+}
+
+Test(async, query_past_deadline_is_cancelled_and_connection_not_reused, .timeout = 60)
+{
+	static struct env e;
+	env_init(&e, 1, 1);
+	PGconn *admin = tu_admin();
+	struct await a = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_acquire_async(e.loop, 1000, on_async_acquire, &a), 0);
+	cr_assert_eq(a.err, 0);
+	int pid = PQbackendPID(pgr_conn_pg(a.conn));
+	struct qres q = {0};
+	int64_t t0 = tu_now_ms();
+	cr_assert_eq(pgr_query_async(e.loop, a.conn, "select pg_sleep(30)", 0, NULL, 150, on_q, &q), 0);
+	while (!q.done && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert_eq(q.err, -ETIMEDOUT);
+	cr_assert(took >= 145 && took < 2000, "took %lld ms", (long long)took);
+	/* The server-side query is cancelled (by a helper thread, not the loop). */
+	char sql[160];
+	snprintf(sql, sizeof(sql),
+	         "select count(*) from pg_stat_activity where pid = %d and state = 'active'", pid);
+	cr_assert(TU_WAIT_UNTIL(tu_query_long(admin, sql) == 0, 5000), "query still running");
+	/* Not handed out dirty: the release closes it and the next checkout is a new backend. */
+	pgr_release(a.conn);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).closes == 1, 5000));
+	struct await b = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_acquire_async(e.loop, 5000, on_async_acquire, &b), 0);
+	t0 = tu_now_ms();
+	while (b.err == 1 && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	cr_assert_eq(b.err, 0);
+	cr_assert_neq(PQbackendPID(pgr_conn_pg(b.conn)), pid);
+	struct qres q2 = {0};
+	cr_assert_eq(pgr_query_async(e.loop, b.conn, "select 1", 0, NULL, 5000, on_q, &q2), 0);
+	while (!q2.done && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	cr_assert_eq(q2.err, 0);
+	cr_assert_eq(q2.st, PGRES_TUPLES_OK);
+	pgr_release(b.conn);
+	PQfinish(admin);
+	env_fini(&e);
+}
