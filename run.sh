@@ -7,7 +7,9 @@
 #                             under AddressSanitizer
 #   ./run.sh bench [ARGS...]  Release build, cluster + pgbouncer, then
 #                             build-bench/bench/pgr_bench ARGS...
-#   ./run.sh demo             build, start a cluster and run scripts/demo.sh
+#   ./run.sh demo             build, start a cluster and run scripts/demo.sh:
+#                             examples/pgr_http_server driven by wrk, on the
+#                             pool and then with a connection per request
 #
 # Missing Debian packages are installed when running as root; otherwise the
 # apt-get command to run is printed.
@@ -26,13 +28,15 @@ PG_CLUSTER=$ROOT/scripts/pg_cluster.sh
 BASE_PKGS=(build-essential cmake pkg-config liburing-dev libpq-dev libck-dev
     libcriterion-dev postgresql postgresql-contrib openssl iproute2)
 BENCH_PKGS=(libzdb-dev pgbouncer)
+DEMO_PKGS=(wrk)
 
 usage() {
     cat >&2 <<'EOF'
 usage: ./run.sh test | bench [pgr_bench args...] | demo
   test   build and run all test suites (plain, TSan stress, ASan)
   bench  build in Release mode and run the benchmarks
-  demo   build and run the demo
+  demo   build and run the demo (HTTP server on the pool vs a connection
+         per request, driven by wrk; about 15 s)
 EOF
     exit 2
 }
@@ -63,6 +67,7 @@ ensure_deps() {
     local mode=$1 p
     local -a want=("${BASE_PKGS[@]}") missing=()
     [[ $mode == bench ]] && want+=("${BENCH_PKGS[@]}")
+    [[ $mode == demo ]] && want+=("${DEMO_PKGS[@]}")
 
     if ! command -v dpkg-query >/dev/null 2>&1; then
         pgr_warn "dpkg-query not found (not Debian?); not checking packages: ${want[*]}"
@@ -327,19 +332,22 @@ cmd_bench() {
 }
 
 cmd_demo() {
-    # Filled in once examples/ provides the demo server; scripts/demo.sh runs
-    # it against the cluster (PGR_TEST_* and PGR_DEMO_BUILD_DIR are exported).
+    # scripts/demo.sh runs examples/pgr_http_server against the cluster
+    # (PGR_TEST_* and PGR_DEMO_BUILD_DIR are exported).
     if [[ ! -d $ROOT/examples || ! -f $ROOT/scripts/demo.sh ]]; then
         echo "demo: not available yet" >&2
         exit 2
     fi
     ensure_deps demo
-    build_tree build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=ON ||
-        pgr_die "build failed"
+    # Same configuration as `test`, so the two share ./build without reconfiguring.
+    build_tree build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=ON \
+        -DPGR_BUILD_EXAMPLES=ON || pgr_die "build failed"
+    [[ -x $ROOT/build/examples/pgr_http_server ]] ||
+        pgr_die "build/examples/pgr_http_server was not built"
     install_traps
     start_cluster
     export PGR_DEMO_BUILD_DIR=$ROOT/build
-    bash "$ROOT/scripts/demo.sh" "$@"
+    bash "$ROOT/scripts/demo.sh" "$PGR_DEMO_BUILD_DIR"
 }
 
 main() {
@@ -350,7 +358,7 @@ main() {
     case $sub in
         test) (($# == 0)) || usage; cmd_test ;;
         bench) cmd_bench "$@" ;;
-        demo) cmd_demo "$@" ;;
+        demo) (($# == 0)) || usage; cmd_demo ;;
         -h | --help | help) usage ;;
         *) usage ;;
     esac

@@ -211,8 +211,9 @@ PGR_API int pgr_pool_drain(pgr_pool *pool, int64_t drain_ms);
 
 /*
  * pgr_pool_drain(pool, 0) if not drained yet, then free everything. Connections still checked
- * out are closed; using them afterwards is undefined. Not thread-safe with other calls on the
- * same pool.
+ * out are closed; using them afterwards is undefined. Callers already blocked in pgr_acquire
+ * are woken with -ESHUTDOWN and destroy waits for them to leave; calls that start after destroy
+ * has begun are undefined.
  */
 PGR_API void pgr_pool_destroy(pgr_pool *pool);
 
@@ -310,8 +311,9 @@ PGR_API int pgr_loop_create(pgr_pool *pool, struct io_uring *ring, uint32_t max_
                             pgr_loop **out);
 /*
  * Free the loop. Operations still in flight are completed first with -ECANCELED through their
- * callbacks (their SQEs are cancelled, and their CQEs must still be handed over: destroy
- * returns -EBUSY while any is outstanding; keep reaping and call it again).
+ * callbacks: destroy prepares cancel SQEs and returns -EBUSY while any operation or CQE is
+ * outstanding; keep submitting and reaping, and call it again. After the first call, new async
+ * calls on the loop return -ESHUTDOWN.
  */
 PGR_API int pgr_loop_destroy(pgr_loop *loop);
 /* Handle one of pgring's CQEs. Returns 1 when it was pgring's, 0 when not (left untouched). */
@@ -323,7 +325,8 @@ typedef void (*pgr_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, void *ar
 /*
  * Check out a connection without blocking the loop. Returns 0 when cb will be called (perhaps
  * already was, with an idle connection); or a negative error, cb not called: -ESHUTDOWN,
- * -PGR_E_TOO_MANY_WAITERS, -EBUSY (max_ops in flight), -EINVAL. cb gets err 0 and the
+ * -PGR_E_TOO_MANY_WAITERS, -EBUSY (max_ops in flight, or no room in the SQ ring: submit and
+ * retry), -EAGAIN (timeout_ms 0 and nothing idle), -EINVAL. cb gets err 0 and the
  * connection, or -ETIMEDOUT / -PGR_E_CONNECT_FAILED / -ESHUTDOWN / -ECANCELED. Waits in the
  * same FIFO as pgr_acquire: a release serves blocking and async waiters in arrival order.
  */

@@ -267,18 +267,20 @@ static bool validate(pgr_pool *p, struct pgr_conn *c)
 		return false;
 	}
 	int64_t idle = now - atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);
-	/* Just connected or pinged for a waiting caller: no second check on the way out. */
-	if (atomic_load_explicit(&c->fresh, memory_order_relaxed)) {
+	/*
+	 * Just connected or pinged for a waiting caller: skip the ping, never the zero-cost socket
+	 * check (the coarse clock can make an older connection look 0 ms idle).
+	 */
+	bool fresh = atomic_load_explicit(&c->fresh, memory_order_relaxed);
+	if (unlikely(fresh))
 		atomic_store_explicit(&c->fresh, 0, memory_order_relaxed);
-		if (idle <= 2 * PGR__TICK_MS)
-			return true;
-	}
+	bool recent = fresh && idle <= 2 * PGR__TICK_MS;
 	int64_t ping_after = p->cfg.ping_after_idle_ms;
-	if (ping_after >= 0 && idle >= ping_after) {
+	if (!recent && ping_after >= 0 && idle >= ping_after) {
 		pgr__manager_push(p, c, PGR__REQ_PING, 0);
 		return false;
 	}
-	if (idle >= p->cfg.check_after_idle_ms) {
+	if (unlikely(fresh) || idle >= p->cfg.check_after_idle_ms) {
 		int ev = socket_event(c);
 		if (unlikely(ev)) {
 			if (ev & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) {
@@ -537,11 +539,14 @@ int pgr_acquire_at(pgr_pool *p, int64_t timeout_ms, pgr_conn **out, const char *
 			pgr__manager_wake(p);
 		return -EAGAIN;
 	}
+	/* Counted so that pgr_pool_destroy frees nothing while a woken waiter still runs here. */
+	atomic_fetch_add_explicit(&p->nblocked, 1, memory_order_seq_cst);
 	int rc = slow_acquire(p, timeout_ms, &c);
 	if (rc == 0) {
 		checked_out(c, file, line, func);
 		*out = c;
 	}
+	atomic_fetch_sub_explicit(&p->nblocked, 1, memory_order_release);
 	return rc;
 }
 
@@ -591,7 +596,7 @@ static void release_to(pgr_conn *c, bool discard)
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_POOL_CLOSING);
 		return;
 	}
-	if (unlikely(PQstatus(c->pg) != CONNECTION_OK)) {
+	if (unlikely(PQstatus(c->pg) != CONNECTION_OK) && !p->fake) {
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_BROKEN);
 		return;
 	}
@@ -600,7 +605,7 @@ static void release_to(pgr_conn *c, bool discard)
 		return;
 	}
 	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
-	if (unlikely(ts != PQTRANS_IDLE)) {
+	if (unlikely(ts != PQTRANS_IDLE) && !p->fake) {
 		if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
 			pgr__manager_push(p, c, PGR__REQ_ROLLBACK, 0);
 		else

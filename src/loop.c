@@ -93,11 +93,12 @@ static void op_free(pgr_loop *l, struct op *o)
 	l->pending--;
 }
 
-/* Two SQEs for a linked pair, or NULL: never split a link, never wait on the caller's ring. */
+/*
+ * Two SQEs for a linked pair, or NULL. Never submits: the caller may hold a half-prepared SQE of
+ * its own, and submitting is the loop's business; a full SQ ring is reported as -EBUSY.
+ */
 static struct io_uring_sqe *get_pair(pgr_loop *l)
 {
-	if (io_uring_sq_space_left(l->ring) < 2)
-		io_uring_submit(l->ring);
 	if (io_uring_sq_space_left(l->ring) < 2)
 		return NULL;
 	return io_uring_get_sqe(l->ring);
@@ -205,7 +206,7 @@ int pgr_acquire_async(pgr_loop *l, int64_t timeout_ms, pgr_acquire_cb cb, void *
 	if (!l || !cb)
 		return -EINVAL;
 	pgr_pool *p = l->pool;
-	if (atomic_load_explicit(&p->closing, memory_order_relaxed))
+	if (l->destroying || atomic_load_explicit(&p->closing, memory_order_relaxed))
 		return -ESHUTDOWN;
 	struct pgr_conn *c = pgr__fast_take(p);
 	if (c) {
@@ -217,8 +218,6 @@ int pgr_acquire_async(pgr_loop *l, int64_t timeout_ms, pgr_acquire_cb cb, void *
 		timeout_ms = p->cfg.acquire_timeout_ms;
 	if (timeout_ms == 0)
 		return -EAGAIN;
-	if (io_uring_sq_space_left(l->ring) < 2)
-		io_uring_submit(l->ring);
 	if (io_uring_sq_space_left(l->ring) < 2)
 		return -EBUSY;
 	struct op *o = op_alloc(l, OP_ACQUIRE);
@@ -380,8 +379,8 @@ int pgr_query_async(pgr_loop *l, pgr_conn *c, const char *sql, int nparams,
 		return -EINVAL;
 	if (atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)
 		return -EINVAL;
-	if (io_uring_sq_space_left(l->ring) < 2)
-		io_uring_submit(l->ring);
+	if (l->destroying)
+		return -ESHUTDOWN;
 	if (io_uring_sq_space_left(l->ring) < 2)
 		return -EBUSY;
 	struct op *o = op_alloc(l, OP_QUERY);
@@ -496,16 +495,14 @@ int pgr_loop_destroy(pgr_loop *l)
 				continue;
 			struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
 			if (!s) {
-				io_uring_submit(l->ring);
-				s = io_uring_get_sqe(l->ring);
+				l->destroying = 0; /* not every cancel is out: the next call tries again */
+				return -EBUSY;
 			}
-			if (!s)
-				break; /* try again on the next call */
 			io_uring_prep_cancel64(s, ud(l, o, o->kind == OP_ACQUIRE ? K_FUTEX : K_POLL), 0);
 			io_uring_sqe_set_data64(s, ud(l, o, K_CANCEL));
 			o->inflight++;
+			o->armed = 0; /* its cancel is out; a retried destroy must not cancel it twice */
 		}
-		io_uring_submit(l->ring);
 	}
 	if (l->pending)
 		return -EBUSY;

@@ -388,9 +388,15 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 			return;
 		}
 		c->last_keepalive_ms = now;
-		atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);
-		if (after == PGR__REQ_PING)
+		/*
+		 * A pre-ping restarts the idle clock: the connection is on its way to a caller. A
+		 * background keepalive must not, or idle_timeout_ms would never fire whenever
+		 * keepalive_interval_ms is the shorter of the two.
+		 */
+		if (after == PGR__REQ_PING) {
+			atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);
 			atomic_store_explicit(&c->fresh, 1, memory_order_relaxed);
+		}
 		republish(p, c);
 		return;
 	case PGR__REQ_ROLLBACK:
@@ -404,6 +410,17 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 			start_exec(p, c, p->cfg.reset_sql, p->cfg.reset_timeout_ms, PGR__REQ_RESET);
 			return;
 		}
+		republish(p, c);
+		return;
+	case PGR__REQ_CHECK:
+		if (!ok) {
+			atomic_fetch_add_explicit(&p->c_checks_failed, 1, memory_order_relaxed);
+			close_conn(p, c, PGR_CLOSE_BROKEN);
+			return;
+		}
+		/* Verified for the caller that found it readable, like a pre-ping. */
+		atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);
+		atomic_store_explicit(&c->fresh, 1, memory_order_relaxed);
 		republish(p, c);
 		return;
 	case PGR__REQ_RESET:
@@ -445,7 +462,14 @@ static void check_conn(pgr_pool *p, struct pgr_conn *c)
 		close_conn(p, c, PGR_CLOSE_BROKEN);
 		return;
 	}
-	republish(p, c);
+	/*
+	 * Looking alive proves little here: libpq gives an ErrorResponse that arrives while idle
+	 * (the FATAL of a terminated backend) to the notice processor and stays CONNECTION_OK, and
+	 * the backend closes its socket only after it has left pg_stat_activity, so the EOF may not
+	 * have come yet. Whatever woke the socket (NOTIFY, ParameterStatus or that FATAL), one
+	 * round trip settles it: a dying backend never answers.
+	 */
+	start_exec(p, c, "", p->cfg.ping_timeout_ms, PGR__REQ_CHECK);
 }
 
 /* ---- requests from callers ---- */

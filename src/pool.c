@@ -203,6 +203,9 @@ void pgr_pool_destroy(pgr_pool *p)
 	if (!p)
 		return;
 	pgr_pool_drain(p, 0);
+	/* Waiters woken with -ESHUTDOWN may still be on their way out of pgr_acquire. */
+	while (atomic_load_explicit(&p->nblocked, memory_order_acquire))
+		usleep(100);
 	/* What is left is checked out past the drain deadline: closed under its holder. */
 	for (uint32_t i = 0; i < p->cap; i++) {
 		struct pgr_conn *c = &p->conns[i];

@@ -156,6 +156,7 @@ struct pgr_pool {
 	_Atomic uint32_t nconnecting;
 	_Atomic uint32_t req_head;           /* request stack of slot ids */
 	_Atomic uint32_t demand;             /* try_acquire found nothing: open one */
+	_Atomic uint32_t nblocked;           /* callers inside the blocking slow path */
 
 	/* Waiter FIFO: the slow path, guarded by a mutex (a caller here is about to sleep). */
 	pthread_mutex_t wq_lock PGR__ALIGNED;
@@ -195,6 +196,7 @@ struct pgr_pool {
 	int64_t backoff_ms;
 	int64_t next_connect_ms;
 	int drained;
+	int fake; /* placeholder connections (testing.c): no libpq checks on return */
 };
 
 /* ---- shared helpers ---- */
@@ -272,6 +274,9 @@ struct pgr_conn *pgr__fast_take(pgr_pool *p);
 void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
                       const char *func);
 int pgr__timeout_error(pgr_pool *p, int64_t waited_ms);
+
+/* testing.c */
+int pgr__pool_add_fake(pgr_pool *p, uint32_t n);
 
 /* manager.c */
 int pgr__manager_start(pgr_pool *p);

@@ -1,0 +1,302 @@
+/*
+ * Retirement by time, against the real server: max_lifetime with jitter (idle connections
+ * retired by the manager, busy ones at release), idle_timeout down to min_idle, min_idle kept
+ * after closes, and background keepalive pings.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "pool.h" /* the pool's coarse clock, for exact lower bounds on idle time */
+#include "test_lifecycle.h"
+
+Test(lifecycle, idle_connections_retire_at_max_lifetime_with_jitter, .timeout = 60)
+{
+	enum { N = 8, LIFE = 300, JITTER = 200 };
+	const char *app = "lc_life_idle";
+	struct lc_events *ev = lc_events_new();
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), app, ev, &ci);
+	cfg.min_idle = cfg.max_size = N;
+	cfg.max_connecting = N; /* born together */
+	cfg.max_lifetime_ms = LIFE;
+	cfg.lifetime_jitter_ms = JITTER;
+	int64_t t_create = tu_now_ms();
+	pgr_pool *p = tu_pool(&cfg);
+	free(ci);
+	PGconn *admin = tu_admin();
+	int first[LC_MAX_PIDS];
+	int nfirst = lc_app_pids(admin, app, first, LC_MAX_PIDS);
+	cr_assert_gt(nfirst, 0);
+
+	/* Each slot's first connection: born with the pool, retired by the manager. */
+	int64_t opened[N], closed[N];
+	for (uint32_t id = 0; id < N; id++) {
+		struct lc_ev e;
+		cr_assert(TU_WAIT_UNTIL(lc_events_first(ev, PGR_EV_CONN_CLOSED, "max_lifetime", id, 0,
+		                                        &e, NULL),
+		                        5000),
+		          "slot %u was never retired for its lifetime", id);
+		closed[id] = e.t_ms;
+		cr_assert(lc_events_first(ev, PGR_EV_CONN_OPENED, NULL, id, 0, &e, NULL));
+		opened[id] = e.t_ms;
+	}
+	int64_t lo = INT64_MAX, hi = INT64_MIN;
+	for (int i = 0; i < N; i++) {
+		int64_t life = closed[i] - opened[i];
+		/* Born after t_create, so never retired before the shortest lifetime has passed. */
+		cr_assert_geq(closed[i] - t_create, LIFE - JITTER, "slot %d retired %lld ms after create",
+		              i, (long long)(closed[i] - t_create));
+		/* At most max_lifetime, plus a generous allowance for a loaded machine. */
+		cr_assert_leq(life, LIFE + 1000, "slot %d lived %lld ms", i, (long long)life);
+		lo = life < lo ? life : lo;
+		hi = life > hi ? life : hi;
+	}
+	/*
+	 * Jitter is drawn per connection in [0, 200] ms: eight connections opened together end up
+	 * spread out. Eight draws all within 40 ms of each other: probability about 1e-4.
+	 */
+	cr_assert_geq(hi - lo, 40, "lifetimes all within %lld ms: no jitter", (long long)(hi - lo));
+
+	/* The manager replaced them: none of the first backends is left, the pool keeps refilling. */
+	cr_assert(TU_WAIT_UNTIL(({
+		                        int now_pids[LC_MAX_PIDS];
+		                        int n = lc_app_pids(admin, app, now_pids, LC_MAX_PIDS);
+		                        bool old = false;
+		                        for (int i = 0; i < n; i++)
+			                        old |= lc_in(first, nfirst, now_pids[i]);
+		                        !old && n > 0;
+	                        }),
+	                        5000),
+	          "backends of the first connections are still there");
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).connects_ok >= 2 * N, 5000));
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.acquires, 0, "nobody used the pool: the manager retired them");
+	cr_assert_eq(s.closes, s.closes_by_reason[PGR_CLOSE_MAX_LIFETIME], "closes for other reasons");
+	cr_assert_geq(s.closes_by_reason[PGR_CLOSE_MAX_LIFETIME], N);
+	pgr_pool_destroy(p);
+	lc_events_free(ev);
+	PQfinish(admin);
+}
+
+Test(lifecycle, busy_connection_past_its_lifetime_is_retired_at_release, .timeout = 30)
+{
+	enum { LIFE = 300, JITTER = 200 };
+	const char *app = "lc_life_busy";
+	struct lc_events *ev = lc_events_new();
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), app, ev, &ci);
+	cfg.min_idle = cfg.max_size = 1;
+	cfg.max_lifetime_ms = LIFE;
+	cfg.lifetime_jitter_ms = JITTER;
+	pgr_pool *p = tu_pool(&cfg);
+	free(ci);
+
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	int pid = PQbackendPID(pgr_conn_pg(c));
+	uint32_t id = pgr_conn_id(c);
+	int64_t t_acq = tu_now_ms();
+	/* Hold it past its whole lifetime. */
+	while (tu_now_ms() < t_acq + LIFE + 100)
+		tu_sleep_ms(20);
+	/* Never closed under its holder. */
+	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, NULL, id), 0);
+	cr_assert(lc_ok(pgr_conn_pg(c), "select 1"), "held connection broken: %s",
+	          PQerrorMessage(pgr_conn_pg(c)));
+	int64_t t_rel = tu_now_ms();
+	pgr_release(c);
+
+	struct lc_ev e;
+	cr_assert(TU_WAIT_UNTIL(lc_events_first(ev, PGR_EV_CONN_CLOSED, NULL, id, 0, &e, NULL), 5000),
+	          "expired connection not closed after its release");
+	cr_assert_str_eq(e.reason, "max_lifetime");
+	cr_assert_geq(e.t_ms, t_rel);
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	cr_assert_neq(PQbackendPID(pgr_conn_pg(c)), pid, "an expired connection was handed out");
+	cr_assert(lc_ok(pgr_conn_pg(c), "select 1"));
+	pgr_release(c);
+	pgr_pool_destroy(p);
+	lc_events_free(ev);
+}
+
+/* Check out n connections at once (the pool grows to n), then return them all. */
+static void grow_to(pgr_pool *p, int n, int *pids)
+{
+	pgr_conn *c[16];
+	cr_assert_leq(n, 16);
+	for (int i = 0; i < n; i++) {
+		int rc = pgr_acquire(p, 5000, &c[i]);
+		cr_assert_eq(rc, 0, "acquire %d: %s", i, pgr_strerror(rc));
+		if (pids)
+			pids[i] = PQbackendPID(pgr_conn_pg(c[i]));
+	}
+	cr_assert_eq(tu_stats(p).size, (uint32_t)n);
+	for (int i = 0; i < n; i++)
+		pgr_release(c[i]);
+}
+
+Test(lifecycle, idle_pool_shrinks_to_min_idle_and_not_below, .timeout = 30)
+{
+	enum { MIN = 2, MAX = 6, IDLE_MS = 300 };
+	const char *app = "lc_idle_shrink";
+	struct lc_events *ev = lc_events_new();
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), app, ev, &ci);
+	cfg.min_idle = MIN;
+	cfg.max_size = MAX;
+	cfg.idle_timeout_ms = IDLE_MS;
+	pgr_pool *p = tu_pool(&cfg);
+	free(ci);
+	PGconn *admin = tu_admin();
+
+	/*
+	 * Idle time runs on the pool's coarse clock; read it before the returns, so the lower
+	 * bound below is exact: nothing may close for idleness before IDLE_MS on that clock.
+	 */
+	int64_t t_rel = 0;
+	{
+		pgr_conn *c[MAX];
+		for (int i = 0; i < MAX; i++)
+			cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0, "acquire %d", i);
+		cr_assert_eq(tu_stats(p).size, MAX);
+		t_rel = pgr__now_ms(p);
+		for (int i = 0; i < MAX; i++)
+			pgr_release(c[i]);
+	}
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).size == MIN, 5000), "size %u, want %u", tu_stats(p).size,
+	          MIN);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.closes_by_reason[PGR_CLOSE_IDLE_TIMEOUT], MAX - MIN);
+	cr_assert_eq(s.closes, MAX - MIN);
+	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, "idle_timeout", UINT32_MAX), MAX - MIN);
+	for (int from = 0, at;; from = at + 1) {
+		struct lc_ev e;
+		if (!lc_events_first(ev, PGR_EV_CONN_CLOSED, "idle_timeout", UINT32_MAX, from, &e, &at))
+			break;
+		cr_assert_geq(e.t_ms, t_rel + IDLE_MS, "closed after %lld ms idle",
+		              (long long)(e.t_ms - t_rel));
+	}
+	/* Three more idle timeouts: it stays at min_idle. */
+	cr_assert_not(TU_WAIT_UNTIL(tu_stats(p).size < MIN || tu_stats(p).closes > MAX - MIN,
+	                            3 * IDLE_MS),
+	              "shrank below min_idle: size %u", tu_stats(p).size);
+	cr_assert_eq(tu_stats(p).idle, MIN);
+	cr_assert(TU_WAIT_UNTIL(tu_count_app(admin, app) == MIN, 5000));
+
+	/* Closes for other reasons are made up: min_idle comes back after discards. */
+	int gone[MIN];
+	pgr_conn *c[MIN];
+	for (int i = 0; i < MIN; i++) {
+		cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0);
+		gone[i] = PQbackendPID(pgr_conn_pg(c[i]));
+	}
+	for (int i = 0; i < MIN; i++)
+		pgr_discard(c[i]);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).closes_by_reason[PGR_CLOSE_DISCARDED] == MIN &&
+	                            tu_stats(p).idle == MIN,
+	                        5000),
+	          "min_idle not restored: idle %u", tu_stats(p).idle);
+	int pids[LC_MAX_PIDS];
+	cr_assert(TU_WAIT_UNTIL(lc_app_pids(admin, app, pids, LC_MAX_PIDS) == MIN, 5000));
+	for (int i = 0; i < MIN; i++)
+		cr_assert_not(lc_in(gone, MIN, pids[i]), "discarded backend %d still open", pids[i]);
+	pgr_pool_destroy(p);
+	lc_events_free(ev);
+	PQfinish(admin);
+}
+
+Test(lifecycle, idle_timeout_still_fires_with_keepalive_pings, .timeout = 30)
+{
+	enum { MIN = 1, MAX = 3, IDLE_MS = 300 };
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), "lc_idle_keepalive", NULL, &ci);
+	cfg.min_idle = MIN;
+	cfg.max_size = MAX;
+	cfg.idle_timeout_ms = IDLE_MS;
+	cfg.keepalive_interval_ms = 100; /* pings more often than idle connections time out */
+	pgr_pool *p = tu_pool(&cfg);
+	free(ci);
+	grow_to(p, MAX, NULL);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).size == MIN, 5000),
+	          "keepalive pings kept idle connections alive: size %u, pings %llu",
+	          tu_stats(p).size, (unsigned long long)tu_stats(p).pings);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.closes_by_reason[PGR_CLOSE_IDLE_TIMEOUT], MAX - MIN);
+	cr_assert_gt(s.pings, 0);
+	cr_assert_eq(s.pings_failed, 0);
+	pgr_pool_destroy(p);
+}
+
+Test(lifecycle, keepalive_pings_idle_connections_in_background, .timeout = 30)
+{
+	enum { N = 2, INTERVAL = 100, WINDOW = 1000 };
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), "lc_keepalive", NULL, &ci);
+	cfg.min_idle = cfg.max_size = N;
+	cfg.keepalive_interval_ms = INTERVAL;
+	pgr_pool *p = tu_pool(&cfg);
+	free(ci);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).pings >= 2 * N, 5000), "no background pings");
+
+	/* Measure over a window: each connection is pinged at most once per interval. */
+	uint64_t p0 = tu_stats(p).pings;
+	int64_t t0 = tu_now_ms();
+	while (tu_now_ms() < t0 + WINDOW)
+		tu_sleep_ms(50);
+	uint64_t p1 = tu_stats(p).pings;
+	int64_t w = tu_now_ms() - t0;
+	cr_assert_leq(p1 - p0, (uint64_t)N * (w / INTERVAL + 1), "%llu pings in %lld ms",
+	              (unsigned long long)(p1 - p0), (long long)w);
+	cr_assert_geq(p1 - p0, N, "only %llu pings in %lld ms", (unsigned long long)(p1 - p0),
+	              (long long)w);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.acquires, 0);
+	cr_assert_eq(s.pings_failed, 0);
+	cr_assert_eq(s.closes, 0);
+	pgr_pool_destroy(p);
+}
+
+Test(lifecycle, keepalive_replaces_dead_idle_connection_before_a_caller_sees_it, .timeout = 30)
+{
+	enum { N = 2 };
+	const char *app = "lc_keepalive_dead";
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), app, NULL, &ci);
+	cfg.min_idle = cfg.max_size = N;
+	cfg.keepalive_interval_ms = 100;
+	pgr_pool *p = tu_pool(&cfg);
+	free(ci);
+	PGconn *admin = tu_admin();
+	int pids[LC_MAX_PIDS];
+	cr_assert(TU_WAIT_UNTIL(lc_app_pids(admin, app, pids, LC_MAX_PIDS) == N, 5000));
+	int dead = pids[0];
+	lc_terminate(admin, dead);
+
+	/* Without any checkout, the keepalive finds it, closes it and opens a replacement. */
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).closes_by_reason[PGR_CLOSE_PING_FAILED] == 1 &&
+	                            tu_stats(p).idle == N && tu_stats(p).connects_ok == N + 1,
+	                        5000),
+	          "dead connection not replaced: ping_failed closes %llu, idle %u",
+	          (unsigned long long)tu_stats(p).closes_by_reason[PGR_CLOSE_PING_FAILED],
+	          tu_stats(p).idle);
+	cr_assert_eq(tu_stats(p).acquires, 0);
+	cr_assert(TU_WAIT_UNTIL(!lc_pid_alive(admin, dead) && tu_count_app(admin, app) == N, 5000));
+
+	pgr_conn *c[N];
+	for (int i = 0; i < N; i++) {
+		cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0);
+		cr_assert_neq(PQbackendPID(pgr_conn_pg(c[i])), dead);
+		cr_assert(lc_ok(pgr_conn_pg(c[i]), "select 1"), "%s", PQerrorMessage(pgr_conn_pg(c[i])));
+	}
+	for (int i = 0; i < N; i++)
+		pgr_release(c[i]);
+	cr_assert_eq(tu_stats(p).closes, 1);
+	pgr_pool_destroy(p);
+	PQfinish(admin);
+}
