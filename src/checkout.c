@@ -47,9 +47,9 @@ static inline unsigned cur_shard(pgr_pool *p)
 	} else {
 		c = sched_getcpu();
 	}
-	if (c < 0)
-		c = 0;
-	return (unsigned)c % p->nshards;
+	if (likely((unsigned)c < PGR__MAX_CPUS))
+		return p->cpu_shard[c];
+	return (unsigned)(c < 0 ? 0 : c) % p->nshards;
 }
 
 /*
@@ -173,8 +173,12 @@ static void wq_free_slot(pgr_pool *p, uint32_t i)
 	p->wq_free = i;
 }
 
-/* Grant c to the oldest waiter; returns its index or NONE. Caller holds wq_lock. */
-static uint32_t wq_grant_locked(pgr_pool *p, struct pgr_conn *c)
+/*
+ * Grant c to the oldest waiter; returns its index or NONE. Caller holds wq_lock. *wake says
+ * whether the waiter may be asleep: a waiter still spinning sees GRANTED by itself, which saves
+ * the releaser a FUTEX_WAKE (a system call, ~1 us).
+ */
+static uint32_t wq_grant_locked(pgr_pool *p, struct pgr_conn *c, bool *wake)
 {
 	uint32_t i = p->wq_head;
 	if (i == PGR__NONE)
@@ -184,22 +188,29 @@ static uint32_t wq_grant_locked(pgr_pool *p, struct pgr_conn *c)
 	atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
 	w->conn = c->id;
 	pgr__conn_move(c, PGR__IDLE);
-	/* release: the waiter's acquire load of GRANTED sees the connection's every field. */
-	atomic_store_explicit(&w->state, PGR__W_GRANTED, memory_order_release);
+	/*
+	 * release: the waiter's acquire load of GRANTED sees the connection's every field. The
+	 * exchange pairs with the waiter's CAS WAITING -> SLEEPING: exactly one of them sees the
+	 * other, so a waiter that goes to sleep is always woken.
+	 */
+	*wake = atomic_exchange_explicit(&w->state, PGR__W_GRANTED, memory_order_acq_rel) ==
+	        PGR__W_SLEEPING;
 	return i;
 }
 
 /* Hand c (owned by the caller) to the oldest waiter. False when nobody waits. */
 static bool handoff(pgr_pool *p, struct pgr_conn *c)
 {
+	bool wake;
 	pthread_mutex_lock(&p->wq_lock);
-	uint32_t i = wq_grant_locked(p, c);
+	uint32_t i = wq_grant_locked(p, c, &wake);
 	pthread_mutex_unlock(&p->wq_lock);
 	if (i == PGR__NONE)
 		return false;
 	pgr__inc(&c->n_handoffs);
 	/* A late wake of a slot already reused is a spurious wake-up: waiters re-check state. */
-	futex_wake1(&p->waiters[i].state);
+	if (wake)
+		futex_wake1(&p->waiters[i].state);
 	return true;
 }
 
@@ -208,13 +219,14 @@ static void pump(pgr_pool *p)
 {
 	pthread_mutex_lock(&p->wq_lock);
 	while (p->wq_head != PGR__NONE) {
-		bool stolen;
+		bool stolen, wake;
 		struct pgr_conn *c = take_any(p, &stolen);
 		if (!c)
 			break;
-		uint32_t i = wq_grant_locked(p, c);
+		uint32_t i = wq_grant_locked(p, c, &wake);
 		pgr__inc(&c->n_handoffs);
-		futex_wake1(&p->waiters[i].state);
+		if (wake)
+			futex_wake1(&p->waiters[i].state);
 	}
 	pthread_mutex_unlock(&p->wq_lock);
 }
@@ -239,6 +251,41 @@ void pgr__waiters_shutdown(pgr_pool *p)
 		futex_wake1(&p->waiters[i].state);
 	}
 	pthread_mutex_unlock(&p->wq_lock);
+}
+
+/*
+ * A waiter that is about to park announces it: WAITING -> SLEEPING. Fails (returns false) when
+ * the state moved on (granted, shut down): then it must not sleep.
+ */
+bool pgr__waiter_park(struct pgr__waiter *w)
+{
+	uint32_t expect = PGR__W_WAITING;
+	return atomic_compare_exchange_strong_explicit(&w->state, &expect, PGR__W_SLEEPING,
+	                                               memory_order_acq_rel,
+	                                               memory_order_acquire) ||
+	       expect == PGR__W_SLEEPING;
+}
+
+static inline bool still_queued(uint32_t s)
+{
+	return s == PGR__W_WAITING || s == PGR__W_SLEEPING;
+}
+
+/*
+ * Spin briefly before parking: a connection returned within a few microseconds is then taken
+ * without a futex sleep and wake (~10 us each way, PITFALLS.md). Bounded so that on an
+ * oversubscribed machine a spinner does not steal long from the holder it waits for.
+ */
+static bool spin_for_grant(pgr_pool *p, struct pgr__waiter *w)
+{
+	if (p->spin_iters == 0)
+		return false;
+	for (uint32_t i = 0; i < p->spin_iters; i++) {
+		if (atomic_load_explicit(&w->state, memory_order_acquire) != PGR__W_WAITING)
+			return true;
+		__builtin_ia32_pause();
+	}
+	return false;
 }
 
 /* ---- acquire ---- */
@@ -412,7 +459,7 @@ unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted)
 	struct pgr__waiter *w = &p->waiters[wi];
 	pthread_mutex_lock(&p->wq_lock);
 	unsigned s = atomic_load_explicit(&w->state, memory_order_acquire);
-	if (s == PGR__W_WAITING) {
+	if (still_queued(s)) {
 		wq_unlink(p, wi);
 		atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
 		atomic_store_explicit(&w->state, PGR__W_CANCELLED, memory_order_relaxed);
@@ -494,9 +541,11 @@ static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 			return rc;
 		struct pgr__waiter *w = &p->waiters[wi];
 		struct pgr_conn *mine = fast_take(p);
-		while (!mine && atomic_load_explicit(&w->state, memory_order_acquire) == PGR__W_WAITING) {
-			if (futex_wait_abs(&w->state, PGR__W_WAITING, &deadline) == -ETIMEDOUT)
-				break;
+		if (!mine && !spin_for_grant(p, w) && pgr__waiter_park(w)) {
+			while (atomic_load_explicit(&w->state, memory_order_acquire) == PGR__W_SLEEPING) {
+				if (futex_wait_abs(&w->state, PGR__W_SLEEPING, &deadline) == -ETIMEDOUT)
+					break;
+			}
 		}
 		struct pgr_conn *granted;
 		unsigned s = pgr__wq_settle(p, wi, &granted);

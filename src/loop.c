@@ -126,16 +126,21 @@ static void link_timeout(pgr_loop *l, struct op *o, unsigned kind)
 
 static int arm_futex(pgr_loop *l, struct op *o)
 {
+	struct pgr__waiter *w = &l->pool->waiters[o->wi];
+	if (io_uring_sq_space_left(l->ring) < 2)
+		return -EBUSY;
+	/* Announce the park first; if the state moved on there is nothing to wait for. */
+	if (!pgr__waiter_park(w))
+		return -EALREADY;
 	struct io_uring_sqe *s = get_pair(l);
 	if (!s)
 		return -EBUSY;
-	struct pgr__waiter *w = &l->pool->waiters[o->wi];
 	o->gen++;
 	memset(s, 0, sizeof(*s));
 	s->opcode = IORING_OP_FUTEX_WAIT_;
 	s->fd = FUTEX2_SIZE_U32_;
 	s->addr = (uint64_t)(uintptr_t)&w->state;
-	s->off = PGR__W_WAITING;
+	s->off = PGR__W_SLEEPING;
 	s->addr3 = FUTEX_BITSET_MATCH_ANY;
 	s->flags = IOSQE_IO_LINK;
 	io_uring_sqe_set_data64(s, ud(l, o, K_FUTEX));
@@ -245,7 +250,7 @@ static void acquire_cqe(pgr_loop *l, struct op *o)
 	o->armed = 0;
 	struct pgr__waiter *w = &l->pool->waiters[o->wi];
 	unsigned s = atomic_load_explicit(&w->state, memory_order_acquire);
-	if (s == PGR__W_WAITING && !l->destroying && pgr__mono_ns() < o->deadline_ns &&
+	if (s == PGR__W_SLEEPING && !l->destroying && pgr__mono_ns() < o->deadline_ns &&
 	    arm_futex(l, o) == 0)
 		return; /* spurious wake-up (a late wake meant for a slot's earlier waiter) */
 	acquire_settle(l, o, NULL);

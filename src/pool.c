@@ -123,6 +123,10 @@ int pgr_pool_create(const pgr_config *cfg, pgr_pool **out)
 	p->cap = p->cfg.max_size + p->cfg.max_overflow;
 	p->nshards = p->cfg.shards;
 	p->nwords = (p->cap + 63) / 64;
+	for (uint32_t c = 0; c < PGR__MAX_CPUS; c++)
+		p->cpu_shard[c] = (uint8_t)(c % p->nshards);
+	/* Spinning only helps when the holder can run meanwhile, i.e. on another CPU. */
+	p->spin_iters = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? 200 : 0;
 	/* Each shard's bitmap starts on its own cache line: CPUs write different shards. */
 	p->shard_stride = (p->nwords + 7) & ~7u;
 	p->conns = aligned_alloc(PGR__CACHELINE, sizeof(struct pgr_conn) * p->cap);

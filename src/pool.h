@@ -32,6 +32,7 @@
 #define PGR__ALIGNED __attribute__((aligned(PGR__CACHELINE)))
 #define PGR__MAX_CONNS 4096u
 #define PGR__MAX_SHARDS 64u
+#define PGR__MAX_CPUS 1024u /* cpu -> shard table; larger ids fall back to a modulo */
 #define PGR__NONE UINT32_MAX
 #define PGR__TICK_MS 10
 
@@ -117,10 +118,11 @@ struct pgr_conn {
 /* A parked caller. Lives in the pool's fixed waiter array, never on a stack. */
 enum pgr__wstate {
 	PGR__W_FREE = 0,
-	PGR__W_WAITING,
+	PGR__W_WAITING,  /* queued, not asleep (spinning): a grant needs no FUTEX_WAKE */
 	PGR__W_GRANTED,
 	PGR__W_CANCELLED,
 	PGR__W_SHUTDOWN,
+	PGR__W_SLEEPING, /* queued, parked or about to park on the word: a grant must wake it */
 };
 
 struct pgr__waiter {
@@ -141,6 +143,8 @@ struct pgr_pool {
 	uint32_t nshards;
 	uint32_t nwords;  /* 64-bit words per shard bitmap */
 	uint32_t shard_stride; /* words between shards, padded to a cache line */
+	uint32_t spin_iters;   /* pause loops a waiter spins before parking (0 on one CPU) */
+	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
 	_Atomic uint64_t *bits; /* nshards * shard_stride words */
 
@@ -264,6 +268,7 @@ void pgr__publish(pgr_pool *p, struct pgr_conn *c); /* owner hands an idle conn 
 int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c); /* manager takes a known-idle conn */
 void pgr__waiters_shutdown(pgr_pool *p);
 uint32_t pgr__idle_count(pgr_pool *p);
+bool pgr__waiter_park(struct pgr__waiter *w);
 int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi);
 unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted);
 void pgr__wq_free(pgr_pool *p, uint32_t wi);
