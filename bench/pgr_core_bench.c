@@ -158,7 +158,8 @@ static void *pgr_create_fake(uint32_t conns)
 	cfg.max_lifetime_ms = 0;
 	cfg.idle_timeout_ms = 0;
 	pgr_pool *p;
-	if (pgr_pool_create(&cfg, &p) != 0 || pgr__pool_add_fake(p, conns) != 0) {
+	/* No manager: placeholders need no network, and this runs where io_uring may not. */
+	if (pgr__pool_create_nomgr(&cfg, &p) != 0 || pgr__pool_add_fake(p, conns) != 0) {
 		fprintf(stderr, "pgr_core_bench: cannot create the pool\n");
 		exit(1);
 	}

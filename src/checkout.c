@@ -347,11 +347,12 @@ static inline void checked_out(pgr_conn *c, const char *file, int line, const ch
 {
 	pgr__conn_move(c, PGR__IN_USE);
 	atomic_store_explicit(&c->acquired_ms, pgr__now_ms(c->pool), memory_order_relaxed);
-	pgr__inc(&c->checkout_seq);
-	pgr__inc(&c->n_acquires);
-	atomic_store_explicit(&c->acq_file, file, memory_order_relaxed);
-	atomic_store_explicit(&c->acq_func, func, memory_order_relaxed);
-	atomic_store_explicit(&c->acq_line, line, memory_order_relaxed);
+	/* Where it was acquired matters only to leak reports. */
+	if (c->pool->cfg.leak_threshold_ms) {
+		atomic_store_explicit(&c->acq_file, file, memory_order_relaxed);
+		atomic_store_explicit(&c->acq_func, func, memory_order_relaxed);
+		atomic_store_explicit(&c->acq_line, line, memory_order_relaxed);
+	}
 }
 
 /* The lock-free part: idle shards only. */
@@ -566,6 +567,9 @@ static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 	}
 }
 
+static int acquire_wait(pgr_pool *p, int64_t timeout_ms, pgr_conn **out, const char *file,
+                        int line, const char *func);
+
 int pgr_acquire_at(pgr_pool *p, int64_t timeout_ms, pgr_conn **out, const char *file, int line,
                    const char *func)
 {
@@ -580,6 +584,15 @@ int pgr_acquire_at(pgr_pool *p, int64_t timeout_ms, pgr_conn **out, const char *
 		*out = c;
 		return 0;
 	}
+	return acquire_wait(p, timeout_ms, out, file, line, func);
+}
+
+/* Out of line so that the fast path above keeps a small frame. */
+static __attribute__((noinline)) int acquire_wait(pgr_pool *p, int64_t timeout_ms,
+                                                  pgr_conn **out, const char *file, int line,
+                                                  const char *func)
+{
+	struct pgr_conn *c;
 	if (timeout_ms < 0)
 		timeout_ms = p->cfg.acquire_timeout_ms;
 	if (timeout_ms == 0) {
@@ -645,17 +658,16 @@ static void release_to(pgr_conn *c, bool discard)
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_POOL_CLOSING);
 		return;
 	}
-	if (unlikely(PQstatus(c->pg) != CONNECTION_OK) && !p->fake) {
-		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_BROKEN);
-		return;
-	}
 	if (unlikely(atomic_load_explicit(&c->server_error, memory_order_relaxed))) {
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_SERVER_ERROR);
 		return;
 	}
+	/* One libpq call answers both questions: a bad connection reports PQTRANS_UNKNOWN. */
 	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
 	if (unlikely(ts != PQTRANS_IDLE) && !p->fake) {
-		if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
+		if (ts == PQTRANS_UNKNOWN || PQstatus(c->pg) != CONNECTION_OK)
+			pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_BROKEN);
+		else if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
 			pgr__manager_push(p, c, PGR__REQ_ROLLBACK, 0);
 		else
 			pgr__manager_push(p, c, PGR__REQ_RETIRE,

@@ -604,7 +604,9 @@ static void maintain(pgr_pool *p, int64_t now)
 				close_conn(p, c, reason);
 			}
 		} else if (st == PGR__IN_USE && cfg->leak_threshold_ms > 0) {
-			uint64_t seq = atomic_load_explicit(&c->checkout_seq, memory_order_relaxed);
+			/* Checkouts so far, + 1 so that 0 means "never reported". */
+			uint64_t seq = atomic_load_explicit(&c->n_immediate, memory_order_relaxed) +
+			               atomic_load_explicit(&c->n_waits, memory_order_relaxed) + 1;
 			int64_t held = now - atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
 			if (held < cfg->leak_threshold_ms || seq == c->leak_seq_reported)
 				continue;

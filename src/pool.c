@@ -94,7 +94,20 @@ static void pool_free(pgr_pool *p)
 	free(p);
 }
 
+static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out);
+
 int pgr_pool_create(const pgr_config *cfg, pgr_pool **out)
+{
+	return pool_create(cfg, true, out);
+}
+
+/* testing.c: a pool with no manager (no io_uring), for placeholder connections only. */
+int pgr__pool_create_nomgr(const pgr_config *cfg, pgr_pool **out)
+{
+	return pool_create(cfg, false, out);
+}
+
+static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 {
 	if (!out)
 		return -EINVAL;
@@ -154,7 +167,8 @@ int pgr_pool_create(const pgr_config *cfg, pgr_pool **out)
 		p->waiters[i].prev = PGR__NONE;
 	}
 	p->req_head = PGR__NONE;
-	rc = pgr__manager_start(p);
+	atomic_store_explicit(&p->now_ms, pgr__mono_ns() / 1000000, memory_order_relaxed);
+	rc = manager ? pgr__manager_start(p) : 0;
 	if (rc != 0) {
 		pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE, "cannot start the manager: %s",
 		           pgr_strerror(rc));
@@ -247,12 +261,12 @@ void pgr_pool_stats(pgr_pool *p, pgr_stats *o)
 			o->connecting++;
 			break;
 		}
-		o->acquires += atomic_load_explicit(&c->n_acquires, memory_order_relaxed);
 		o->acquired_immediately += atomic_load_explicit(&c->n_immediate, memory_order_relaxed);
 		o->steals += atomic_load_explicit(&c->n_steals, memory_order_relaxed);
 		o->handoffs += atomic_load_explicit(&c->n_handoffs, memory_order_relaxed);
 		o->waits += atomic_load_explicit(&c->n_waits, memory_order_relaxed);
 	}
+	o->acquires = o->acquired_immediately + o->waits;
 	o->idle = pgr__idle_count(p);
 	o->waiting = atomic_load_explicit(&p->nwaiters, memory_order_relaxed);
 	o->max_size = p->cfg.max_size;

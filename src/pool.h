@@ -78,7 +78,6 @@ struct pgr_conn {
 	_Atomic int64_t expire_ms;     /* born + lifetime - jitter; INT64_MAX when unlimited */
 	_Atomic int64_t idle_since_ms; /* set on every return to a shard */
 	_Atomic int64_t acquired_ms;   /* set on every checkout */
-	_Atomic uint64_t checkout_seq; /* bumped on every checkout; leak reported once per value */
 	const char *_Atomic acq_file;
 	const char *_Atomic acq_func;
 	_Atomic int acq_line;
@@ -88,8 +87,7 @@ struct pgr_conn {
 	uint8_t uncounted;     /* already taken out of nopen by an overflow return */
 
 	/* Per-slot counters and histograms: single writer (the owner), merged on read. */
-	_Atomic uint64_t n_acquires;
-	_Atomic uint64_t n_immediate;
+	_Atomic uint64_t n_immediate; /* checkouts = n_immediate + n_waits (also the leak seq) */
 	_Atomic uint64_t n_steals;
 	_Atomic uint64_t n_handoffs;
 	_Atomic uint64_t n_waits;
@@ -106,7 +104,7 @@ struct pgr_conn {
 	uint8_t exec_failed;
 	uint16_t inflight;     /* SQEs submitted and not yet reaped */
 	uint32_t io_gen;       /* tags the current poll; stale CQEs are ignored */
-	uint64_t leak_seq_reported;
+	uint64_t leak_seq_reported; /* checkout count at the last leak report + 1 */
 	int64_t op_start_ns;
 	int64_t op_deadline_ns;
 	struct __kernel_timespec ts;
@@ -282,6 +280,7 @@ int pgr__timeout_error(pgr_pool *p, int64_t waited_ms);
 
 /* testing.c */
 int pgr__pool_add_fake(pgr_pool *p, uint32_t n);
+int pgr__pool_create_nomgr(const pgr_config *cfg, pgr_pool **out);
 
 /* manager.c */
 int pgr__manager_start(pgr_pool *p);
