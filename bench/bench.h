@@ -22,12 +22,12 @@
 
 /* Where the server is: the libpq conninfo plus its parts, for drivers that need a URL. */
 typedef struct bench_target {
-	const char *conninfo;      /* libpq conninfo of the server */
-	const char *pgbouncer;     /* conninfo of PgBouncer (transaction mode), or NULL */
-	char host[256];            /* PQhost of a live connection (an address or a socket dir) */
+	const char *conninfo;  /* libpq conninfo of the server */
+	const char *pgbouncer; /* conninfo of PgBouncer (transaction mode), or NULL */
+	char host[256];        /* PQhost of a live connection (an address or a socket dir) */
 	char port[16];
 	char user[128];
-	char password[128];        /* empty when the conninfo has none */
+	char password[128]; /* empty when the conninfo has none */
 	char dbname[128];
 } bench_target;
 

@@ -64,12 +64,12 @@ static void mutex_destroy(void *pool)
 }
 
 const bench_driver bench_driver_mutex = {
-	.name = "mutex_condvar",
-	.has_pg = 1,
-	.create = mutex_create,
-	.acquire = mutex_acquire,
-	.release = mutex_release,
-	.destroy = mutex_destroy,
+    .name = "mutex_condvar",
+    .has_pg = 1,
+    .create = mutex_create,
+    .acquire = mutex_acquire,
+    .release = mutex_release,
+    .destroy = mutex_destroy,
 };
 
 /* ---- connect_per_query ---- */
@@ -111,12 +111,12 @@ static void cpq_destroy(void *pool)
 }
 
 const bench_driver bench_driver_cpq = {
-	.name = "connect_per_query",
-	.has_pg = 1,
-	.create = cpq_create,
-	.acquire = cpq_acquire,
-	.release = cpq_release,
-	.destroy = cpq_destroy,
+    .name = "connect_per_query",
+    .has_pg = 1,
+    .create = cpq_create,
+    .acquire = cpq_acquire,
+    .release = cpq_release,
+    .destroy = cpq_destroy,
 };
 
 /* ---- dedicated / pgbouncer: one connection per worker thread ---- */
@@ -152,14 +152,14 @@ static int dedicated_open(const char *conninfo, uint32_t threads, void **pool, c
 	return 0;
 }
 
-static int dedicated_create(const bench_target *t, const bench_pool_opts *o, void **pool,
-                            char *err, size_t errlen)
+static int dedicated_create(const bench_target *t, const bench_pool_opts *o, void **pool, char *err,
+                            size_t errlen)
 {
 	return dedicated_open(t->conninfo, o->threads, pool, err, errlen);
 }
 
-static int pgbouncer_create(const bench_target *t, const bench_pool_opts *o, void **pool,
-                            char *err, size_t errlen)
+static int pgbouncer_create(const bench_target *t, const bench_pool_opts *o, void **pool, char *err,
+                            size_t errlen)
 {
 	if (!t->pgbouncer) {
 		snprintf(err, errlen, "skipped (not running)");
@@ -184,19 +184,19 @@ static void dedicated_release(void *pool, unsigned tid, bench_conn *c)
 }
 
 const bench_driver bench_driver_dedicated = {
-	.name = "dedicated",
-	.has_pg = 1,
-	.create = dedicated_create,
-	.acquire = dedicated_acquire,
-	.release = dedicated_release,
-	.destroy = dedicated_destroy,
+    .name = "dedicated",
+    .has_pg = 1,
+    .create = dedicated_create,
+    .acquire = dedicated_acquire,
+    .release = dedicated_release,
+    .destroy = dedicated_destroy,
 };
 
 const bench_driver bench_driver_pgbouncer = {
-	.name = "pgbouncer",
-	.has_pg = 1,
-	.create = pgbouncer_create,
-	.acquire = dedicated_acquire,
-	.release = dedicated_release,
-	.destroy = dedicated_destroy,
+    .name = "pgbouncer",
+    .has_pg = 1,
+    .create = pgbouncer_create,
+    .acquire = dedicated_acquire,
+    .release = dedicated_release,
+    .destroy = dedicated_destroy,
 };

@@ -44,8 +44,8 @@ static int pgring_create(const bench_target *t, const bench_pool_opts *o, void *
 		if (bench_now_ns() > deadline) {
 			char last[256] = "";
 			pgr_pool_last_error(p, last, sizeof last);
-			snprintf(err, errlen, "only %u of %u connections idle after %d ms%s%s", st.idle,
-			         conns, BENCH_FILL_TIMEOUT_MS, last[0] ? ": " : "", last);
+			snprintf(err, errlen, "only %u of %u connections idle after %d ms%s%s",
+			         st.idle, conns, BENCH_FILL_TIMEOUT_MS, last[0] ? ": " : "", last);
 			pgr_pool_destroy(p);
 			return -ETIMEDOUT;
 		}
@@ -80,10 +80,10 @@ static void pgring_destroy(void *pool)
 }
 
 const bench_driver bench_driver_pgring = {
-	.name = "pgring",
-	.has_pg = 1,
-	.create = pgring_create,
-	.acquire = pgring_acquire,
-	.release = pgring_release,
-	.destroy = pgring_destroy,
+    .name = "pgring",
+    .has_pg = 1,
+    .create = pgring_create,
+    .acquire = pgring_acquire,
+    .release = pgring_release,
+    .destroy = pgring_destroy,
 };

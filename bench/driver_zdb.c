@@ -35,11 +35,11 @@ static int zdb_create(const bench_target *t, const bench_pool_opts *o, void **ou
 	char url[1024];
 	const char *pw = t->password[0] ? t->password : "unused";
 	if (t->host[0] == '/')
-		snprintf(url, sizeof url, "postgresql://%s:%s@localhost:%s/%s?unix-socket=%s", t->user,
-		         pw, t->port, t->dbname, t->host);
+		snprintf(url, sizeof url, "postgresql://%s:%s@localhost:%s/%s?unix-socket=%s",
+		         t->user, pw, t->port, t->dbname, t->host);
 	else
-		snprintf(url, sizeof url, "postgresql://%s:%s@%s:%s/%s", t->user, pw, t->host, t->port,
-		         t->dbname);
+		snprintf(url, sizeof url, "postgresql://%s:%s@%s:%s/%s", t->user, pw, t->host,
+		         t->port, t->dbname);
 
 	zdb_pool *z = calloc(1, sizeof *z);
 	if (!z)
@@ -65,8 +65,8 @@ static int zdb_create(const bench_target *t, const bench_pool_opts *o, void **ou
 	}
 	END_TRY;
 	if (rc == 0 && ConnectionPool_size(z->pool) < (int)o->conns) {
-		snprintf(err, errlen, "libzdb opened %d of %u connections", ConnectionPool_size(z->pool),
-		         o->conns);
+		snprintf(err, errlen, "libzdb opened %d of %u connections",
+		         ConnectionPool_size(z->pool), o->conns);
 		rc = -ECONNREFUSED;
 	}
 	if (rc != 0) {
@@ -114,10 +114,10 @@ static void zdb_destroy(void *pool)
 }
 
 const bench_driver bench_driver_zdb = {
-	.name = "libzdb",
-	.has_pg = 0,
-	.create = zdb_create,
-	.acquire = zdb_acquire,
-	.release = zdb_release,
-	.destroy = zdb_destroy,
+    .name = "libzdb",
+    .has_pg = 0,
+    .create = zdb_create,
+    .acquire = zdb_acquire,
+    .release = zdb_release,
+    .destroy = zdb_destroy,
 };

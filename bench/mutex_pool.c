@@ -13,12 +13,12 @@
 
 struct mutex_pool {
 	pthread_mutex_t mu;
-	pthread_cond_t cv;   /* "a connection was pushed"; bound to CLOCK_MONOTONIC */
-	PGconn **stack;      /* idle connections, [0, n_idle) */
+	pthread_cond_t cv; /* "a connection was pushed"; bound to CLOCK_MONOTONIC */
+	PGconn **stack;    /* idle connections, [0, n_idle) */
 	uint32_t n_idle;
 	uint32_t size;
-	uint32_t waiters;    /* callers blocked in pthread_cond_timedwait */
-	PGconn **all;        /* every connection, for destroy */
+	uint32_t waiters; /* callers blocked in pthread_cond_timedwait */
+	PGconn **all;     /* every connection, for destroy */
 };
 
 int mutex_pool_create(const char *conninfo, uint32_t size, mutex_pool **out, char *err,

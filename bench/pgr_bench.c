@@ -39,15 +39,28 @@
 #include "bench.h"
 #include "hist.h"
 
-#define MAX_THREADS 256
-#define MAX_RESULTS 512
-#define LOOKUP_ROWS 10000
+#define MAX_THREADS   256
+#define MAX_RESULTS   512
+#define LOOKUP_ROWS   10000
 #define P999_LIMIT_NS 20000 /* target: p999 acquire latency, 8 threads, connections free */
-#define CPQ_MAX_SECS 1.0 /* connect per query: short, it takes milliseconds and loads the server */
+#define CPQ_MAX_SECS  1.0 /* connect per query: short, it takes milliseconds and loads the server  \
+	                   */
 
-enum { PHASE_WARMUP = 0, PHASE_MEASURE, PHASE_STOP };
-enum { Q_NONE = 0, Q_SELECT1, Q_LOOKUP };
-enum { ST_OK = 0, ST_SKIPPED, ST_FAILED };
+enum {
+	PHASE_WARMUP = 0,
+	PHASE_MEASURE,
+	PHASE_STOP
+};
+enum {
+	Q_NONE = 0,
+	Q_SELECT1,
+	Q_LOOKUP
+};
+enum {
+	ST_OK = 0,
+	ST_SKIPPED,
+	ST_FAILED
+};
 
 /* ---------------------------------------------------------------- options */
 
@@ -61,52 +74,61 @@ static struct {
 	unsigned hold_us;
 	unsigned rounds;
 	const char *conninfo;
-	bool only_section;  /* some --only named a section */
+	bool only_section; /* some --only named a section */
 	bool sec_checkout, sec_e2e;
-	bool only_pool;     /* some --only named a pool */
+	bool only_pool; /* some --only named a pool */
 	bool pool_on[8];
 } opt = {.duration_s = 2.0, .warmup_s = 0.1, .sample = 64, .hold_us = 5, .rounds = 8};
 
 /* Every pool the bench knows, in table order. drv NULL: not built into this binary. */
-enum { P_PGRING, P_MUTEX, P_ZDB, P_CPQ, P_DEDICATED, P_PGBOUNCER, P_COUNT };
+enum {
+	P_PGRING,
+	P_MUTEX,
+	P_ZDB,
+	P_CPQ,
+	P_DEDICATED,
+	P_PGBOUNCER,
+	P_COUNT
+};
 static const struct pool_info {
 	const char *name;
 	const char *alias;
 	const bench_driver *drv;
 	const char *missing; /* why drv is NULL */
 } pools[P_COUNT] = {
-	[P_PGRING] = {"pgring", NULL, &bench_driver_pgring, NULL},
-	[P_MUTEX] = {"mutex_condvar", "mutex", &bench_driver_mutex, NULL},
+    [P_PGRING] = {"pgring", NULL, &bench_driver_pgring, NULL},
+    [P_MUTEX] = {"mutex_condvar", "mutex", &bench_driver_mutex, NULL},
 #ifdef PGR_HAVE_ZDB
-	[P_ZDB] = {"libzdb", "zdb", &bench_driver_zdb, NULL},
+    [P_ZDB] = {"libzdb", "zdb", &bench_driver_zdb, NULL},
 #else
-	[P_ZDB] = {"libzdb", "zdb", NULL, "not built (libzdb-dev not found at configure time)"},
+    [P_ZDB] = {"libzdb", "zdb", NULL, "not built (libzdb-dev not found at configure time)"},
 #endif
-	[P_CPQ] = {"connect_per_query", "cpq", &bench_driver_cpq, NULL},
-	[P_DEDICATED] = {"dedicated", NULL, &bench_driver_dedicated, NULL},
-	[P_PGBOUNCER] = {"pgbouncer", NULL, &bench_driver_pgbouncer, NULL},
+    [P_CPQ] = {"connect_per_query", "cpq", &bench_driver_cpq, NULL},
+    [P_DEDICATED] = {"dedicated", NULL, &bench_driver_dedicated, NULL},
+    [P_PGBOUNCER] = {"pgbouncer", NULL, &bench_driver_pgbouncer, NULL},
 };
 
 static void usage(FILE *f)
 {
-	fprintf(f,
-	        "usage: pgr_bench [options]\n"
-	        "  --conninfo STR    libpq conninfo of the server (default: $PGR_TEST_CONNINFO)\n"
-	        "  --duration S      counted seconds per configuration (default 2; connect per\n"
-	        "                    query runs at most %.0f s)\n"
-	        "  --threads LIST    thread counts, e.g. 1,2,8 (default: checkout 1,2,8; e2e 1,4,16)\n"
-	        "  --only LIST       sections (checkout, e2e) and/or pools (pgring, mutex_condvar,\n"
-	        "                    libzdb, connect_per_query, dedicated, pgbouncer); repeatable\n"
-	        "  --json            print only the JSON lines\n"
-	        "  --sample N        time 1 in N checkouts in the no-hold checkout runs (default 64;\n"
-	        "                    1 times every one, and adds two clock reads to each)\n"
-	        "  --hold-us N       hold time in the checkout_hold runs (default 5)\n"
-	        "  --rounds N        split each configuration's time into N rounds, pools taking\n"
-	        "                    turns, a fresh pool each round (default 8)\n"
-	        "  --warmup S        uncounted seconds before each round (default 0.1)\n"
-	        "Environment: PGR_TEST_CONNINFO, PGR_BENCH_PGBOUNCER_CONNINFO (PgBouncer in\n"
-	        "transaction mode; its rows are skipped when unset).\n",
-	        CPQ_MAX_SECS);
+	fprintf(
+	    f,
+	    "usage: pgr_bench [options]\n"
+	    "  --conninfo STR    libpq conninfo of the server (default: $PGR_TEST_CONNINFO)\n"
+	    "  --duration S      counted seconds per configuration (default 2; connect per\n"
+	    "                    query runs at most %.0f s)\n"
+	    "  --threads LIST    thread counts, e.g. 1,2,8 (default: checkout 1,2,8; e2e 1,4,16)\n"
+	    "  --only LIST       sections (checkout, e2e) and/or pools (pgring, mutex_condvar,\n"
+	    "                    libzdb, connect_per_query, dedicated, pgbouncer); repeatable\n"
+	    "  --json            print only the JSON lines\n"
+	    "  --sample N        time 1 in N checkouts in the no-hold checkout runs (default 64;\n"
+	    "                    1 times every one, and adds two clock reads to each)\n"
+	    "  --hold-us N       hold time in the checkout_hold runs (default 5)\n"
+	    "  --rounds N        split each configuration's time into N rounds, pools taking\n"
+	    "                    turns, a fresh pool each round (default 8)\n"
+	    "  --warmup S        uncounted seconds before each round (default 0.1)\n"
+	    "Environment: PGR_TEST_CONNINFO, PGR_BENCH_PGBOUNCER_CONNINFO (PgBouncer in\n"
+	    "transaction mode; its rows are skipped when unset).\n",
+	    CPQ_MAX_SECS);
 }
 
 static void die(const char *fmt, ...)
@@ -133,7 +155,8 @@ static void parse_only(char *list)
 		}
 		int i;
 		for (i = 0; i < P_COUNT; i++)
-			if (!strcmp(tok, pools[i].name) || (pools[i].alias && !strcmp(tok, pools[i].alias)))
+			if (!strcmp(tok, pools[i].name) ||
+			    (pools[i].alias && !strcmp(tok, pools[i].alias)))
 				break;
 		if (i == P_COUNT)
 			die("--only: unknown section or pool '%s'", tok);
@@ -169,22 +192,39 @@ static double parse_secs(const char *flag, const char *s, double min)
 static void parse_args(int argc, char **argv)
 {
 	static const struct option lo[] = {
-		{"conninfo", required_argument, NULL, 'c'}, {"duration", required_argument, NULL, 'd'},
-		{"threads", required_argument, NULL, 't'},  {"only", required_argument, NULL, 'o'},
-		{"json", no_argument, NULL, 'j'},           {"sample", required_argument, NULL, 's'},
-		{"hold-us", required_argument, NULL, 'H'},  {"warmup", required_argument, NULL, 'w'},
-		{"rounds", required_argument, NULL, 'r'},   {"help", no_argument, NULL, 'h'},
-		{NULL, 0, NULL, 0},
+	    {"conninfo", required_argument, NULL, 'c'},
+	    {"duration", required_argument, NULL, 'd'},
+	    {"threads", required_argument, NULL, 't'},
+	    {"only", required_argument, NULL, 'o'},
+	    {"json", no_argument, NULL, 'j'},
+	    {"sample", required_argument, NULL, 's'},
+	    {"hold-us", required_argument, NULL, 'H'},
+	    {"warmup", required_argument, NULL, 'w'},
+	    {"rounds", required_argument, NULL, 'r'},
+	    {"help", no_argument, NULL, 'h'},
+	    {NULL, 0, NULL, 0},
 	};
 	int c;
 	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
 		switch (c) {
-		case 'c': opt.conninfo = optarg; break;
-		case 'd': opt.duration_s = parse_secs("--duration", optarg, 0.05); break;
-		case 'w': opt.warmup_s = parse_secs("--warmup", optarg, 0); break;
-		case 't': parse_threads(optarg); break;
-		case 'o': parse_only(optarg); break;
-		case 'j': opt.json = true; break;
+		case 'c':
+			opt.conninfo = optarg;
+			break;
+		case 'd':
+			opt.duration_s = parse_secs("--duration", optarg, 0.05);
+			break;
+		case 'w':
+			opt.warmup_s = parse_secs("--warmup", optarg, 0);
+			break;
+		case 't':
+			parse_threads(optarg);
+			break;
+		case 'o':
+			parse_only(optarg);
+			break;
+		case 'j':
+			opt.json = true;
+			break;
 		case 's': {
 			long v = strtol(optarg, NULL, 10);
 			if (v < 1 || v > (1L << 20))
@@ -209,8 +249,12 @@ static void parse_args(int argc, char **argv)
 			opt.rounds = (unsigned)v;
 			break;
 		}
-		case 'h': usage(stdout); exit(0);
-		default: usage(stderr); exit(2);
+		case 'h':
+			usage(stdout);
+			exit(0);
+		default:
+			usage(stderr);
+			exit(2);
 		}
 	}
 	if (optind < argc)
@@ -230,8 +274,8 @@ typedef struct result {
 	unsigned threads, conns;
 	uint64_t hold_ns;
 	int status;
-	char note[256];     /* skip or failure reason */
-	double secs;        /* counted wall time */
+	char note[256]; /* skip or failure reason */
+	double secs;    /* counted wall time */
 	uint64_t ops, errors;
 	double ops_per_s, ns_per_op;
 	unsigned sample_every;
@@ -321,8 +365,8 @@ static int run_query(PGconn *pg, int q, uint64_t *rng)
 		char id[16];
 		snprintf(id, sizeof id, "%u", (unsigned)(xorshift64(rng) % LOOKUP_ROWS) + 1);
 		const char *vals[1] = {id};
-		res = PQexecParams(pg, "SELECT name FROM pgr_bench_users WHERE id = $1", 1, NULL, vals,
-		                   NULL, NULL, 0);
+		res = PQexecParams(pg, "SELECT name FROM pgr_bench_users WHERE id = $1", 1, NULL,
+		                   vals, NULL, NULL, 0);
 	}
 	int ok = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
 	PQclear(res);
@@ -350,7 +394,8 @@ static void *worker_main(void *arg)
 		if (rc != 0) {
 			ph = atomic_load_explicit(&r->phase, memory_order_relaxed);
 			errors += ph == PHASE_MEASURE;
-			/* a failing connect is fast; do not turn it into a hot loop on the server */
+			/* a failing connect is fast; do not turn it into a hot loop on the server
+			 */
 			nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
 			continue;
 		}
@@ -530,8 +575,8 @@ static void print_row(const result *r, bool checkout)
 			         fmt_ratio(pg->ops_per_s / r->ops_per_s, x1, sizeof x1));
 	}
 	if (checkout)
-		printf("%-12s %-18s %9s %8s %8s %8s %8s %8s %8s  %s", cfg, r->pool, ops, nsop, p50, p90,
-		       p99, p999, mx, ratio);
+		printf("%-12s %-18s %9s %8s %8s %8s %8s %8s %8s  %s", cfg, r->pool, ops, nsop, p50,
+		       p90, p99, p999, mx, ratio);
 	else
 		printf("%-12s %-18s %9s %8s %8s %8s %8s  %s", cfg, r->pool, ops, p50, p99, p999, mx,
 		       ratio);
@@ -545,7 +590,8 @@ static void print_checkout_table(void)
 	printf("\n== checkout: acquire + release, no query ==\n"
 	       "config = threads/conns[/hold]; ns/op = wall time / ops (aggregate); latency = one "
 	       "acquire, 1 in %u timed (every one with hold)\n"
-	       "pgring: min_idle = max_size = conns, ping_after_idle_ms = -1, other settings default\n",
+	       "pgring: min_idle = max_size = conns, ping_after_idle_ms = -1, other settings "
+	       "default\n",
 	       opt.sample);
 	printf("%-12s %-18s %9s %8s %8s %8s %8s %8s %8s  %s\n", "config", "pool", "ops/s", "ns/op",
 	       "p50", "p90", "p99", "p999", "max", "pgring/this (ops/s; ns/op at 1 thread)");
@@ -612,21 +658,26 @@ static void print_targets(void)
 		any = true;
 		if (!strcmp(r->bench, "checkout")) {
 			if (r->threads == 1) {
-				snprintf(what, sizeof what, "checkout %u/%u: ns/op vs mutex_condvar", r->threads,
+				snprintf(what, sizeof what,
+				         "checkout %u/%u: ns/op vs mutex_condvar", r->threads,
 				         r->conns);
-				target(what, r->bench, "mutex_condvar", r->threads, r->conns, true, 0.5);
+				target(what, r->bench, "mutex_condvar", r->threads, r->conns, true,
+				       0.5);
 			} else {
-				snprintf(what, sizeof what, "checkout %u/%u: ops/s vs mutex_condvar", r->threads,
+				snprintf(what, sizeof what,
+				         "checkout %u/%u: ops/s vs mutex_condvar", r->threads,
 				         r->conns);
-				target(what, r->bench, "mutex_condvar", r->threads, r->conns, false, 5);
-				snprintf(what, sizeof what, "checkout %u/%u: ops/s vs libzdb", r->threads,
-				         r->conns);
+				target(what, r->bench, "mutex_condvar", r->threads, r->conns, false,
+				       5);
+				snprintf(what, sizeof what, "checkout %u/%u: ops/s vs libzdb",
+				         r->threads, r->conns);
 				target(what, r->bench, "libzdb", r->threads, r->conns, false, 15);
 			}
 			if (r->threads >= 8 && r->status == ST_OK) {
-				/* The histogram bucket holding 20 us spans 16.4-20.5 us: PASS when 99.9% of
-				 * the samples lie below it, FAIL when fewer than 99.9% lie at or below its top,
-				 * and say so when the 99.9th sample falls inside it. */
+				/* The histogram bucket holding 20 us spans 16.4-20.5 us: PASS
+				 * when 99.9% of the samples lie below it, FAIL when fewer
+				 * than 99.9% lie at or below its top, and say so when the 99.9th
+				 * sample falls inside it. */
 				char v[16];
 				double need = 0.999 * (double)r->lat.count;
 				const char *verdict = "UNSURE (in the 16-20us bucket)";
@@ -634,18 +685,20 @@ static void print_targets(void)
 					verdict = "PASS";
 				else if ((double)r->n_le_above < need)
 					verdict = "FAIL";
-				snprintf(what, sizeof what, "checkout %u/%u: pgring p999 acquire < 20us",
-				         r->threads, r->conns);
-				printf("  %-58s %8s  %s\n", what, fmt_ns((double)r->lat.p999_ns, v, sizeof v),
-				       verdict);
+				snprintf(what, sizeof what,
+				         "checkout %u/%u: pgring p999 acquire < 20us", r->threads,
+				         r->conns);
+				printf("  %-58s %8s  %s\n", what,
+				       fmt_ns((double)r->lat.p999_ns, v, sizeof v), verdict);
 			}
 		} else if (!strcmp(r->bench, "select1") || !strcmp(r->bench, "lookup")) {
-			snprintf(what, sizeof what, "%s %u/%u: qps vs dedicated", r->bench, r->threads,
-			         r->conns);
+			snprintf(what, sizeof what, "%s %u/%u: qps vs dedicated", r->bench,
+			         r->threads, r->conns);
 			target(what, r->bench, "dedicated", r->threads, r->conns, false, 0.95);
 			snprintf(what, sizeof what, "%s %u/%u: qps vs connect_per_query", r->bench,
 			         r->threads, r->conns);
-			target(what, r->bench, "connect_per_query", r->threads, r->conns, false, 100);
+			target(what, r->bench, "connect_per_query", r->threads, r->conns, false,
+			       100);
 		}
 	}
 	if (!any)
@@ -783,7 +836,8 @@ static void bench_config(const bench_target *tgt, const int *order, unsigned n_o
 			double warm = opt.warmup_s;
 			if (cpq && warm > 0.05)
 				warm = 0.05;
-			int rc = measure_round(r, pools[ps[k]].drv, tgt, query, secs / opt.rounds, warm);
+			int rc =
+			    measure_round(r, pools[ps[k]].drv, tgt, query, secs / opt.rounds, warm);
 			if (rc != 0)
 				r->status = rc == -ENOENT ? ST_SKIPPED : ST_FAILED;
 		}
@@ -800,12 +854,14 @@ static void bench_config(const bench_target *tgt, const int *order, unsigned n_o
 		if (r->status == ST_OK) {
 			pgr__hist_snap_summary(r->snap, &r->lat);
 			unsigned lb = pgr__hist_bucket(P999_LIMIT_NS);
-			r->n_le_below = pgr__hist_snap_count_le(r->snap, pgr__hist_bucket_lo(lb) - 1);
+			r->n_le_below =
+			    pgr__hist_snap_count_le(r->snap, pgr__hist_bucket_lo(lb) - 1);
 			r->n_le_above = pgr__hist_snap_count_le(r->snap, pgr__hist_bucket_hi(lb));
 			r->ops_per_s = (double)r->ops / r->secs;
 			r->ns_per_op = r->secs * 1e9 / (double)r->ops;
 			fprintf(stderr, "pgr_bench:   %-18s %9s/s  p50 %s%s\n", r->pool,
-			        fmt_ops(r->ops_per_s, a, sizeof a), fmt_ns((double)r->lat.p50_ns, b, sizeof b),
+			        fmt_ops(r->ops_per_s, a, sizeof a),
+			        fmt_ns((double)r->lat.p50_ns, b, sizeof b),
 			        r->errors ? "  (with errors)" : "");
 		} else {
 			fprintf(stderr, "pgr_bench:   %-18s %s%s\n", r->pool,
@@ -843,7 +899,8 @@ int main(int argc, char **argv)
 		uint64_t hold_ns = (uint64_t)opt.hold_us * 1000u;
 		for (unsigned i = 0; i < nt; i++)
 			if (th[i] >= 2)
-				bench_config(&tgt, order, 3, "checkout_hold", th[i], th[i] / 2, hold_ns, Q_NONE);
+				bench_config(&tgt, order, 3, "checkout_hold", th[i], th[i] / 2,
+				             hold_ns, Q_NONE);
 	}
 
 	bool e2e = opt.sec_e2e && (pool_wanted(P_PGRING) || pool_wanted(P_DEDICATED) ||
@@ -854,7 +911,8 @@ int main(int argc, char **argv)
 		exec_or_die(setup, "CREATE TABLE pgr_bench_users (id int PRIMARY KEY, name text)");
 		char sql[160];
 		snprintf(sql, sizeof sql,
-		         "INSERT INTO pgr_bench_users SELECT g, 'user ' || g FROM generate_series(1, %d) g",
+		         "INSERT INTO pgr_bench_users SELECT g, 'user ' || g FROM "
+		         "generate_series(1, %d) g",
 		         LOOKUP_ROWS);
 		exec_or_die(setup, sql);
 		exec_or_die(setup, "ANALYZE pgr_bench_users");

@@ -196,9 +196,9 @@ struct driver {
 };
 
 static const struct driver drivers[] = {
-	{"pgring", pgr_create_fake, pgr_acq, pgr_rel, pgr_destroy_fake},
-	{"mutex", mpool_create, mpool_acquire, mpool_release, mpool_destroy},
-	{"ck_ring", rpool_create, rpool_acquire, rpool_release, rpool_destroy},
+    {"pgring", pgr_create_fake, pgr_acq, pgr_rel, pgr_destroy_fake},
+    {"mutex", mpool_create, mpool_acquire, mpool_release, mpool_destroy},
+    {"ck_ring", rpool_create, rpool_acquire, rpool_release, rpool_destroy},
 };
 #define NDRIVERS (sizeof(drivers) / sizeof(drivers[0]))
 
@@ -271,12 +271,12 @@ static struct result run_one(const struct driver *d, unsigned threads, uint32_t 
 	}
 	uint64_t el = now_ns() - t0;
 	struct result r = {
-		.ops_per_s = (double)ops * 1e9 / (double)el,
-		.ns_per_op = (double)el / (double)(ops ? ops : 1),
-		.p50 = pgr__hist_snap_quantile(&s, 0.5),
-		.p99 = pgr__hist_snap_quantile(&s, 0.99),
-		.p999 = pgr__hist_snap_quantile(&s, 0.999),
-		.max = s.max_ns,
+	    .ops_per_s = (double)ops * 1e9 / (double)el,
+	    .ns_per_op = (double)el / (double)(ops ? ops : 1),
+	    .p50 = pgr__hist_snap_quantile(&s, 0.5),
+	    .p99 = pgr__hist_snap_quantile(&s, 0.99),
+	    .p999 = pgr__hist_snap_quantile(&s, 0.999),
+	    .max = s.max_ns,
 	};
 	free(w);
 	d->destroy(pool);
@@ -303,9 +303,9 @@ int main(int argc, char **argv)
 		} else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
 			only = argv[++i];
 		} else {
-			fprintf(stderr,
-			        "usage: pgr_core_bench [--duration S] [--threads 1,2,8] [--only fit|scarce] "
-			        "[--json]\n");
+			fprintf(stderr, "usage: pgr_core_bench [--duration S] [--threads 1,2,8] "
+			                "[--only fit|scarce] "
+			                "[--json]\n");
 			return 2;
 		}
 	}
@@ -316,7 +316,8 @@ int main(int argc, char **argv)
 				threads_list[nthreads++] = def[i];
 	}
 	if (!json_only)
-		printf("pgr_core_bench: %ld CPUs, %.1f s per configuration, placeholder connections\n\n"
+		printf("pgr_core_bench: %ld CPUs, %.1f s per configuration, placeholder "
+		       "connections\n\n"
 		       "%-7s %4s %5s %-8s %12s %9s %9s %9s %9s %10s %8s %8s\n",
 		       ncpu, seconds, "mode", "thr", "conns", "pool", "ops/s", "ns/op", "p50_ns",
 		       "p99_ns", "p999_ns", "max_ns", "x mutex", "x ckring");
@@ -332,9 +333,12 @@ int main(int argc, char **argv)
 			for (unsigned d = 0; d < NDRIVERS; d++)
 				r[d] = run_one(&drivers[d], t, conns, hold, seconds);
 			for (unsigned d = 0; d < NDRIVERS; d++) {
-				printf("{\"bench\":\"core_%s\",\"pool\":\"%s\",\"threads\":%u,\"conns\":%u,"
-				       "\"hold_ns\":%llu,\"ops_per_s\":%.0f,\"ns_per_op\":%.1f,\"p50_ns\":%llu,"
-				       "\"p99_ns\":%llu,\"p999_ns\":%llu,\"max_ns\":%llu,\"cpus\":%ld}\n",
+				printf("{\"bench\":\"core_%s\",\"pool\":\"%s\",\"threads\":%u,"
+				       "\"conns\":%u,"
+				       "\"hold_ns\":%llu,\"ops_per_s\":%.0f,\"ns_per_op\":%.1f,"
+				       "\"p50_ns\":%llu,"
+				       "\"p99_ns\":%llu,\"p999_ns\":%llu,\"max_ns\":%llu,\"cpus\":%"
+				       "ld}\n",
 				       mname, drivers[d].name, t, conns, (unsigned long long)hold,
 				       r[d].ops_per_s, r[d].ns_per_op, (unsigned long long)r[d].p50,
 				       (unsigned long long)r[d].p99, (unsigned long long)r[d].p999,
@@ -344,11 +348,15 @@ int main(int argc, char **argv)
 			}
 			if (!json_only)
 				for (unsigned d = 0; d < NDRIVERS; d++)
-					printf("%-7s %4u %5u %-8s %12.0f %9.1f %9llu %9llu %9llu %10llu %8.2f %8.2f\n",
-					       mname, t, conns, drivers[d].name, r[d].ops_per_s, r[d].ns_per_op,
-					       (unsigned long long)r[d].p50, (unsigned long long)r[d].p99,
-					       (unsigned long long)r[d].p999, (unsigned long long)r[d].max,
-					       r[d].ops_per_s / r[1].ops_per_s, r[d].ops_per_s / r[2].ops_per_s);
+					printf("%-7s %4u %5u %-8s %12.0f %9.1f %9llu %9llu %9llu "
+					       "%10llu %8.2f %8.2f\n",
+					       mname, t, conns, drivers[d].name, r[d].ops_per_s,
+					       r[d].ns_per_op, (unsigned long long)r[d].p50,
+					       (unsigned long long)r[d].p99,
+					       (unsigned long long)r[d].p999,
+					       (unsigned long long)r[d].max,
+					       r[d].ops_per_s / r[1].ops_per_s,
+					       r[d].ops_per_s / r[2].ops_per_s);
 			fflush(stdout);
 		}
 	}

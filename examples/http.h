@@ -32,17 +32,20 @@ void hbuf_free(struct hbuf *b);
  */
 int hbuf_json_string(struct hbuf *b, const char *s);
 
-enum { HTTP_INCOMPLETE = 0, HTTP_PARSED = 1 };
+enum {
+	HTTP_INCOMPLETE = 0,
+	HTTP_PARSED = 1
+};
 
 struct http_req {
 	const char *method; /* points into the parsed buffer */
 	size_t method_len;
 	const char *path; /* request target without its query string */
 	size_t path_len;
-	int minor;        /* HTTP/1.<minor> */
-	size_t head_len;  /* request line and headers, final CRLFCRLF included */
-	size_t body_len;  /* Content-Length (bodies are skipped, never read) */
-	bool keep_alive;  /* HTTP/1.1 unless "Connection: close"; HTTP/1.0 only with keep-alive */
+	int minor;       /* HTTP/1.<minor> */
+	size_t head_len; /* request line and headers, final CRLFCRLF included */
+	size_t body_len; /* Content-Length (bodies are skipped, never read) */
+	bool keep_alive; /* HTTP/1.1 unless "Connection: close"; HTTP/1.0 only with keep-alive */
 };
 
 /*

@@ -53,8 +53,12 @@
 
 #define USER_SQL "select id, name, email from pgr_demo_users where id = $1"
 
-enum { RBUF_CAP = 8192 };     /* request head (and any body we skip) must fit */
-enum { WBUF_FLUSH = 16384 };  /* stop answering pipelined requests and send first */
+enum {
+	RBUF_CAP = 8192
+}; /* request head (and any body we skip) must fit */
+enum {
+	WBUF_FLUSH = 16384
+}; /* stop answering pipelined requests and send first */
 
 /* Low bits of our user_data: which operation a CQE belongs to. */
 enum {
@@ -66,10 +70,22 @@ enum {
 	K_MASK = 7,
 };
 
-enum { IO_NONE = 0, IO_RECV, IO_SEND };
+enum {
+	IO_NONE = 0,
+	IO_RECV,
+	IO_SEND
+};
 
 /* Response counters by status, shown in /metrics next to the pool's. */
-enum { C_200, C_400, C_404, C_500, C_503, C_OTHER, C_N };
+enum {
+	C_200,
+	C_400,
+	C_404,
+	C_500,
+	C_503,
+	C_OTHER,
+	C_N
+};
 static const int code_of[C_N] = {200, 400, 404, 500, 503, 0};
 
 struct server;
@@ -77,20 +93,20 @@ struct worker;
 
 struct hconn {
 	struct worker *w;
-	int fd;            /* -1 when the slot is free */
-	uint8_t io;        /* the one socket operation in flight: IO_NONE, IO_RECV, IO_SEND */
-	bool cancel_sent;  /* a cancel of that operation was requested */
-	bool db_busy;      /* an acquire or query is in flight; no socket operation meanwhile */
-	bool advancing;    /* inside conn_advance: callbacks run inline must not re-enter it */
-	bool close_after;  /* answer what was parsed, then close */
+	int fd;           /* -1 when the slot is free */
+	uint8_t io;       /* the one socket operation in flight: IO_NONE, IO_RECV, IO_SEND */
+	bool cancel_sent; /* a cancel of that operation was requested */
+	bool db_busy;     /* an acquire or query is in flight; no socket operation meanwhile */
+	bool advancing;   /* inside conn_advance: callbacks run inline must not re-enter it */
+	bool close_after; /* answer what was parsed, then close */
 	uint32_t next_free;
 	uint32_t rlen;
-	size_t skip;       /* bytes of a request body still to discard */
-	char *rbuf;        /* RBUF_CAP bytes */
-	struct hbuf out;   /* responses not yet sent; out.p[woff..len) goes next */
+	size_t skip;     /* bytes of a request body still to discard */
+	char *rbuf;      /* RBUF_CAP bytes */
+	struct hbuf out; /* responses not yet sent; out.p[woff..len) goes next */
 	size_t woff;
-	pgr_conn *pg;      /* checked out for the request in progress */
-	char param[16];    /* the id, as the query's text parameter */
+	pgr_conn *pg;   /* checked out for the request in progress */
+	char param[16]; /* the id, as the query's text parameter */
 } __attribute__((aligned(16)));
 
 struct worker {
@@ -214,7 +230,8 @@ static void respond(struct hconn *c, int status, const char *ctype, const char *
 	if (w->stopping)
 		c->close_after = true;
 	if (http_response(&c->out, status, ctype, body, n, c->close_after, http_date(w)) != 0) {
-		/* Out of memory: nothing sensible to say, drop the connection after what is queued. */
+		/* Out of memory: nothing sensible to say, drop the connection after what is queued.
+		 */
 		c->close_after = true;
 		return;
 	}
@@ -246,8 +263,9 @@ static void respond_row(struct hconn *c, PGresult *res)
 	for (int col = 1; col <= 2 && !rc; col++) {
 		rc = hbuf_puts(b, keys[col]);
 		if (!rc)
-			rc = PQgetisnull(res, 0, col) ? hbuf_puts(b, "null")
-			                              : hbuf_json_string(b, PQgetvalue(res, 0, col));
+			rc = PQgetisnull(res, 0, col)
+			         ? hbuf_puts(b, "null")
+			         : hbuf_json_string(b, PQgetvalue(res, 0, col));
 	}
 	if (rc || hbuf_puts(b, "}\n")) {
 		respond_error(c, 500, "out of memory");
@@ -279,12 +297,14 @@ static void respond_metrics(struct hconn *c)
 	for (int k = 0; k < C_N && !rc; k++) {
 		uint64_t sum = 0;
 		for (uint32_t i = 0; i < srv->nthreads; i++)
-			sum += atomic_load_explicit(&srv->workers[i].responses[k], memory_order_relaxed);
+			sum += atomic_load_explicit(&srv->workers[i].responses[k],
+			                            memory_order_relaxed);
 		if (code_of[k])
 			rc = hbuf_printf(b, "pgr_http_responses_total{code=\"%d\"} %" PRIu64 "\n",
 			                 code_of[k], sum);
 		else
-			rc = hbuf_printf(b, "pgr_http_responses_total{code=\"other\"} %" PRIu64 "\n", sum);
+			rc = hbuf_printf(
+			    b, "pgr_http_responses_total{code=\"other\"} %" PRIu64 "\n", sum);
 	}
 	if (rc) {
 		respond_error(c, 500, "out of memory");
@@ -406,7 +426,12 @@ static bool next_request(struct hconn *c)
 	if (!req.keep_alive)
 		c->close_after = true;
 
-	enum { R_404, R_400, R_USER, R_METRICS } route = R_404;
+	enum {
+		R_404,
+		R_400,
+		R_USER,
+		R_METRICS
+	} route = R_404;
 	static const char user_prefix[] = "/user/";
 	const size_t plen = sizeof(user_prefix) - 1;
 	if (req.method_len == 3 && memcmp(req.method, "GET", 3) == 0) {
@@ -514,7 +539,8 @@ static void conn_advance(struct hconn *c)
 			conn_close(c);
 			return;
 		} else {
-			/* A body being skipped is read into rbuf and dropped at the top of the loop. */
+			/* A body being skipped is read into rbuf and dropped at the top of the
+			 * loop. */
 			start_recv(c);
 		}
 		if (c->io == IO_NONE)
@@ -533,7 +559,8 @@ static void on_recv(struct hconn *c, int res)
 		res = 0; /* no SQE to be had: give the connection up */
 	}
 	if (res <= 0) {
-		/* Peer closed, reset, or our cancel at shutdown: nothing owed, nothing in flight. */
+		/* Peer closed, reset, or our cancel at shutdown: nothing owed, nothing in flight.
+		 */
 		conn_close(c);
 		return;
 	}
@@ -611,7 +638,8 @@ static void on_accept(struct worker *w, const struct io_uring_cqe *cqe)
 				c->skip = 0;
 				c->out.len = c->woff = 0;
 				int one = 1;
-				/* Responses leave in one send; do not let Nagle hold a pipelined batch. */
+				/* Responses leave in one send; do not let Nagle hold a pipelined
+				 * batch. */
 				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 				start_recv(c);
 				if (c->io == IO_NONE)
@@ -709,13 +737,12 @@ static int turn(struct worker *w, int64_t timeout_ns)
 	struct io_uring_cqe *cqe;
 	struct __kernel_timespec ts = {.tv_sec = timeout_ns / 1000000000,
 	                               .tv_nsec = timeout_ns % 1000000000};
-	int rc = io_uring_submit_and_wait_timeout(&w->ring, &cqe, 1, timeout_ns < 0 ? NULL : &ts,
-	                                          NULL);
+	int rc =
+	    io_uring_submit_and_wait_timeout(&w->ring, &cqe, 1, timeout_ns < 0 ? NULL : &ts, NULL);
 	if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EBUSY)
 		return rc;
 	unsigned head, n = 0;
-	io_uring_for_each_cqe(&w->ring, head, cqe)
-	{
+	io_uring_for_each_cqe (&w->ring, head, cqe) {
 		handle_cqe(w, cqe);
 		n++;
 	}
@@ -793,7 +820,8 @@ static void *worker_main(void *arg)
 			hard_deadline_ns = mono_ns() + 5 * 1000000000LL;
 		}
 		if (w->forced && mono_ns() >= hard_deadline_ns) {
-			fprintf(stderr, "pgr_http_server: worker %d: %u connections would not close\n",
+			fprintf(stderr,
+			        "pgr_http_server: worker %d: %u connections would not close\n",
 			        w->idx, w->live);
 			break;
 		}
@@ -815,8 +843,9 @@ static void *worker_main(void *arg)
 	while (w->loop && (drc = pgr_loop_destroy(w->loop)) == -EBUSY && mono_ns() < dl)
 		turn(w, 50000000);
 	if (w->loop && drc == -EBUSY)
-		fprintf(stderr, "pgr_http_server: worker %d: pgring operations never completed\n",
-		        w->idx); /* the loop is leaked: freeing it would free what the ring points at */
+		fprintf(
+		    stderr, "pgr_http_server: worker %d: pgring operations never completed\n",
+		    w->idx); /* the loop is leaked: freeing it would free what the ring points at */
 	w->loop = NULL;
 	if (w->listen_fd >= 0) {
 		close(w->listen_fd);
@@ -876,33 +905,44 @@ static int open_listener(const struct sockaddr_in *addr)
 int main(int argc, char **argv)
 {
 	struct server srv = {
-		.pool_size = 16,
-		.max_conns = 1024,
-		.acquire_timeout_ms = 2000,
-		.query_timeout_ms = 5000,
-		.drain_ms = 3000,
-		.lock = PTHREAD_MUTEX_INITIALIZER,
-		.cond = PTHREAD_COND_INITIALIZER,
+	    .pool_size = 16,
+	    .max_conns = 1024,
+	    .acquire_timeout_ms = 2000,
+	    .query_timeout_ms = 5000,
+	    .drain_ms = 3000,
+	    .lock = PTHREAD_MUTEX_INITIALIZER,
+	    .cond = PTHREAD_COND_INITIALIZER,
 	};
 	const char *listen_arg = "127.0.0.1:8080";
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	srv.nthreads = ncpu > 0 ? (uint32_t)ncpu : 1;
 
-	enum { O_LISTEN = 1, O_CONNINFO, O_THREADS, O_POOL, O_MODE, O_ACQ, O_QRY, O_MAXC, O_DRAIN,
-	       O_VERBOSE, O_HELP };
+	enum {
+		O_LISTEN = 1,
+		O_CONNINFO,
+		O_THREADS,
+		O_POOL,
+		O_MODE,
+		O_ACQ,
+		O_QRY,
+		O_MAXC,
+		O_DRAIN,
+		O_VERBOSE,
+		O_HELP
+	};
 	static const struct option opts[] = {
-		{"listen", required_argument, NULL, O_LISTEN},
-		{"conninfo", required_argument, NULL, O_CONNINFO},
-		{"threads", required_argument, NULL, O_THREADS},
-		{"pool-size", required_argument, NULL, O_POOL},
-		{"mode", required_argument, NULL, O_MODE},
-		{"acquire-timeout-ms", required_argument, NULL, O_ACQ},
-		{"query-timeout-ms", required_argument, NULL, O_QRY},
-		{"max-conns", required_argument, NULL, O_MAXC},
-		{"drain-ms", required_argument, NULL, O_DRAIN},
-		{"verbose", no_argument, NULL, O_VERBOSE},
-		{"help", no_argument, NULL, O_HELP},
-		{NULL, 0, NULL, 0},
+	    {"listen", required_argument, NULL, O_LISTEN},
+	    {"conninfo", required_argument, NULL, O_CONNINFO},
+	    {"threads", required_argument, NULL, O_THREADS},
+	    {"pool-size", required_argument, NULL, O_POOL},
+	    {"mode", required_argument, NULL, O_MODE},
+	    {"acquire-timeout-ms", required_argument, NULL, O_ACQ},
+	    {"query-timeout-ms", required_argument, NULL, O_QRY},
+	    {"max-conns", required_argument, NULL, O_MAXC},
+	    {"drain-ms", required_argument, NULL, O_DRAIN},
+	    {"verbose", no_argument, NULL, O_VERBOSE},
+	    {"help", no_argument, NULL, O_HELP},
+	    {NULL, 0, NULL, 0},
 	};
 	int o;
 	uint32_t v;
@@ -967,7 +1007,8 @@ int main(int argc, char **argv)
 	uint32_t port;
 	if (!colon || (size_t)(colon - listen_arg) >= sizeof(host) ||
 	    parse_u32(colon + 1, 0, 65535, &port)) {
-		fprintf(stderr, "pgr_http_server: --listen wants IPV4:PORT, got '%s'\n", listen_arg);
+		fprintf(stderr, "pgr_http_server: --listen wants IPV4:PORT, got '%s'\n",
+		        listen_arg);
 		return 2;
 	}
 	memcpy(host, listen_arg, (size_t)(colon - listen_arg));
@@ -1092,7 +1133,8 @@ int main(int argc, char **argv)
 		inet_ntop(AF_INET, &addr.sin_addr, ip, sizeof(ip));
 		fprintf(stderr,
 		        "pgr_http_server: listening on %s:%u (%u threads, mode %s, pool size %u)\n",
-		        ip, ntohs(addr.sin_port), srv.nthreads, srv.connect_mode ? "connect" : "pool",
+		        ip, ntohs(addr.sin_port), srv.nthreads,
+		        srv.connect_mode ? "connect" : "pool",
 		        srv.connect_mode ? 0 : srv.pool_size);
 		int sig = 0;
 		sigwait(&sigs, &sig);

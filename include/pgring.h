@@ -56,14 +56,14 @@ enum {
 };
 
 enum pgr_event_type {
-	PGR_EV_CONN_OPENED = 1,   /* a connection is open and ready (conn_id set) */
-	PGR_EV_CONN_CLOSED,       /* a connection was closed (reason set) */
-	PGR_EV_CONNECT_FAILED,    /* a connect attempt failed (message: libpq's text) */
-	PGR_EV_POOL_EXHAUSTED,    /* every connection is in use and a caller must wait */
-	PGR_EV_WAITER_REJECTED,   /* a caller was refused: max_waiters already wait */
-	PGR_EV_LEAK_SUSPECTED,    /* held longer than leak_threshold_ms (file/line/func set) */
-	PGR_EV_CONFIG_ERROR,      /* pgr_pool_create rejected a field (field set) */
-	PGR_EV_ACQUIRE_TIMEOUT,   /* an acquire timed out (message: pool state, last error) */
+	PGR_EV_CONN_OPENED = 1, /* a connection is open and ready (conn_id set) */
+	PGR_EV_CONN_CLOSED,     /* a connection was closed (reason set) */
+	PGR_EV_CONNECT_FAILED,  /* a connect attempt failed (message: libpq's text) */
+	PGR_EV_POOL_EXHAUSTED,  /* every connection is in use and a caller must wait */
+	PGR_EV_WAITER_REJECTED, /* a caller was refused: max_waiters already wait */
+	PGR_EV_LEAK_SUSPECTED,  /* held longer than leak_threshold_ms (file/line/func set) */
+	PGR_EV_CONFIG_ERROR,    /* pgr_pool_create rejected a field (field set) */
+	PGR_EV_ACQUIRE_TIMEOUT, /* an acquire timed out (message: pool state, last error) */
 };
 
 typedef struct pgr_event {
@@ -76,7 +76,7 @@ typedef struct pgr_event {
 	const char *file;    /* LEAK_SUSPECTED: where it was acquired, or NULL */
 	int line;
 	const char *func;
-	const char *pool;    /* the pool's name (pgr_config.name) */
+	const char *pool; /* the pool's name (pgr_config.name) */
 } pgr_event;
 
 /*
@@ -97,39 +97,39 @@ typedef int (*pgr_connect_fn)(PGconn *pg, void *user_data);
 PGR_API void pgr_event_log_stderr(const pgr_event *ev, void *user_data);
 
 typedef struct pgr_config {
-	const char *conninfo;         /* libpq conninfo string or URI; required */
-	const char *name;             /* pool label in metrics and logs; default "default" */
-	uint32_t min_idle;            /* connections kept open when unused; default 0 */
-	uint32_t max_size;            /* steady upper bound; default 10 */
-	uint32_t max_overflow;        /* burst above max_size, closed on return; default 0 */
-	uint32_t max_waiters;         /* callers that may wait at once; default 1024 */
-	uint32_t max_connecting;      /* connects in flight at once; default 4 */
-	uint32_t shards;              /* idle-connection shards; 0 = one per online CPU */
-	int64_t acquire_timeout_ms;   /* pgr_acquire's default deadline; default 30000 */
-	int64_t connect_timeout_ms;   /* whole connect attempt, TLS and auth included; 10000 */
-	int64_t max_lifetime_ms;      /* 0 = unlimited; default 1800000 (30 min) */
-	int64_t lifetime_jitter_ms;   /* up to this much is taken off each lifetime; 0 = none */
-	int64_t idle_timeout_ms;      /* close idle connections above min_idle; 0 = never; 600000 */
-	int64_t ping_after_idle_ms;   /* ping at checkout when idle this long; 0 = always,
-	                                 -1 = never; default 30000 */
-	int64_t check_after_idle_ms;  /* zero-round-trip socket check at checkout when idle this
-	                                 long; 0 = every checkout; default 1 */
-	int64_t ping_timeout_ms;      /* deadline of one ping; default 5000 */
-	int64_t reset_timeout_ms;     /* deadline of a rollback or reset_sql on return; 5000 */
-	int64_t keepalive_interval_ms;/* background ping of idle connections; 0 = off */
-	int64_t leak_threshold_ms;    /* report connections held longer; 0 = off */
-	int64_t backoff_min_ms;       /* first reconnect delay after a failure; default 100 */
-	int64_t backoff_max_ms;       /* cap of the exponential backoff; default 10000 */
-	int64_t tcp_user_timeout_ms;  /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
-	const char *reset_sql;        /* run on every return when set, e.g. "DISCARD ALL" */
+	const char *conninfo;        /* libpq conninfo string or URI; required */
+	const char *name;            /* pool label in metrics and logs; default "default" */
+	uint32_t min_idle;           /* connections kept open when unused; default 0 */
+	uint32_t max_size;           /* steady upper bound; default 10 */
+	uint32_t max_overflow;       /* burst above max_size, closed on return; default 0 */
+	uint32_t max_waiters;        /* callers that may wait at once; default 1024 */
+	uint32_t max_connecting;     /* connects in flight at once; default 4 */
+	uint32_t shards;             /* idle-connection shards; 0 = one per online CPU */
+	int64_t acquire_timeout_ms;  /* pgr_acquire's default deadline; default 30000 */
+	int64_t connect_timeout_ms;  /* whole connect attempt, TLS and auth included; 10000 */
+	int64_t max_lifetime_ms;     /* 0 = unlimited; default 1800000 (30 min) */
+	int64_t lifetime_jitter_ms;  /* up to this much is taken off each lifetime; 0 = none */
+	int64_t idle_timeout_ms;     /* close idle connections above min_idle; 0 = never; 600000 */
+	int64_t ping_after_idle_ms;  /* ping at checkout when idle this long; 0 = always,
+	                                -1 = never; default 30000 */
+	int64_t check_after_idle_ms; /* zero-round-trip socket check at checkout when idle this
+	                                long; 0 = every checkout; default 1 */
+	int64_t ping_timeout_ms;     /* deadline of one ping; default 5000 */
+	int64_t reset_timeout_ms;    /* deadline of a rollback or reset_sql on return; 5000 */
+	int64_t keepalive_interval_ms; /* background ping of idle connections; 0 = off */
+	int64_t leak_threshold_ms;     /* report connections held longer; 0 = off */
+	int64_t backoff_min_ms;        /* first reconnect delay after a failure; default 100 */
+	int64_t backoff_max_ms;        /* cap of the exponential backoff; default 10000 */
+	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
+	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
 	pgr_connect_fn on_connect;
 	pgr_event_fn on_event;
-	void *user_data;              /* passed to on_connect and on_event */
+	void *user_data; /* passed to on_connect and on_event */
 } pgr_config;
 
 typedef struct pgr_stats {
 	/* gauges */
-	uint32_t size;            /* open connections (idle + in use + being checked/reset) */
+	uint32_t size; /* open connections (idle + in use + being checked/reset) */
 	uint32_t idle;
 	uint32_t in_use;
 	uint32_t overflow_in_use; /* open connections above max_size */
@@ -144,14 +144,14 @@ typedef struct pgr_stats {
 	uint64_t handoffs;             /* handed straight from a return to a waiter */
 	uint64_t waits;                /* checkouts that had to wait */
 	uint64_t timeouts;
-	uint64_t rejected;             /* refused: too many waiters */
+	uint64_t rejected; /* refused: too many waiters */
 	uint64_t connects_ok;
 	uint64_t connects_failed;
 	uint64_t pings;
 	uint64_t pings_failed;
-	uint64_t checks_failed;        /* zero-round-trip check found a dead socket */
-	uint64_t rollbacks;            /* returned in a transaction and rolled back */
-	uint64_t resets;               /* reset_sql runs */
+	uint64_t checks_failed; /* zero-round-trip check found a dead socket */
+	uint64_t rollbacks;     /* returned in a transaction and rolled back */
+	uint64_t resets;        /* reset_sql runs */
 	uint64_t resets_failed;
 	uint64_t leaks;                /* leak reports */
 	uint64_t closes;               /* all closes; by reason below */
@@ -162,15 +162,15 @@ typedef struct pgr_stats {
 enum pgr_close_reason {
 	PGR_CLOSE_MAX_LIFETIME = 0,
 	PGR_CLOSE_IDLE_TIMEOUT,
-	PGR_CLOSE_BROKEN,        /* bad status seen at return or by a check */
+	PGR_CLOSE_BROKEN, /* bad status seen at return or by a check */
 	PGR_CLOSE_PING_FAILED,
 	PGR_CLOSE_RESET_FAILED,
-	PGR_CLOSE_OVERFLOW,      /* returned while the pool already held max_size */
-	PGR_CLOSE_DISCARDED,     /* pgr_discard */
-	PGR_CLOSE_SERVER_ERROR,  /* FATAL / admin shutdown / read-only server */
-	PGR_CLOSE_ACTIVE_QUERY,  /* returned with a query still running */
+	PGR_CLOSE_OVERFLOW,     /* returned while the pool already held max_size */
+	PGR_CLOSE_DISCARDED,    /* pgr_discard */
+	PGR_CLOSE_SERVER_ERROR, /* FATAL / admin shutdown / read-only server */
+	PGR_CLOSE_ACTIVE_QUERY, /* returned with a query still running */
 	PGR_CLOSE_POOL_CLOSING,
-	PGR_CLOSE_CONNECT_FAILED,/* on_connect refused or setup failed after connect */
+	PGR_CLOSE_CONNECT_FAILED, /* on_connect refused or setup failed after connect */
 	PGR_CLOSE_REASONS,
 };
 PGR_API const char *pgr_close_reason_name(int reason);
@@ -228,7 +228,7 @@ PGR_API int pgr_acquire_at(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out, c
                            int line, const char *func);
 PGR_API int pgr_acquire(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out);
 /* The macro records where the connection was acquired, for leak reports, at no cost. */
-#define pgr_acquire(pool, timeout_ms, out)                                                     \
+#define pgr_acquire(pool, timeout_ms, out)                                                         \
 	pgr_acquire_at((pool), (timeout_ms), (out), __FILE__, __LINE__, __func__)
 
 /* Like pgr_acquire with a zero timeout: returns -EAGAIN at once when none is idle. */

@@ -76,7 +76,8 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 	if (c->idle_timeout_ms < 0)
 		return reject(p, "idle_timeout_ms", "must not be negative (0 = never)");
 	if (c->ping_after_idle_ms < -1)
-		return reject(p, "ping_after_idle_ms", "must be -1 (never), 0 (always) or positive");
+		return reject(p, "ping_after_idle_ms",
+		              "must be -1 (never), 0 (always) or positive");
 	if (c->check_after_idle_ms < 0)
 		return reject(p, "check_after_idle_ms", "must not be negative");
 	if (c->ping_timeout_ms <= 0)
@@ -139,14 +140,14 @@ static int build_params(pgr_pool *p)
 	struct {
 		const char *kw, *val;
 	} extra[] = {
-		{"keepalives", "1"},
-		{"keepalives_idle", ka_idle},
-		{"keepalives_interval", "10"},
-		{"keepalives_count", "3"},
-		{"tcp_user_timeout", p->cfg.tcp_user_timeout_ms ? ka_user_timeout : NULL},
-		/* A GSSAPI attempt with a Kerberos cache present can block; pools opt in explicitly. */
-		{"gssencmode", "disable"},
-		{"application_name", "pgring"},
+	    {"keepalives", "1"},
+	    {"keepalives_idle", ka_idle},
+	    {"keepalives_interval", "10"},
+	    {"keepalives_count", "3"},
+	    {"tcp_user_timeout", p->cfg.tcp_user_timeout_ms ? ka_user_timeout : NULL},
+	    /* A GSSAPI attempt with a Kerberos cache present can block; pools opt in explicitly. */
+	    {"gssencmode", "disable"},
+	    {"application_name", "pgring"},
 	};
 	size_t nextra = sizeof(extra) / sizeof(extra[0]);
 	p->kw = calloc(n + nextra + 1, sizeof(char *));
@@ -199,7 +200,8 @@ int pgr__config_copy(pgr_pool *p, const pgr_config *cfg)
 	p->cfg.reset_sql = p->reset_sql_copy;
 	if (p->cfg.shards == 0) {
 		long n = sysconf(_SC_NPROCESSORS_CONF);
-		p->cfg.shards = n < 1 ? 1 : (n > (long)PGR__MAX_SHARDS ? PGR__MAX_SHARDS : (uint32_t)n);
+		p->cfg.shards =
+		    n < 1 ? 1 : (n > (long)PGR__MAX_SHARDS ? PGR__MAX_SHARDS : (uint32_t)n);
 	}
 	return build_params(p);
 }

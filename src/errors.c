@@ -81,17 +81,17 @@ const char *pgr_strerror(int err)
 }
 
 static const char *const close_reason_names[PGR_CLOSE_REASONS] = {
-	[PGR_CLOSE_MAX_LIFETIME] = "max_lifetime",
-	[PGR_CLOSE_IDLE_TIMEOUT] = "idle_timeout",
-	[PGR_CLOSE_BROKEN] = "broken",
-	[PGR_CLOSE_PING_FAILED] = "ping_failed",
-	[PGR_CLOSE_RESET_FAILED] = "reset_failed",
-	[PGR_CLOSE_OVERFLOW] = "overflow",
-	[PGR_CLOSE_DISCARDED] = "discarded",
-	[PGR_CLOSE_SERVER_ERROR] = "server_error",
-	[PGR_CLOSE_ACTIVE_QUERY] = "active_query",
-	[PGR_CLOSE_POOL_CLOSING] = "pool_closing",
-	[PGR_CLOSE_CONNECT_FAILED] = "connect_failed",
+    [PGR_CLOSE_MAX_LIFETIME] = "max_lifetime",
+    [PGR_CLOSE_IDLE_TIMEOUT] = "idle_timeout",
+    [PGR_CLOSE_BROKEN] = "broken",
+    [PGR_CLOSE_PING_FAILED] = "ping_failed",
+    [PGR_CLOSE_RESET_FAILED] = "reset_failed",
+    [PGR_CLOSE_OVERFLOW] = "overflow",
+    [PGR_CLOSE_DISCARDED] = "discarded",
+    [PGR_CLOSE_SERVER_ERROR] = "server_error",
+    [PGR_CLOSE_ACTIVE_QUERY] = "active_query",
+    [PGR_CLOSE_POOL_CLOSING] = "pool_closing",
+    [PGR_CLOSE_CONNECT_FAILED] = "connect_failed",
 };
 
 const char *pgr_close_reason_name(int reason)
@@ -170,8 +170,7 @@ static void line_puts(struct line *l, const char *s)
 	line_putn(l, s, SIZE_MAX);
 }
 
-__attribute__((format(printf, 2, 3))) static void line_printf(struct line *l, const char *fmt,
-                                                               ...)
+__attribute__((format(printf, 2, 3))) static void line_printf(struct line *l, const char *fmt, ...)
 {
 	char tmp[64];
 	va_list ap;
@@ -200,7 +199,7 @@ void pgr_event_log_stderr(const pgr_event *ev, void *user_data)
 	(void)user_data;
 	if (!ev)
 		return;
-	struct line l = { .len = 0, .cut = 0 };
+	struct line l = {.len = 0, .cut = 0};
 	int nfields = 0;
 
 	/* The pid tags the line the way syslog does; user_data is the caller's and opaque. */

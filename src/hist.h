@@ -20,10 +20,10 @@
 #include "pgring.h"
 
 #define PGR__HIST_SUB_BITS 2
-#define PGR__HIST_SUB (1u << PGR__HIST_SUB_BITS)
-#define PGR__HIST_LINEAR 16u
-#define PGR__HIST_MAX_EXP 44u
-#define PGR__HIST_BUCKETS (PGR__HIST_LINEAR + (PGR__HIST_MAX_EXP - 4u + 1u) * PGR__HIST_SUB)
+#define PGR__HIST_SUB      (1u << PGR__HIST_SUB_BITS)
+#define PGR__HIST_LINEAR   16u
+#define PGR__HIST_MAX_EXP  44u
+#define PGR__HIST_BUCKETS  (PGR__HIST_LINEAR + (PGR__HIST_MAX_EXP - 4u + 1u) * PGR__HIST_SUB)
 
 typedef struct pgr__hist {
 	_Atomic uint64_t bucket[PGR__HIST_BUCKETS];
@@ -57,7 +57,8 @@ static inline void pgr__hist_add(pgr__hist *h, uint64_t v)
 	atomic_store_explicit(&h->bucket[b],
 	                      atomic_load_explicit(&h->bucket[b], memory_order_relaxed) + 1,
 	                      memory_order_relaxed);
-	atomic_store_explicit(&h->sum_ns, atomic_load_explicit(&h->sum_ns, memory_order_relaxed) + v,
+	atomic_store_explicit(&h->sum_ns,
+	                      atomic_load_explicit(&h->sum_ns, memory_order_relaxed) + v,
 	                      memory_order_relaxed);
 	if (v > atomic_load_explicit(&h->max_ns, memory_order_relaxed))
 		atomic_store_explicit(&h->max_ns, v, memory_order_relaxed);

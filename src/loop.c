@@ -30,19 +30,29 @@
 
 #include "pool.h"
 
-enum { K_FUTEX = 1, K_ALTO, K_POLL, K_QLTO, K_CANCEL };
-enum { OP_FREE = 0, OP_ACQUIRE, OP_QUERY };
+enum {
+	K_FUTEX = 1,
+	K_ALTO,
+	K_POLL,
+	K_QLTO,
+	K_CANCEL
+};
+enum {
+	OP_FREE = 0,
+	OP_ACQUIRE,
+	OP_QUERY
+};
 
-#define FUTEX2_SIZE_U32_ 0x02 /* futex2 flags; no FUTEX2_PRIVATE: see the file comment */
+#define FUTEX2_SIZE_U32_      0x02 /* futex2 flags; no FUTEX2_PRIVATE: see the file comment */
 #define IORING_OP_FUTEX_WAIT_ 51
 
 struct op {
 	uint8_t kind;
 	uint8_t armed;
-	uint8_t done;     /* callback delivered; the record waits for its CQEs */
+	uint8_t done; /* callback delivered; the record waits for its CQEs */
 	uint16_t inflight;
 	uint16_t gen;
-	uint32_t wi;      /* waiter slot (acquire) */
+	uint32_t wi; /* waiter slot (acquire) */
 	uint32_t next_free;
 	int64_t t0_ns;
 	int64_t deadline_ns;
@@ -201,7 +211,8 @@ static void acquire_wait(pgr_loop *l, struct op *o)
 	}
 	struct pgr_conn *mine = pgr__fast_take(l->pool);
 	if (mine || arm_futex(l, o) != 0) {
-		/* No wait armed: settle at once (a full SQ ring counts as a timeout-free failure). */
+		/* No wait armed: settle at once (a full SQ ring counts as a timeout-free failure).
+		 */
 		acquire_settle(l, o, mine);
 	}
 }
@@ -318,7 +329,8 @@ static void query_read(pgr_loop *l, struct op *o)
 			}
 			keep_result(o, r);
 		}
-		/* Bytes OpenSSL already holds would never make the socket readable (PITFALLS.md 2). */
+		/* Bytes OpenSSL already holds would never make the socket readable (PITFALLS.md 2).
+		 */
 		if (PQsslInUse(pg)) {
 			SSL *ssl = PQsslStruct(pg, "OpenSSL");
 			if (ssl && SSL_has_pending(ssl))
@@ -500,13 +512,16 @@ int pgr_loop_destroy(pgr_loop *l)
 				continue;
 			struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
 			if (!s) {
-				l->destroying = 0; /* not every cancel is out: the next call tries again */
+				l->destroying =
+				    0; /* not every cancel is out: the next call tries again */
 				return -EBUSY;
 			}
-			io_uring_prep_cancel64(s, ud(l, o, o->kind == OP_ACQUIRE ? K_FUTEX : K_POLL), 0);
+			io_uring_prep_cancel64(
+			    s, ud(l, o, o->kind == OP_ACQUIRE ? K_FUTEX : K_POLL), 0);
 			io_uring_sqe_set_data64(s, ud(l, o, K_CANCEL));
 			o->inflight++;
-			o->armed = 0; /* its cancel is out; a retried destroy must not cancel it twice */
+			o->armed =
+			    0; /* its cancel is out; a retried destroy must not cancel it twice */
 		}
 	}
 	if (l->pending)

@@ -28,8 +28,15 @@
 
 #include "pool.h"
 
-enum { TAG_POLL = 1, TAG_LTO, TAG_CANCEL, TAG_EVENTFD };
-enum { AFTER_KEEPALIVE = 100 }; /* op_after value for background pings */
+enum {
+	TAG_POLL = 1,
+	TAG_LTO,
+	TAG_CANCEL,
+	TAG_EVENTFD
+};
+enum {
+	AFTER_KEEPALIVE = 100
+}; /* op_after value for background pings */
 
 static inline uint64_t tag(uint32_t id, uint32_t gen, unsigned t)
 {
@@ -150,7 +157,8 @@ static void backoff_after_failure(pgr_pool *p, int64_t now_ms)
 		p->backoff_ms *= 2;
 	else
 		p->backoff_ms = p->cfg.backoff_max_ms;
-	/* Equal jitter: half fixed, half random, so pools that failed together do not retry together. */
+	/* Equal jitter: half fixed, half random, so pools that failed together do not retry
+	 * together. */
 	int64_t half = p->backoff_ms / 2;
 	p->next_connect_ms = now_ms + half + (int64_t)(rnd(p) % (uint64_t)(half + 1));
 }
@@ -312,13 +320,15 @@ static void exec_read(pgr_pool *p, struct pgr_conn *c)
 				return;
 			}
 			ExecStatusType st = PQresultStatus(r);
-			if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY)
+			if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK &&
+			    st != PGRES_EMPTY_QUERY)
 				c->exec_failed = 1;
 			PQclear(r);
 		}
 		/*
-		 * OpenSSL may hold the rest of a record already read off the socket; a poll would then
-		 * wait for bytes that never come (PITFALLS.md 2). Read again instead of arming.
+		 * OpenSSL may hold the rest of a record already read off the socket; a poll would
+		 * then wait for bytes that never come (PITFALLS.md 2). Read again instead of
+		 * arming.
 		 */
 		if (PQsslInUse(c->pg)) {
 			SSL *ssl = PQsslStruct(c->pg, "OpenSSL");
@@ -339,7 +349,8 @@ static void exec_step(pgr_pool *p, struct pgr_conn *c, int revents)
 		return;
 	}
 	if (f == 1) {
-		/* Still sending: also wait for input, which the server may need us to read first. */
+		/* Still sending: also wait for input, which the server may need us to read first.
+		 */
 		if ((revents & POLLIN) && !PQconsumeInput(c->pg)) {
 			exec_done(p, c, false);
 			return;
@@ -489,9 +500,8 @@ void pgr__manager_push(pgr_pool *p, struct pgr_conn *c, enum pgr__req req, int r
 	do {
 		atomic_store_explicit(&c->req_next, head, memory_order_relaxed);
 		/* release: the manager's acquire exchange sees the slot as its owner left it. */
-	} while (!atomic_compare_exchange_weak_explicit(&p->req_head, &head, c->id,
-	                                                memory_order_release,
-	                                                memory_order_relaxed));
+	} while (!atomic_compare_exchange_weak_explicit(
+	    &p->req_head, &head, c->id, memory_order_release, memory_order_relaxed));
 	pgr__manager_wake(p);
 }
 
@@ -553,7 +563,8 @@ static void on_cqe(pgr_pool *p, struct io_uring_cqe *cqe)
 		/* The linked deadline fired. */
 		if (c->op == PGR__OP_CONNECT) {
 			char msg[128];
-			snprintf(msg, sizeof(msg), "timeout expired after %lld ms (connect_timeout_ms)",
+			snprintf(msg, sizeof(msg),
+			         "timeout expired after %lld ms (connect_timeout_ms)",
 			         (long long)p->cfg.connect_timeout_ms);
 			connect_failed(p, c, msg);
 		} else {
@@ -579,7 +590,8 @@ static void maintain(pgr_pool *p, int64_t now)
 		struct pgr_conn *c = &p->conns[i];
 		unsigned st = atomic_load_explicit(&c->state, memory_order_relaxed);
 		if (st == PGR__IDLE) {
-			int64_t idle_since = atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);
+			int64_t idle_since =
+			    atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);
 			int reason = -1;
 			bool ping = false;
 			if (closing)
@@ -592,7 +604,7 @@ static void maintain(pgr_pool *p, int64_t now)
 			else if (cfg->keepalive_interval_ms > 0 &&
 			         now - (idle_since > c->last_keepalive_ms ? idle_since
 			                                                  : c->last_keepalive_ms) >=
-			                 cfg->keepalive_interval_ms)
+			             cfg->keepalive_interval_ms)
 				ping = true;
 			if ((reason < 0 && !ping) || !pgr__claim_idle(p, c))
 				continue;
@@ -607,7 +619,8 @@ static void maintain(pgr_pool *p, int64_t now)
 			/* Checkouts so far, + 1 so that 0 means "never reported". */
 			uint64_t seq = atomic_load_explicit(&c->n_immediate, memory_order_relaxed) +
 			               atomic_load_explicit(&c->n_waits, memory_order_relaxed) + 1;
-			int64_t held = now - atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
+			int64_t held =
+			    now - atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
 			if (held < cfg->leak_threshold_ms || seq == c->leak_seq_reported)
 				continue;
 			c->leak_seq_reported = seq;
@@ -618,13 +631,19 @@ static void maintain(pgr_pool *p, int64_t now)
 			const char *file = atomic_load_explicit(&c->acq_file, memory_order_relaxed);
 			const char *func = atomic_load_explicit(&c->acq_func, memory_order_relaxed);
 			int line = atomic_load_explicit(&c->acq_line, memory_order_relaxed);
-			snprintf(msg, sizeof(msg),
-			         "connection %u held for %lld ms (leak_threshold_ms %lld), acquired at "
-			         "%s:%d (%s)",
-			         c->id, (long long)held, (long long)cfg->leak_threshold_ms,
-			         file ? file : "?", line, func ? func : "?");
-			pgr_event ev = {.type = PGR_EV_LEAK_SUSPECTED, .message = msg, .conn_id = c->id,
-			                .held_ms = held, .file = file, .line = line, .func = func};
+			snprintf(
+			    msg, sizeof(msg),
+			    "connection %u held for %lld ms (leak_threshold_ms %lld), acquired at "
+			    "%s:%d (%s)",
+			    c->id, (long long)held, (long long)cfg->leak_threshold_ms,
+			    file ? file : "?", line, func ? func : "?");
+			pgr_event ev = {.type = PGR_EV_LEAK_SUSPECTED,
+			                .message = msg,
+			                .conn_id = c->id,
+			                .held_ms = held,
+			                .file = file,
+			                .line = line,
+			                .func = func};
 			cfg->on_event(&ev, cfg->user_data);
 		}
 	}
@@ -720,13 +739,12 @@ static void *manager_main(void *arg)
 		struct io_uring_cqe *cqe;
 		int r = io_uring_submit_and_wait_timeout(&p->ring, &cqe, 1, &ts, NULL);
 		if (r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
-			pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE, "manager: io_uring wait failed: %s",
-			           strerror(-r));
+			pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE,
+			           "manager: io_uring wait failed: %s", strerror(-r));
 			usleep(1000);
 		}
 		unsigned head, n = 0;
-		io_uring_for_each_cqe(&p->ring, head, cqe)
-		{
+		io_uring_for_each_cqe (&p->ring, head, cqe) {
 			on_cqe(p, cqe);
 			n++;
 		}

@@ -22,8 +22,12 @@ void pgr__emit(pgr_pool *p, enum pgr_event_type type, const char *msg, const cha
 {
 	if (!p->cfg.on_event)
 		return;
-	pgr_event ev = {.type = type, .message = msg ? msg : "", .reason = reason, .field = field,
-	                .conn_id = conn_id, .pool = p->cfg.name};
+	pgr_event ev = {.type = type,
+	                .message = msg ? msg : "",
+	                .reason = reason,
+	                .field = field,
+	                .conn_id = conn_id,
+	                .pool = p->cfg.name};
 	p->cfg.on_event(&ev, p->cfg.user_data);
 }
 
@@ -139,15 +143,17 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	for (uint32_t c = 0; c < PGR__MAX_CPUS; c++)
 		p->cpu_shard[c] = (uint8_t)(c % p->nshards);
 	/* Spinning only helps when the holder can run meanwhile, i.e. on another CPU. */
-	p->spin_iters = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? 200 : 0;
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	p->spin_iters = ncpu > 1 ? 1000 : 0;
+	p->spin_positions = ncpu > 3 ? (uint32_t)ncpu / 2 : 1;
 	/* Each shard's bitmap starts on its own cache line: CPUs write different shards. */
 	p->shard_stride = (p->nwords + 7) & ~7u;
 	p->conns = aligned_alloc(PGR__CACHELINE, sizeof(struct pgr_conn) * p->cap);
 	p->bits = aligned_alloc(PGR__CACHELINE, sizeof(uint64_t) * p->shard_stride * p->nshards);
 	p->nwaiter_slots = p->cfg.max_waiters;
-	p->waiters = p->nwaiter_slots
-		? aligned_alloc(PGR__CACHELINE, sizeof(struct pgr__waiter) * p->nwaiter_slots)
-		: NULL;
+	p->waiters = p->nwaiter_slots ? aligned_alloc(PGR__CACHELINE,
+	                                              sizeof(struct pgr__waiter) * p->nwaiter_slots)
+	                              : NULL;
 	if (!p->conns || !p->bits || (p->nwaiter_slots && !p->waiters)) {
 		pool_free(p);
 		return -ENOMEM;
@@ -261,7 +267,8 @@ void pgr_pool_stats(pgr_pool *p, pgr_stats *o)
 			o->connecting++;
 			break;
 		}
-		o->acquired_immediately += atomic_load_explicit(&c->n_immediate, memory_order_relaxed);
+		o->acquired_immediately +=
+		    atomic_load_explicit(&c->n_immediate, memory_order_relaxed);
 		o->steals += atomic_load_explicit(&c->n_steals, memory_order_relaxed);
 		o->handoffs += atomic_load_explicit(&c->n_handoffs, memory_order_relaxed);
 		o->waits += atomic_load_explicit(&c->n_waits, memory_order_relaxed);
@@ -286,7 +293,8 @@ void pgr_pool_stats(pgr_pool *p, pgr_stats *o)
 	o->resets_failed = atomic_load_explicit(&p->c_resets_failed, memory_order_relaxed);
 	o->leaks = atomic_load_explicit(&p->c_leaks, memory_order_relaxed);
 	for (int r = 0; r < PGR_CLOSE_REASONS; r++) {
-		o->closes_by_reason[r] = atomic_load_explicit(&p->c_closes[r], memory_order_relaxed);
+		o->closes_by_reason[r] =
+		    atomic_load_explicit(&p->c_closes[r], memory_order_relaxed);
 		o->closes += o->closes_by_reason[r];
 	}
 }

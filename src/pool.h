@@ -28,15 +28,15 @@
 #include "hist.h"
 #include "pgring.h"
 
-#define PGR__CACHELINE 64
-#define PGR__ALIGNED __attribute__((aligned(PGR__CACHELINE)))
-#define PGR__MAX_CONNS 4096u
+#define PGR__CACHELINE  64
+#define PGR__ALIGNED    __attribute__((aligned(PGR__CACHELINE)))
+#define PGR__MAX_CONNS  4096u
 #define PGR__MAX_SHARDS 64u
-#define PGR__MAX_CPUS 1024u /* cpu -> shard table; larger ids fall back to a modulo */
-#define PGR__NONE UINT32_MAX
-#define PGR__TICK_MS 10
+#define PGR__MAX_CPUS   1024u /* cpu -> shard table; larger ids fall back to a modulo */
+#define PGR__NONE       UINT32_MAX
+#define PGR__TICK_MS    10
 
-#define likely(x) __builtin_expect(!!(x), 1)
+#define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
 /* A connection slot's life. Transitions are checked by pgr__conn_move. */
@@ -81,10 +81,10 @@ struct pgr_conn {
 	const char *_Atomic acq_file;
 	const char *_Atomic acq_func;
 	_Atomic int acq_line;
-	_Atomic uint32_t home_shard;   /* shard whose bitmap holds it while idle */
-	_Atomic uint8_t fresh;         /* validated by the manager; skip the next pre-ping */
-	_Atomic uint8_t server_error;  /* saw FATAL / 57P0x / 25006: never reuse */
-	uint8_t uncounted;     /* already taken out of nopen by an overflow return */
+	_Atomic uint32_t home_shard;  /* shard whose bitmap holds it while idle */
+	_Atomic uint8_t fresh;        /* validated by the manager; skip the next pre-ping */
+	_Atomic uint8_t server_error; /* saw FATAL / 57P0x / 25006: never reuse */
+	uint8_t uncounted;            /* already taken out of nopen by an overflow return */
 
 	/* Per-slot counters and histograms: single writer (the owner), merged on read. */
 	_Atomic uint64_t n_immediate; /* checkouts = n_immediate + n_waits (also the leak seq) */
@@ -94,16 +94,16 @@ struct pgr_conn {
 
 	/* Request stack link (multi-producer push, manager pops all). */
 	_Atomic uint32_t req_next;
-	uint8_t req;           /* enum pgr__req, written by the pusher before the push */
-	uint8_t close_reason;  /* enum pgr_close_reason for PGR__REQ_RETIRE */
+	uint8_t req;          /* enum pgr__req, written by the pusher before the push */
+	uint8_t close_reason; /* enum pgr_close_reason for PGR__REQ_RETIRE */
 
 	/* Manager-only. */
-	uint8_t op;            /* enum pgr__op */
-	uint8_t op_after;      /* EXEC: enum pgr__req that started it */
-	uint8_t armed;         /* a POLL_ADD is in flight */
+	uint8_t op;       /* enum pgr__op */
+	uint8_t op_after; /* EXEC: enum pgr__req that started it */
+	uint8_t armed;    /* a POLL_ADD is in flight */
 	uint8_t exec_failed;
-	uint16_t inflight;     /* SQEs submitted and not yet reaped */
-	uint32_t io_gen;       /* tags the current poll; stale CQEs are ignored */
+	uint16_t inflight;          /* SQEs submitted and not yet reaped */
+	uint32_t io_gen;            /* tags the current poll; stale CQEs are ignored */
 	uint64_t leak_seq_reported; /* checkout count at the last leak report + 1 */
 	int64_t op_start_ns;
 	int64_t op_deadline_ns;
@@ -116,7 +116,7 @@ struct pgr_conn {
 /* A parked caller. Lives in the pool's fixed waiter array, never on a stack. */
 enum pgr__wstate {
 	PGR__W_FREE = 0,
-	PGR__W_WAITING,  /* queued, not asleep (spinning): a grant needs no FUTEX_WAKE */
+	PGR__W_WAITING, /* queued, not asleep (spinning): a grant needs no FUTEX_WAKE */
 	PGR__W_GRANTED,
 	PGR__W_CANCELLED,
 	PGR__W_SHUTDOWN,
@@ -128,20 +128,22 @@ struct pgr__waiter {
 	uint32_t conn;          /* granted slot, valid once state == GRANTED */
 	uint32_t next, prev;    /* FIFO links, under wq_lock */
 	uint32_t gen;
+	uint32_t pos; /* place in the queue at arrival (1 = head), under wq_lock */
 } PGR__ALIGNED;
 
 struct pgr_pool {
 	/* Read-mostly: configuration and derived constants. */
 	pgr_config cfg;
 	char *conninfo_copy, *name_copy, *reset_sql_copy;
-	const char **kw;  /* conninfo as keywords/values, keepalive defaults added */
+	const char **kw; /* conninfo as keywords/values, keepalive defaults added */
 	const char **val;
-	char *password;   /* to scrub from messages */
-	uint32_t cap;     /* max_size + max_overflow */
+	char *password; /* to scrub from messages */
+	uint32_t cap;   /* max_size + max_overflow */
 	uint32_t nshards;
-	uint32_t nwords;  /* 64-bit words per shard bitmap */
+	uint32_t nwords;       /* 64-bit words per shard bitmap */
 	uint32_t shard_stride; /* words between shards, padded to a cache line */
 	uint32_t spin_iters;   /* pause loops a waiter spins before parking (0 on one CPU) */
+	uint32_t spin_positions; /* waiters that far from the head or closer spin */
 	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
 	_Atomic uint64_t *bits; /* nshards * shard_stride words */
@@ -156,9 +158,9 @@ struct pgr_pool {
 	/* Slot accounting, written on connect/close and by growing waiters. */
 	_Atomic uint32_t nopen PGR__ALIGNED; /* reserved slots: connecting + open */
 	_Atomic uint32_t nconnecting;
-	_Atomic uint32_t req_head;           /* request stack of slot ids */
-	_Atomic uint32_t demand;             /* try_acquire found nothing: open one */
-	_Atomic uint32_t nblocked;           /* callers inside the blocking slow path */
+	_Atomic uint32_t req_head; /* request stack of slot ids */
+	_Atomic uint32_t demand;   /* try_acquire found nothing: open one */
+	_Atomic uint32_t nblocked; /* callers inside the blocking slow path */
 
 	/* Waiter FIFO: the slow path, guarded by a mutex (a caller here is about to sleep). */
 	pthread_mutex_t wq_lock PGR__ALIGNED;
@@ -229,14 +231,14 @@ static inline _Atomic uint64_t *pgr__shard_words(pgr_pool *p, uint32_t s)
 
 /* Legal moves of enum pgr__state; anything else is a bug in the pool and aborts. */
 static const uint8_t pgr__legal[PGR__STATES] = {
-	[PGR__FREE] = 1u << PGR__CONNECTING,
-	[PGR__CONNECTING] = 1u << PGR__IDLE | 1u << PGR__FREE | 1u << PGR__CLOSING,
-	/* IDLE -> IDLE: a connection taken from a shard and granted to a waiter. */
-	[PGR__IDLE] = 1u << PGR__IN_USE | 1u << PGR__MANAGED | 1u << PGR__CLOSING | 1u << PGR__IDLE,
-	[PGR__IN_USE] = 1u << PGR__IDLE | 1u << PGR__MANAGED | 1u << PGR__CLOSING,
-	/* MANAGED -> MANAGED: a rollback followed by reset_sql. */
-	[PGR__MANAGED] = 1u << PGR__IDLE | 1u << PGR__CLOSING | 1u << PGR__MANAGED,
-	[PGR__CLOSING] = 1u << PGR__FREE,
+    [PGR__FREE] = 1u << PGR__CONNECTING,
+    [PGR__CONNECTING] = 1u << PGR__IDLE | 1u << PGR__FREE | 1u << PGR__CLOSING,
+    /* IDLE -> IDLE: a connection taken from a shard and granted to a waiter. */
+    [PGR__IDLE] = 1u << PGR__IN_USE | 1u << PGR__MANAGED | 1u << PGR__CLOSING | 1u << PGR__IDLE,
+    [PGR__IN_USE] = 1u << PGR__IDLE | 1u << PGR__MANAGED | 1u << PGR__CLOSING,
+    /* MANAGED -> MANAGED: a rollback followed by reset_sql. */
+    [PGR__MANAGED] = 1u << PGR__IDLE | 1u << PGR__CLOSING | 1u << PGR__MANAGED,
+    [PGR__CLOSING] = 1u << PGR__FREE,
 };
 void pgr__conn_bad_move(struct pgr_conn *c, unsigned from, unsigned to);
 /* The one transition function: only the slot's owner calls it. */
@@ -257,12 +259,12 @@ void pgr__config_free(pgr_pool *p);
 void pgr__emit(pgr_pool *p, enum pgr_event_type type, const char *msg, const char *reason,
                const char *field, uint32_t conn_id);
 void pgr__emitf(pgr_pool *p, enum pgr_event_type type, uint32_t conn_id, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
+    __attribute__((format(printf, 4, 5)));
 void pgr__set_last_error(pgr_pool *p, const char *msg);
 void pgr__scrub(const pgr_pool *p, char *msg);
 
 /* checkout.c */
-void pgr__publish(pgr_pool *p, struct pgr_conn *c); /* owner hands an idle conn to the pool */
+void pgr__publish(pgr_pool *p, struct pgr_conn *c);   /* owner hands an idle conn to the pool */
 int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c); /* manager takes a known-idle conn */
 void pgr__waiters_shutdown(pgr_pool *p);
 uint32_t pgr__idle_count(pgr_pool *p);

@@ -128,15 +128,13 @@ static void sample(struct out *o, const char *name, const char *pool, const char
 	sample_value(o, v);
 }
 
-static void gauge(struct out *o, const char *name, const char *help, const char *pool,
-                  uint64_t v)
+static void gauge(struct out *o, const char *name, const char *help, const char *pool, uint64_t v)
 {
 	family(o, name, "gauge", help);
 	sample(o, name, pool, NULL, NULL, v);
 }
 
-static void counter(struct out *o, const char *name, const char *help, const char *pool,
-                    uint64_t v)
+static void counter(struct out *o, const char *name, const char *help, const char *pool, uint64_t v)
 {
 	family(o, name, "counter", help);
 	sample(o, name, pool, NULL, NULL, v);
@@ -185,7 +183,7 @@ static void histogram(struct out *o, const char *name, const char *help, const c
 size_t pgr__prom_format(char *buf, size_t len, const char *pool_name, const pgr_stats *st,
                         const pgr__hist_snap snaps[PGR_HIST_KINDS])
 {
-	struct out o = { .buf = buf, .len = len, .need = 0 };
+	struct out o = {.buf = buf, .len = len, .need = 0};
 	const char *pool = pool_name ? pool_name : "";
 	if (len > 0)
 		buf[0] = '\0'; /* NUL-terminated even if nothing at all fits */

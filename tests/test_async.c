@@ -45,8 +45,7 @@ static void turn(struct env *e)
 	io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, &ts, NULL);
 	int64_t t0 = now_ns();
 	unsigned head, n = 0;
-	io_uring_for_each_cqe(&e->ring, head, cqe)
-	{
+	io_uring_for_each_cqe (&e->ring, head, cqe) {
 		if (!pgr_loop_handle_cqe(e->loop, cqe))
 			e->foreign_cqes++;
 		n++;
@@ -89,7 +88,8 @@ static void on_query(pgr_loop *l, int err, PGresult *res, void *arg)
 	if (err || PQresultStatus(res) != PGRES_TUPLES_OK ||
 	    atoi(PQgetvalue(res, 0, 0)) != c->value * 2) {
 		(*c->errors)++;
-		cr_log_error("cycle %d: err=%d %s", c->id, err, res ? PQresultErrorMessage(res) : "");
+		cr_log_error("cycle %d: err=%d %s", c->id, err,
+		             res ? PQresultErrorMessage(res) : "");
 	}
 	PQclear(res);
 	pgr_release(c->conn);
@@ -111,8 +111,8 @@ static void on_acquire(pgr_loop *l, int err, pgr_conn *conn, void *arg)
 	c->conn = conn;
 	snprintf(c->param, sizeof(c->param), "%d", c->value);
 	const char *params[1] = {c->param};
-	int rc = pgr_query_async(l, conn, "select $1::int * 2 from pg_sleep(0.001)", 1, params, 5000,
-	                         on_query, c);
+	int rc = pgr_query_async(l, conn, "select $1::int * 2 from pg_sleep(0.001)", 1, params,
+	                         5000, on_query, c);
 	if (rc) {
 		(*c->errors)++;
 		pgr_release(conn);
@@ -140,12 +140,19 @@ Test(async, thousand_cycles_on_a_pool_smaller_than_concurrency, .timeout = 120)
 {
 	static struct env e;
 	env_init(&e, 4, 4);
-	enum { CONC = 16, TOTAL = 1000 };
+	enum {
+		CONC = 16,
+		TOTAL = 1000
+	};
 	struct cycle cy[CONC];
 	int done = 0, errors = 0, started = 0;
 	for (int i = 0; i < CONC; i++) {
-		cy[i] = (struct cycle){.e = &e, .id = i, .done = &done, .errors = &errors,
-		                       .started = &started, .total = TOTAL};
+		cy[i] = (struct cycle){.e = &e,
+		                       .id = i,
+		                       .done = &done,
+		                       .errors = &errors,
+		                       .started = &started,
+		                       .total = TOTAL};
 		start_cycle(&cy[i]);
 	}
 	int64_t dl = tu_now_ms() + 60000;
@@ -165,8 +172,8 @@ Test(async, thousand_cycles_on_a_pool_smaller_than_concurrency, .timeout = 120)
 	 */
 	qsort(e.iter_ns, (size_t)e.niter, sizeof(int64_t), cmp64);
 	int64_t p50 = e.iter_ns[e.niter / 2], p99 = e.iter_ns[e.niter * 99 / 100];
-	cr_log_info("loop turn: p50 %lld ns, p99 %lld ns, max %lld ns over %d turns", (long long)p50,
-	            (long long)p99, (long long)e.max_iter_ns, e.niter);
+	cr_log_info("loop turn: p50 %lld ns, p99 %lld ns, max %lld ns over %d turns",
+	            (long long)p50, (long long)p99, (long long)e.max_iter_ns, e.niter);
 	cr_assert_lt(p50, 500000, "median loop turn %lld ns: the loop blocks", (long long)p50);
 	env_fini(&e);
 }
@@ -336,7 +343,8 @@ Test(async, query_past_deadline_is_cancelled_and_connection_not_reused, .timeout
 	int pid = PQbackendPID(pgr_conn_pg(a.conn));
 	struct qres q = {0};
 	int64_t t0 = tu_now_ms();
-	cr_assert_eq(pgr_query_async(e.loop, a.conn, "select pg_sleep(30)", 0, NULL, 150, on_q, &q), 0);
+	cr_assert_eq(pgr_query_async(e.loop, a.conn, "select pg_sleep(30)", 0, NULL, 150, on_q, &q),
+	             0);
 	while (!q.done && tu_now_ms() - t0 < 5000)
 		turn(&e);
 	int64_t took = tu_now_ms() - t0;

@@ -146,13 +146,19 @@ Test(checkout, waiters_are_served_in_arrival_order, .timeout = 60)
 	pgr_pool *p = small_pool(1, NULL);
 	pgr_conn *held;
 	cr_assert_eq(pgr_acquire(p, 1000, &held), 0);
-	enum { N = 6 };
+	enum {
+		N = 6
+	};
 	pthread_t th[N];
 	struct waiter_arg wa[N];
 	_Atomic int served = 0;
 	for (int i = 0; i < N; i++) {
-		wa[i] = (struct waiter_arg){.p = p, .order_slot = i, .timeout_ms = 20000,
-		                            .served_counter = &served, .served_rank = -1, .hold_ms = 2};
+		wa[i] = (struct waiter_arg){.p = p,
+		                            .order_slot = i,
+		                            .timeout_ms = 20000,
+		                            .served_counter = &served,
+		                            .served_rank = -1,
+		                            .hold_ms = 2};
 		pthread_create(&th[i], NULL, waiter_main, &wa[i]);
 		/* Arrival order is the order they show up in the queue. */
 		cr_assert(TU_WAIT_UNTIL(tu_stats(p).waiting == (uint32_t)i + 1, 5000),
@@ -163,7 +169,8 @@ Test(checkout, waiters_are_served_in_arrival_order, .timeout = 60)
 		pthread_join(th[i], NULL);
 	for (int i = 0; i < N; i++) {
 		cr_assert_eq(wa[i].rc, 0);
-		cr_assert_eq(wa[i].served_rank, i, "waiter %d was served %d-th", i, wa[i].served_rank);
+		cr_assert_eq(wa[i].served_rank, i, "waiter %d was served %d-th", i,
+		             wa[i].served_rank);
 	}
 	cr_assert_geq(tu_stats(p).handoffs, N);
 	pgr_pool_destroy(p);

@@ -217,7 +217,8 @@ Test(config, strerror_names_every_code)
 {
 	cr_assert(strstr(pgr_strerror(-ETIMEDOUT), "timed out"));
 	cr_assert(strstr(pgr_strerror(-ESHUTDOWN), "shutting down"));
-	cr_assert_str_neq(pgr_strerror(-PGR_E_TOO_MANY_WAITERS), pgr_strerror(-PGR_E_CONNECT_FAILED));
+	cr_assert_str_neq(pgr_strerror(-PGR_E_TOO_MANY_WAITERS),
+	                  pgr_strerror(-PGR_E_CONNECT_FAILED));
 	for (int e = PGR_E_BASE; e <= PGR_E_LAST; e++)
 		cr_assert_null(strstr(pgr_strerror(-e), "unknown"), "code %d unnamed", e);
 }

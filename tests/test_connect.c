@@ -8,8 +8,8 @@
 Test(connect, dead_port_fails_acquire_with_clear_error_and_does_not_spin, .timeout = 60)
 {
 	char conninfo[256];
-	snprintf(conninfo, sizeof(conninfo), "host=127.0.0.1 port=%d user=x dbname=x sslmode=disable",
-	         tu_dead_port());
+	snprintf(conninfo, sizeof(conninfo),
+	         "host=127.0.0.1 port=%d user=x dbname=x sslmode=disable", tu_dead_port());
 	struct tu_events ev;
 	tu_events_init(&ev);
 	pgr_config cfg;
@@ -28,7 +28,8 @@ Test(connect, dead_port_fails_acquire_with_clear_error_and_does_not_spin, .timeo
 	int rc = pgr_acquire(p, 1000, &c);
 	int64_t took = tu_now_ms() - t0;
 	cr_assert_eq(rc, -PGR_E_CONNECT_FAILED, "rc=%d (%s)", rc, pgr_strerror(rc));
-	cr_assert(took >= 995 && took < 2500, "took %lld ms for a 1000 ms deadline", (long long)took);
+	cr_assert(took >= 995 && took < 2500, "took %lld ms for a 1000 ms deadline",
+	          (long long)took);
 	char err[512];
 	pgr_pool_last_error(p, err, sizeof(err));
 	cr_assert(strstr(err, "refused"), "last error should carry libpq's reason: %s", err);
@@ -108,7 +109,8 @@ Test(connect, wrong_password_event_names_auth_failure_without_password, .timeout
 	cr_assert_geq(i, 0, "connect-failed event should name the auth failure: %s", ev.msg[0]);
 	pthread_mutex_lock(&ev.lock);
 	for (int k = 0; k < ev.n; k++)
-		cr_assert_null(strstr(ev.msg[k], "WrongSecret-4242"), "password leaked: %s", ev.msg[k]);
+		cr_assert_null(strstr(ev.msg[k], "WrongSecret-4242"), "password leaked: %s",
+		               ev.msg[k]);
 	pthread_mutex_unlock(&ev.lock);
 	char err[512];
 	pgr_pool_last_error(p, err, sizeof(err));

@@ -103,7 +103,8 @@ static bool server_exited(int *status)
 /* Start the server with the given extra arguments (NULL-terminated) and wait until it listens. */
 static void server_start(const char *const *extra)
 {
-	cr_assert(PGR_HTTP_SERVER_BIN[0], "test built without the examples (PGR_BUILD_EXAMPLES=OFF)");
+	cr_assert(PGR_HTTP_SERVER_BIN[0],
+	          "test built without the examples (PGR_BUILD_EXAMPLES=OFF)");
 	cr_assert(access(PGR_HTTP_SERVER_BIN, X_OK) == 0, "%s: not built", PGR_HTTP_SERVER_BIN);
 	const char *argv[32] = {PGR_HTTP_SERVER_BIN, "--listen", "127.0.0.1:0", "--conninfo",
 	                        tu_conninfo()};
@@ -286,7 +287,13 @@ static int read_response(struct client *c, struct resp *r, const char **why)
 
 /* ---- concurrent load ---- */
 
-enum { STYLE_PLAIN, STYLE_PIPELINED, STYLE_FRAGMENTED, STYLE_RECONNECTING, STYLES };
+enum {
+	STYLE_PLAIN,
+	STYLE_PIPELINED,
+	STYLE_FRAGMENTED,
+	STYLE_RECONNECTING,
+	STYLES
+};
 
 struct load {
 	int port;
@@ -316,11 +323,13 @@ static void pick(struct load *l, struct expect *e)
 		e->status = 200;
 		e->db = true;
 	} else if (r < 88) {
-		snprintf(e->path, sizeof(e->path), "/user/%d", NROWS + 1 + (int)(rand_r(&l->seed) % 500));
+		snprintf(e->path, sizeof(e->path), "/user/%d",
+		         NROWS + 1 + (int)(rand_r(&l->seed) % 500));
 		e->status = 404;
 		e->db = true;
 	} else if (r < 90) {
-		snprintf(e->path, sizeof(e->path), "/user/0%d", NROWS + 7); /* leading zero: still an id */
+		snprintf(e->path, sizeof(e->path), "/user/0%d",
+		         NROWS + 7); /* leading zero: still an id */
 		e->status = 404;
 		e->db = true;
 	} else if (r < 97) {
@@ -328,7 +337,8 @@ static void pick(struct load *l, struct expect *e)
 		e->status = 400;
 		e->db = false;
 	} else {
-		snprintf(e->path, sizeof(e->path), "/users/%d", 1 + (int)(rand_r(&l->seed) % NROWS));
+		snprintf(e->path, sizeof(e->path), "/users/%d",
+		         1 + (int)(rand_r(&l->seed) % NROWS));
 		e->status = 404;
 		e->db = false;
 	}
@@ -337,16 +347,18 @@ static void pick(struct load *l, struct expect *e)
 static bool check(struct load *l, const struct expect *e, const struct resp *r)
 {
 	if (r->status != e->status) {
-		snprintf(l->err, sizeof(l->err), "client %d: GET %s: status %d, want %d (body %.200s)",
-		         l->idx, e->path, r->status, e->status, r->body);
+		snprintf(l->err, sizeof(l->err),
+		         "client %d: GET %s: status %d, want %d (body %.200s)", l->idx, e->path,
+		         r->status, e->status, r->body);
 		return false;
 	}
 	if (e->status == 200) {
 		char want[256];
 		expected_body(e->id, want, sizeof(want));
 		if (strcmp(want, r->body) != 0) {
-			snprintf(l->err, sizeof(l->err), "client %d: GET %s: body\n  %.200s\nwant\n  %s",
-			         l->idx, e->path, r->body, want);
+			snprintf(l->err, sizeof(l->err),
+			         "client %d: GET %s: body\n  %.200s\nwant\n  %s", l->idx, e->path,
+			         r->body, want);
 			return false;
 		}
 	}
@@ -369,7 +381,9 @@ static void *load_main(void *arg)
 		snprintf(l->err, sizeof(l->err), "client %d: connect: %s", l->idx, strerror(errno));
 		return NULL;
 	}
-	enum { BATCH = 4 };
+	enum {
+		BATCH = 4
+	};
 	while (l->done < l->nreq) {
 		int batch = style == STYLE_PIPELINED ? BATCH : 1;
 		if (batch > l->nreq - l->done)
@@ -381,9 +395,10 @@ static void *load_main(void *arg)
 		bool last = style == STYLE_RECONNECTING && (l->done + 1) % 25 == 0;
 		for (int i = 0; i < batch; i++) {
 			pick(l, &e[i]);
-			len += (size_t)snprintf(req + len, sizeof(req) - len,
-			                        "GET %s HTTP/1.1\r\nHost: test\r\nUser-Agent: t%d\r\n%s\r\n",
-			                        e[i].path, l->idx, last ? "Connection: close\r\n" : "");
+			len += (size_t)snprintf(
+			    req + len, sizeof(req) - len,
+			    "GET %s HTTP/1.1\r\nHost: test\r\nUser-Agent: t%d\r\n%s\r\n", e[i].path,
+			    l->idx, last ? "Connection: close\r\n" : "");
 		}
 		int rc = 0;
 		if (style == STYLE_FRAGMENTED) {
@@ -413,12 +428,14 @@ static void *load_main(void *arg)
 		}
 		if (last) {
 			if (!r.conn_close) {
-				snprintf(l->err, sizeof(l->err), "client %d: no Connection: close", l->idx);
+				snprintf(l->err, sizeof(l->err), "client %d: no Connection: close",
+				         l->idx);
 				break;
 			}
 			/* The server must close its side after answering. */
 			if (fill(&c) != 0) {
-				snprintf(l->err, sizeof(l->err), "client %d: server did not close", l->idx);
+				snprintf(l->err, sizeof(l->err), "client %d: server did not close",
+				         l->idx);
 				break;
 			}
 			client_close(&c);
@@ -467,11 +484,16 @@ Test(example_server, answers_correct_rows_under_concurrent_load, .timeout = 120)
 	const char *args[] = {"--threads", "2", "--pool-size", "4", NULL};
 	server_start(args);
 
-	enum { CLIENTS = 8, PER_CLIENT = 200 };
+	enum {
+		CLIENTS = 8,
+		PER_CLIENT = 200
+	};
 	static struct load l[CLIENTS];
 	pthread_t t[CLIENTS];
 	for (int i = 0; i < CLIENTS; i++) {
-		l[i] = (struct load){.port = srv.port, .idx = i, .nreq = PER_CLIENT,
+		l[i] = (struct load){.port = srv.port,
+		                     .idx = i,
+		                     .nreq = PER_CLIENT,
 		                     .seed = 12345u + (unsigned)i * 7919u};
 		cr_assert_eq(pthread_create(&t[i], NULL, load_main, &l[i]), 0);
 	}
@@ -512,8 +534,9 @@ Test(example_server, answers_correct_rows_under_concurrent_load, .timeout = 120)
 Test(example_server, answers_503_when_pool_times_out_and_500_when_query_does, .timeout = 60)
 {
 	load_users();
-	const char *args[] = {"--threads", "1", "--pool-size", "1", "--acquire-timeout-ms", "300",
-	                      "--query-timeout-ms", "800", NULL};
+	const char *args[] = {
+	    "--threads",          "1",   "--pool-size", "1", "--acquire-timeout-ms", "300",
+	    "--query-timeout-ms", "800", NULL};
 	server_start(args);
 	static struct resp r;
 	get("/user/1", &r);
@@ -550,7 +573,8 @@ Test(example_server, answers_503_when_pool_times_out_and_500_when_query_does, .t
 	cr_assert(TU_WAIT_UNTIL((get("/user/2", &r), r.status == 200), 5000), "status %d: %s",
 	          r.status, r.body);
 
-	/* SIGTERM with a lookup in flight: it is answered (Connection: close), then a clean exit. */
+	/* SIGTERM with a lookup in flight: it is answered (Connection: close), then a clean exit.
+	 */
 	tu_exec(admin, "begin");
 	tu_exec(admin, "lock table pgr_demo_users in access exclusive mode");
 	cr_assert_eq(client_connect(&a, srv.port), 0);
@@ -582,10 +606,10 @@ Test(example_server, refuses_malformed_requests_and_closes, .timeout = 60)
 	static struct resp r;
 	const char *why = "";
 	static const char *const bad[] = {
-		"GARBAGE\r\n\r\n",
-		"GET /user/1 HTTP/2.0\r\n\r\n",
-		"GET /user/1 HTTP/1.1\r\nNo colon here\r\n\r\n",
-		"POST /user/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+	    "GARBAGE\r\n\r\n",
+	    "GET /user/1 HTTP/2.0\r\n\r\n",
+	    "GET /user/1 HTTP/1.1\r\nNo colon here\r\n\r\n",
+	    "POST /user/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
 	};
 	static const int want[] = {400, 400, 400, 501};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
@@ -612,8 +636,9 @@ Test(example_server, refuses_malformed_requests_and_closes, .timeout = 60)
 	client_close(&c);
 	/* A body is skipped by its Content-Length, and the next request on the connection works. */
 	cr_assert_eq(client_connect(&c, srv.port), 0);
-	static const char with_body[] = "POST /user/1 HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789"
-	                                "GET /user/3 HTTP/1.1\r\n\r\n";
+	static const char with_body[] =
+	    "POST /user/1 HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789"
+	    "GET /user/3 HTTP/1.1\r\n\r\n";
 	cr_assert_eq(send_all(&c, with_body, sizeof(with_body) - 1), 0);
 	cr_assert_eq(read_response(&c, &r, &why), 0, "%s", why);
 	cr_assert_eq(r.status, 404);

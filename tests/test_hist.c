@@ -89,8 +89,8 @@ Test(hist, bucket_width_is_at_most_a_quarter_of_its_lower_bound, .timeout = 30)
 			cr_assert_eq(width, 1, "linear bucket %u has width %llu", i,
 			             (unsigned long long)width);
 		else
-			cr_assert_leq(width * PGR__HIST_SUB, lo, "bucket %u [%llu, %llu] too wide", i,
-			              (unsigned long long)lo, (unsigned long long)hi);
+			cr_assert_leq(width * PGR__HIST_SUB, lo, "bucket %u [%llu, %llu] too wide",
+			              i, (unsigned long long)lo, (unsigned long long)hi);
 	}
 }
 
@@ -255,16 +255,19 @@ Test(hist, merge_sums_buckets_counts_and_sums_and_keeps_the_larger_max, .timeout
 	}
 	cr_assert_eq(total, s.count);
 	/* 150 sits in both inputs; its bucket must hold both. */
-	cr_assert_eq(pgr__hist_snap_count_le(&s, pgr__hist_bucket_hi(pgr__hist_bucket(150))) -
-	                     pgr__hist_snap_count_le(&s, pgr__hist_bucket_lo(pgr__hist_bucket(150)) - 1),
-	             atomic_load(&a->bucket[pgr__hist_bucket(150)]) + 1);
+	cr_assert_eq(
+	    pgr__hist_snap_count_le(&s, pgr__hist_bucket_hi(pgr__hist_bucket(150))) -
+	        pgr__hist_snap_count_le(&s, pgr__hist_bucket_lo(pgr__hist_bucket(150)) - 1),
+	    atomic_load(&a->bucket[pgr__hist_bucket(150)]) + 1);
 	free(a);
 	free(b);
 }
 
 Test(hist, count_le_is_exact_at_every_bucket_upper_bound, .timeout = 30)
 {
-	enum { N = 20000 };
+	enum {
+		N = 20000
+	};
 	static uint64_t vals[N];
 	pgr__hist *h = hist_new();
 	uint64_t s = 12345;
@@ -290,8 +293,10 @@ Test(hist, count_le_is_exact_at_every_bucket_upper_bound, .timeout = 30)
 			want = 0;
 			for (int i = 0; i < N; i++)
 				want += vals[i] <= mid;
-			cr_assert_leq(got, want, "count_le overcounts at %llu", (unsigned long long)mid);
-			cr_assert_eq(got, pgr__hist_snap_count_le(&snap, pgr__hist_bucket_lo(b) - 1));
+			cr_assert_leq(got, want, "count_le overcounts at %llu",
+			              (unsigned long long)mid);
+			cr_assert_eq(got,
+			             pgr__hist_snap_count_le(&snap, pgr__hist_bucket_lo(b) - 1));
 		}
 	}
 	cr_assert_eq(pgr__hist_snap_count_le(&snap, UINT64_MAX), N);

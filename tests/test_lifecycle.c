@@ -34,13 +34,16 @@ static void acquire_each_and_query(pgr_pool *p, int n, const int *dead, int ndea
 		             PQerrorMessage(pg));
 		PQclear(r);
 		cr_assert_not(lc_in(dead, ndead, PQbackendPID(pg)),
-		              "connection %d still talks to killed backend %d", i, PQbackendPID(pg));
+		              "connection %d still talks to killed backend %d", i,
+		              PQbackendPID(pg));
 	}
 }
 
 Test(lifecycle, idle_connections_with_killed_backends_are_replaced_at_checkout, .timeout = 60)
 {
-	enum { N = 4 };
+	enum {
+		N = 4
+	};
 	const char *app = "lc_kill_idle";
 	pgr_config cfg;
 	char *ci;
@@ -72,7 +75,9 @@ Test(lifecycle, idle_connections_with_killed_backends_are_replaced_at_checkout, 
 
 Test(lifecycle, killed_backends_are_replaced_with_pre_ping_always, .timeout = 60)
 {
-	enum { N = 4 };
+	enum {
+		N = 4
+	};
 	const char *app = "lc_kill_preping";
 	pgr_config cfg;
 	char *ci;
@@ -228,7 +233,9 @@ Test(lifecycle, reset_sql_runs_on_every_return, .timeout = 30)
 	char wm[64];
 	show(pgr_conn_pg(c), "work_mem", wm, sizeof(wm));
 
-	enum { ROUNDS = 5 };
+	enum {
+		ROUNDS = 5
+	};
 	for (int i = 0; i < ROUNDS; i++) {
 		PGconn *pg = pgr_conn_pg(c);
 		/* Session state a previous borrower must not leak to the next one. */
@@ -248,8 +255,9 @@ Test(lifecycle, reset_sql_runs_on_every_return, .timeout = 30)
 		cr_assert_str_eq(v, wm, "round %d: work_mem survived the return", i);
 		cr_assert_eq(tu_query_long(pg, "select count(*) from pg_prepared_statements"), 0,
 		             "round %d: prepared statement survived the return", i);
-		cr_assert_eq(tu_query_long(pg, "select count(*) from pg_class where relname = 'lc_tmp' "
-		                             "and relpersistence = 't'"),
+		cr_assert_eq(tu_query_long(pg,
+		                           "select count(*) from pg_class where relname = 'lc_tmp' "
+		                           "and relpersistence = 't'"),
 		             0, "round %d: temp table survived the return", i);
 		cr_assert_eq(tu_stats(p).resets, (uint64_t)i + 1);
 	}
@@ -268,7 +276,8 @@ Test(lifecycle, reset_sql_runs_on_every_return, .timeout = 30)
 	show(pgr_conn_pg(c), "work_mem", v, sizeof(v));
 	cr_assert_str_eq(v, wm);
 	/* PREPARE is not transactional: only the reset removes it. */
-	cr_assert_eq(tu_query_long(pgr_conn_pg(c), "select count(*) from pg_prepared_statements"), 0);
+	cr_assert_eq(tu_query_long(pgr_conn_pg(c), "select count(*) from pg_prepared_statements"),
+	             0);
 	pgr_release(c);
 
 	cr_assert(TU_WAIT_UNTIL(tu_stats(p).resets == ROUNDS + 3, 5000), "resets=%llu",
@@ -363,8 +372,8 @@ Test(lifecycle, connection_terminated_while_checked_out_is_not_reused, .timeout 
 	cr_assert(lc_ok(pgr_conn_pg(c), "select 1"));
 	pgr_release(c);
 	pgr_stats s = tu_stats(p);
-	cr_assert_eq(s.closes_by_reason[PGR_CLOSE_BROKEN] + s.closes_by_reason[PGR_CLOSE_SERVER_ERROR],
-	             1);
+	cr_assert_eq(
+	    s.closes_by_reason[PGR_CLOSE_BROKEN] + s.closes_by_reason[PGR_CLOSE_SERVER_ERROR], 1);
 	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, "broken", id) +
 	                 lc_events_count(ev, PGR_EV_CONN_CLOSED, "server_error", id),
 	             1);

@@ -150,7 +150,8 @@ static inline int lc_app_pids(PGconn *admin, const char *app, int *pids, int max
 {
 	char sql[256];
 	snprintf(sql, sizeof(sql),
-	         "select pid from pg_stat_activity where application_name = '%s' order by pid", app);
+	         "select pid from pg_stat_activity where application_name = '%s' order by pid",
+	         app);
 	PGresult *r = PQexec(admin, sql);
 	cr_assert(PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql, PQerrorMessage(admin));
 	int n = PQntuples(r);

@@ -24,19 +24,26 @@ static void server_up_again(void)
 		fprintf(stderr, "lifecycle: could not start the test server again\n");
 }
 
-enum { PHASE_UP = 0, PHASE_DOWN, PHASE_RESTARTED };
-enum { THREADS = 4, ACQ_MS = 300 };
+enum {
+	PHASE_UP = 0,
+	PHASE_DOWN,
+	PHASE_RESTARTED
+};
+enum {
+	THREADS = 4,
+	ACQ_MS = 300
+};
 
 struct load {
 	pgr_pool *p;
 	_Atomic int stop;
 	_Atomic int phase;
-	_Atomic int64_t first_ok_ms;   /* first successful query after the restart */
+	_Atomic int64_t first_ok_ms; /* first successful query after the restart */
 	_Atomic int ok;
 	/* Acquires that started and ended while the server was down. */
 	_Atomic int down_fail;
 	_Atomic int down_connect_failed;
-	_Atomic int down_bad_rc;       /* neither -PGR_E_CONNECT_FAILED nor -ETIMEDOUT */
+	_Atomic int down_bad_rc; /* neither -PGR_E_CONNECT_FAILED nor -ETIMEDOUT */
 	_Atomic int down_bad_rc_value;
 	_Atomic int64_t down_min_ms, down_max_ms;
 	/* Query errors on connections handed out after the first success following the restart. */
@@ -79,7 +86,8 @@ static void *load_main(void *arg)
 				if (rc == -PGR_E_CONNECT_FAILED) {
 					atomic_fetch_add(&l->down_connect_failed, 1);
 					pthread_mutex_lock(&l->lock);
-					pgr_pool_last_error(l->p, l->down_error, sizeof(l->down_error));
+					pgr_pool_last_error(l->p, l->down_error,
+					                    sizeof(l->down_error));
 					pthread_mutex_unlock(&l->lock);
 				} else if (rc != -ETIMEDOUT) {
 					atomic_fetch_add(&l->down_bad_rc, 1);
@@ -113,7 +121,10 @@ static void *load_main(void *arg)
 Test(lifecycle, server_restart_under_load_fails_fast_backs_off_and_recovers, .timeout = 90,
      .fini = server_up_again)
 {
-	enum { DOWN_MS = 2000, MIN = 4 };
+	enum {
+		DOWN_MS = 2000,
+		MIN = 4
+	};
 	const char *app = "lc_outage";
 	struct lc_events *ev = lc_events_new();
 	pgr_config cfg;
@@ -143,7 +154,8 @@ Test(lifecycle, server_restart_under_load_fails_fast_backs_off_and_recovers, .ti
 	atomic_store(&l->phase, PHASE_DOWN);
 	while (tu_now_ms() < t_stop + DOWN_MS)
 		tu_sleep_ms(20);
-	atomic_store(&l->phase, PHASE_UP); /* acquires in flight across the restart are not judged */
+	atomic_store(&l->phase,
+	             PHASE_UP); /* acquires in flight across the restart are not judged */
 	uint64_t cf1 = tu_stats(p).connects_failed;
 	int64_t t_down = tu_now_ms() - t_stop;
 	tu_server_ctl("server-start");
@@ -207,7 +219,10 @@ Test(lifecycle, server_restart_under_load_fails_fast_backs_off_and_recovers, .ti
 
 Test(lifecycle, silent_server_fails_connect_after_connect_timeout, .timeout = 30)
 {
-	enum { CONNECT_MS = 300, ACQ = 1500 };
+	enum {
+		CONNECT_MS = 300,
+		ACQ = 1500
+	};
 	int port;
 	int lfd = tu_silent_listener(&port);
 	char ci[256];

@@ -11,7 +11,11 @@
 
 Test(lifecycle, idle_connections_retire_at_max_lifetime_with_jitter, .timeout = 60)
 {
-	enum { N = 8, LIFE = 300, JITTER = 200 };
+	enum {
+		N = 8,
+		LIFE = 300,
+		JITTER = 200
+	};
 	const char *app = "lc_life_idle";
 	struct lc_events *ev = lc_events_new();
 	pgr_config cfg;
@@ -33,8 +37,8 @@ Test(lifecycle, idle_connections_retire_at_max_lifetime_with_jitter, .timeout = 
 	int64_t opened[N], closed[N];
 	for (uint32_t id = 0; id < N; id++) {
 		struct lc_ev e;
-		cr_assert(TU_WAIT_UNTIL(lc_events_first(ev, PGR_EV_CONN_CLOSED, "max_lifetime", id, 0,
-		                                        &e, NULL),
+		cr_assert(TU_WAIT_UNTIL(lc_events_first(ev, PGR_EV_CONN_CLOSED, "max_lifetime", id,
+		                                        0, &e, NULL),
 		                        5000),
 		          "slot %u was never retired for its lifetime", id);
 		closed[id] = e.t_ms;
@@ -45,8 +49,9 @@ Test(lifecycle, idle_connections_retire_at_max_lifetime_with_jitter, .timeout = 
 	for (int i = 0; i < N; i++) {
 		int64_t life = closed[i] - opened[i];
 		/* Born after t_create, so never retired before the shortest lifetime has passed. */
-		cr_assert_geq(closed[i] - t_create, LIFE - JITTER, "slot %d retired %lld ms after create",
-		              i, (long long)(closed[i] - t_create));
+		cr_assert_geq(closed[i] - t_create, LIFE - JITTER,
+		              "slot %d retired %lld ms after create", i,
+		              (long long)(closed[i] - t_create));
 		/* At most max_lifetime, plus a generous allowance for a loaded machine. */
 		cr_assert_leq(life, LIFE + 1000, "slot %d lived %lld ms", i, (long long)life);
 		lo = life < lo ? life : lo;
@@ -58,21 +63,23 @@ Test(lifecycle, idle_connections_retire_at_max_lifetime_with_jitter, .timeout = 
 	 */
 	cr_assert_geq(hi - lo, 40, "lifetimes all within %lld ms: no jitter", (long long)(hi - lo));
 
-	/* The manager replaced them: none of the first backends is left, the pool keeps refilling. */
+	/* The manager replaced them: none of the first backends is left, the pool keeps refilling.
+	 */
 	cr_assert(TU_WAIT_UNTIL(({
 		                        int now_pids[LC_MAX_PIDS];
 		                        int n = lc_app_pids(admin, app, now_pids, LC_MAX_PIDS);
 		                        bool old = false;
 		                        for (int i = 0; i < n; i++)
 			                        old |= lc_in(first, nfirst, now_pids[i]);
-		                        !old && n > 0;
+		                        !old &&n > 0;
 	                        }),
 	                        5000),
 	          "backends of the first connections are still there");
 	cr_assert(TU_WAIT_UNTIL(tu_stats(p).connects_ok >= 2 * N, 5000));
 	pgr_stats s = tu_stats(p);
 	cr_assert_eq(s.acquires, 0, "nobody used the pool: the manager retired them");
-	cr_assert_eq(s.closes, s.closes_by_reason[PGR_CLOSE_MAX_LIFETIME], "closes for other reasons");
+	cr_assert_eq(s.closes, s.closes_by_reason[PGR_CLOSE_MAX_LIFETIME],
+	             "closes for other reasons");
 	cr_assert_geq(s.closes_by_reason[PGR_CLOSE_MAX_LIFETIME], N);
 	pgr_pool_destroy(p);
 	lc_events_free(ev);
@@ -81,7 +88,10 @@ Test(lifecycle, idle_connections_retire_at_max_lifetime_with_jitter, .timeout = 
 
 Test(lifecycle, busy_connection_past_its_lifetime_is_retired_at_release, .timeout = 30)
 {
-	enum { LIFE = 300, JITTER = 200 };
+	enum {
+		LIFE = 300,
+		JITTER = 200
+	};
 	const char *app = "lc_life_busy";
 	struct lc_events *ev = lc_events_new();
 	pgr_config cfg;
@@ -109,8 +119,9 @@ Test(lifecycle, busy_connection_past_its_lifetime_is_retired_at_release, .timeou
 	pgr_release(c);
 
 	struct lc_ev e;
-	cr_assert(TU_WAIT_UNTIL(lc_events_first(ev, PGR_EV_CONN_CLOSED, NULL, id, 0, &e, NULL), 5000),
-	          "expired connection not closed after its release");
+	cr_assert(
+	    TU_WAIT_UNTIL(lc_events_first(ev, PGR_EV_CONN_CLOSED, NULL, id, 0, &e, NULL), 5000),
+	    "expired connection not closed after its release");
 	cr_assert_str_eq(e.reason, "max_lifetime");
 	cr_assert_geq(e.t_ms, t_rel);
 	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
@@ -139,7 +150,11 @@ static void grow_to(pgr_pool *p, int n, int *pids)
 
 Test(lifecycle, idle_pool_shrinks_to_min_idle_and_not_below, .timeout = 30)
 {
-	enum { MIN = 2, MAX = 6, IDLE_MS = 300 };
+	enum {
+		MIN = 2,
+		MAX = 6,
+		IDLE_MS = 300
+	};
 	const char *app = "lc_idle_shrink";
 	struct lc_events *ev = lc_events_new();
 	pgr_config cfg;
@@ -166,23 +181,25 @@ Test(lifecycle, idle_pool_shrinks_to_min_idle_and_not_below, .timeout = 30)
 		for (int i = 0; i < MAX; i++)
 			pgr_release(c[i]);
 	}
-	cr_assert(TU_WAIT_UNTIL(tu_stats(p).size == MIN, 5000), "size %u, want %u", tu_stats(p).size,
-	          MIN);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).size == MIN, 5000), "size %u, want %u",
+	          tu_stats(p).size, MIN);
 	pgr_stats s = tu_stats(p);
 	cr_assert_eq(s.closes_by_reason[PGR_CLOSE_IDLE_TIMEOUT], MAX - MIN);
 	cr_assert_eq(s.closes, MAX - MIN);
-	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, "idle_timeout", UINT32_MAX), MAX - MIN);
+	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, "idle_timeout", UINT32_MAX),
+	             MAX - MIN);
 	for (int from = 0, at;; from = at + 1) {
 		struct lc_ev e;
-		if (!lc_events_first(ev, PGR_EV_CONN_CLOSED, "idle_timeout", UINT32_MAX, from, &e, &at))
+		if (!lc_events_first(ev, PGR_EV_CONN_CLOSED, "idle_timeout", UINT32_MAX, from, &e,
+		                     &at))
 			break;
 		cr_assert_geq(e.t_ms, t_rel + IDLE_MS, "closed after %lld ms idle",
 		              (long long)(e.t_ms - t_rel));
 	}
 	/* Three more idle timeouts: it stays at min_idle. */
-	cr_assert_not(TU_WAIT_UNTIL(tu_stats(p).size < MIN || tu_stats(p).closes > MAX - MIN,
-	                            3 * IDLE_MS),
-	              "shrank below min_idle: size %u", tu_stats(p).size);
+	cr_assert_not(
+	    TU_WAIT_UNTIL(tu_stats(p).size < MIN || tu_stats(p).closes > MAX - MIN, 3 * IDLE_MS),
+	    "shrank below min_idle: size %u", tu_stats(p).size);
 	cr_assert_eq(tu_stats(p).idle, MIN);
 	cr_assert(TU_WAIT_UNTIL(tu_count_app(admin, app) == MIN, 5000));
 
@@ -202,7 +219,8 @@ Test(lifecycle, idle_pool_shrinks_to_min_idle_and_not_below, .timeout = 30)
 	int pids[LC_MAX_PIDS];
 	cr_assert(TU_WAIT_UNTIL(lc_app_pids(admin, app, pids, LC_MAX_PIDS) == MIN, 5000));
 	for (int i = 0; i < MIN; i++)
-		cr_assert_not(lc_in(gone, MIN, pids[i]), "discarded backend %d still open", pids[i]);
+		cr_assert_not(lc_in(gone, MIN, pids[i]), "discarded backend %d still open",
+		              pids[i]);
 	pgr_pool_destroy(p);
 	lc_events_free(ev);
 	PQfinish(admin);
@@ -210,7 +228,11 @@ Test(lifecycle, idle_pool_shrinks_to_min_idle_and_not_below, .timeout = 30)
 
 Test(lifecycle, idle_timeout_still_fires_with_keepalive_pings, .timeout = 30)
 {
-	enum { MIN = 1, MAX = 3, IDLE_MS = 300 };
+	enum {
+		MIN = 1,
+		MAX = 3,
+		IDLE_MS = 300
+	};
 	pgr_config cfg;
 	char *ci;
 	lc_config(&cfg, tu_conninfo(), "lc_idle_keepalive", NULL, &ci);
@@ -233,7 +255,11 @@ Test(lifecycle, idle_timeout_still_fires_with_keepalive_pings, .timeout = 30)
 
 Test(lifecycle, keepalive_pings_idle_connections_in_background, .timeout = 30)
 {
-	enum { N = 2, INTERVAL = 100, WINDOW = 1000 };
+	enum {
+		N = 2,
+		INTERVAL = 100,
+		WINDOW = 1000
+	};
 	pgr_config cfg;
 	char *ci;
 	lc_config(&cfg, tu_conninfo(), "lc_keepalive", NULL, &ci);
@@ -263,7 +289,9 @@ Test(lifecycle, keepalive_pings_idle_connections_in_background, .timeout = 30)
 
 Test(lifecycle, keepalive_replaces_dead_idle_connection_before_a_caller_sees_it, .timeout = 30)
 {
-	enum { N = 2 };
+	enum {
+		N = 2
+	};
 	const char *app = "lc_keepalive_dead";
 	pgr_config cfg;
 	char *ci;
@@ -292,7 +320,8 @@ Test(lifecycle, keepalive_replaces_dead_idle_connection_before_a_caller_sees_it,
 	for (int i = 0; i < N; i++) {
 		cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0);
 		cr_assert_neq(PQbackendPID(pgr_conn_pg(c[i])), dead);
-		cr_assert(lc_ok(pgr_conn_pg(c[i]), "select 1"), "%s", PQerrorMessage(pgr_conn_pg(c[i])));
+		cr_assert(lc_ok(pgr_conn_pg(c[i]), "select 1"), "%s",
+		          PQerrorMessage(pgr_conn_pg(c[i])));
 	}
 	for (int i = 0; i < N; i++)
 		pgr_release(c[i]);

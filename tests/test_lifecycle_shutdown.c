@@ -47,7 +47,9 @@ static void expect_server_forgot(PGconn *admin, const char *app)
 	          tu_count_app(admin, app));
 }
 
-enum { WAITERS = 3 };
+enum {
+	WAITERS = 3
+};
 
 /* Hold the only connection and park WAITERS callers behind it. */
 static pgr_conn *park_waiters(pgr_pool *p, pthread_t *th, struct waiter *w)
@@ -68,8 +70,9 @@ static void expect_shutdown_promptly(pthread_t *th, struct waiter *w, int64_t t0
 		pthread_join(th[i], NULL);
 		cr_assert_eq(w[i].rc, -ESHUTDOWN, "waiter %d: rc %d (%s)", i, w[i].rc,
 		             pgr_strerror(w[i].rc));
-		cr_assert_leq(w[i].returned_ms - t0, 1000, "waiter %d returned %lld ms after shutdown",
-		              i, (long long)(w[i].returned_ms - t0));
+		cr_assert_leq(w[i].returned_ms - t0, 1000,
+		              "waiter %d returned %lld ms after shutdown", i,
+		              (long long)(w[i].returned_ms - t0));
 	}
 }
 
@@ -107,7 +110,8 @@ Test(lifecycle, destroy_wakes_blocked_waiters_with_eshutdown, .timeout = 30)
 
 	int64_t t0 = tu_now_ms();
 	pgr_pool_destroy(p);
-	cr_assert_leq(tu_now_ms() - t0, 1000, "destroy took %lld ms", (long long)(tu_now_ms() - t0));
+	cr_assert_leq(tu_now_ms() - t0, 1000, "destroy took %lld ms",
+	              (long long)(tu_now_ms() - t0));
 	expect_shutdown_promptly(th, w, t0);
 	expect_server_forgot(admin, app);
 	PQfinish(admin);
@@ -115,7 +119,9 @@ Test(lifecycle, destroy_wakes_blocked_waiters_with_eshutdown, .timeout = 30)
 
 Test(lifecycle, drain_times_out_while_a_connection_is_still_out, .timeout = 30)
 {
-	enum { DRAIN_MS = 300 };
+	enum {
+		DRAIN_MS = 300
+	};
 	const char *app = "lc_drain_timeout";
 	struct lc_events *ev = lc_events_new();
 	PGconn *admin = tu_admin();
@@ -212,7 +218,8 @@ Test(lifecycle, destroy_during_rollback_closes_everything, .timeout = 30)
 	/* c[2] stays checked out */
 	int64_t t0 = tu_now_ms();
 	pgr_pool_destroy(p);
-	cr_assert_leq(tu_now_ms() - t0, 2000, "destroy took %lld ms", (long long)(tu_now_ms() - t0));
+	cr_assert_leq(tu_now_ms() - t0, 2000, "destroy took %lld ms",
+	              (long long)(tu_now_ms() - t0));
 	expect_server_forgot(admin, app);
 	PQfinish(admin);
 }

@@ -9,7 +9,10 @@
 
 #include "test_lifecycle.h"
 
-enum { NOTIFIES = 120, PAYLOAD = 7000 };
+enum {
+	NOTIFIES = 120,
+	PAYLOAD = 7000
+};
 
 static pgr_pool *tls_pool(const char *app, uint32_t size)
 {
@@ -43,7 +46,8 @@ static void expect_notifies(PGconn *pg, const char *ch)
 		cr_assert_str_eq(nt->relname, ch);
 		cr_assert_eq(strlen(nt->extra), PAYLOAD, "notification %d cut to %zu bytes", n,
 		             strlen(nt->extra));
-		cr_assert_eq(atoi(nt->extra + strspn(nt->extra, "x")), n, "notification out of order");
+		cr_assert_eq(atoi(nt->extra + strspn(nt->extra, "x")), n,
+		             "notification out of order");
 		PQfreemem(nt);
 	}
 	cr_assert_eq(n, NOTIFIES, "%d of %d notifications arrived", n, NOTIFIES);
@@ -71,15 +75,18 @@ Test(lifecycle, tls_connections_connect_and_run_large_queries, .timeout = 60)
 			cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0);
 			PGconn *pg = pgr_conn_pg(c[i]);
 			cr_assert(PQsslInUse(pg));
-			PGresult *r = PQexec(pg, "select ssl from pg_stat_ssl where pid = pg_backend_pid()");
+			PGresult *r =
+			    PQexec(pg, "select ssl from pg_stat_ssl where pid = pg_backend_pid()");
 			cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQerrorMessage(pg));
 			cr_assert_str_eq(PQgetvalue(r, 0, 0), "t", "the server sees no TLS");
 			PQclear(r);
 			for (size_t j = 0; j < sizeof(sizes) / sizeof(sizes[0]); j++) {
 				char sql[96];
-				snprintf(sql, sizeof(sql), "select repeat('x', %d) || 'end'", sizes[j]);
+				snprintf(sql, sizeof(sql), "select repeat('x', %d) || 'end'",
+				         sizes[j]);
 				r = PQexec(pg, sql);
-				cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQerrorMessage(pg));
+				cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s",
+				             PQerrorMessage(pg));
 				cr_assert_eq(PQgetlength(r, 0, 0), sizes[j] + 3);
 				cr_assert_str_eq(PQgetvalue(r, 0, 0) + sizes[j], "end");
 				PQclear(r);

@@ -17,7 +17,8 @@ Test(overflow, burst_above_max_size_then_overflow_closed_on_return, .timeout = 6
 	pgr_pool *p = tu_pool(&cfg);
 	pgr_conn *c[4];
 	for (int i = 0; i < 4; i++)
-		cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0, "acquire %d of max_size+max_overflow", i);
+		cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0, "acquire %d of max_size+max_overflow",
+		             i);
 	pgr_stats s = tu_stats(p);
 	cr_assert_eq(s.size, 4);
 	cr_assert_eq(s.in_use, 4);
@@ -78,7 +79,9 @@ Test(overflow, server_never_sees_more_than_the_limit_under_load, .timeout = 120)
 	cfg.max_size = 2;
 	cfg.max_overflow = 1;
 	pgr_pool *p = tu_pool(&cfg);
-	enum { T = 8 };
+	enum {
+		T = 8
+	};
 	pthread_t th[T];
 	struct hammer h[T];
 	for (int i = 0; i < T; i++) {

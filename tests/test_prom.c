@@ -62,9 +62,9 @@ static void fixture_init(struct fixture *f)
 		st->closes += st->closes_by_reason[r];
 	}
 	/* 1023 and 1024 ns straddle the first exported bound (2^10 - 1 ns). */
-	static const uint64_t wait[] = { 0, 0, 1023, 1024, 5000000 };
-	static const uint64_t conn[] = { 3000000, 12000000, 2500000000ull };
-	static const uint64_t hold[] = { 50000, 70000000000ull }; /* 70 s: past the last bound */
+	static const uint64_t wait[] = {0, 0, 1023, 1024, 5000000};
+	static const uint64_t conn[] = {3000000, 12000000, 2500000000ull};
+	static const uint64_t hold[] = {50000, 70000000000ull}; /* 70 s: past the last bound */
 	snap_of(&f->snaps[PGR_HIST_ACQUIRE_WAIT], wait, sizeof(wait) / sizeof(wait[0]));
 	snap_of(&f->snaps[PGR_HIST_CONNECT], conn, sizeof(conn) / sizeof(conn[0]));
 	snap_of(&f->snaps[PGR_HIST_HOLD], hold, sizeof(hold) / sizeof(hold[0]));
@@ -193,8 +193,8 @@ Test(prom, histogram_buckets_are_cumulative_and_end_at_count, .timeout = 30)
 	struct fixture f;
 	fixture_init(&f);
 	char *t = format_all(&f, "main");
-	static const char *const names[] = { "pgring_acquire_wait_seconds",
-		                             "pgring_connect_seconds", "pgring_hold_seconds" };
+	static const char *const names[] = {"pgring_acquire_wait_seconds", "pgring_connect_seconds",
+	                                    "pgring_hold_seconds"};
 	for (int k = 0; k < PGR_HIST_KINDS; k++) {
 		char prefix[96];
 		snprintf(prefix, sizeof(prefix), "\n%s_bucket{", names[k]);
@@ -240,7 +240,8 @@ Test(prom, every_sample_carries_the_pool_label, .timeout = 30)
 		cr_assert_not_null(nl, "exposition must end in a newline");
 		if (line[0] != '#') {
 			*nl = '\0';
-			cr_assert_not_null(strstr(line, "{pool=\"main\""), "no pool label: %s", line);
+			cr_assert_not_null(strstr(line, "{pool=\"main\""), "no pool label: %s",
+			                   line);
 			*nl = '\n';
 			samples++;
 		}
@@ -258,7 +259,9 @@ Test(prom, truncates_like_snprintf, .timeout = 30)
 	size_t n = strlen(full);
 	cr_assert_eq(pgr__prom_format(NULL, 0, "main", &f.st, f.snaps), n);
 
-	enum { GUARD = 16 };
+	enum {
+		GUARD = 16
+	};
 	char *buf = malloc(n + 1 + GUARD);
 	cr_assert_not_null(buf);
 	/* Every length matters: a cut can fall inside a number, a label escape or a name. */

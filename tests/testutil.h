@@ -15,7 +15,8 @@
 
 const char *tu_conninfo(void);
 const char *tu_env(const char *name);
-/* conninfo with application_name=app appended (static buffer per call site is not safe: malloc'd) */
+/* conninfo with application_name=app appended (static buffer per call site is not safe: malloc'd)
+ */
 char *tu_conninfo_app(const char *base, const char *app);
 PGconn *tu_admin(void);
 long tu_query_long(PGconn *c, const char *sql);
@@ -52,13 +53,13 @@ int tu_events_find(struct tu_events *e, enum pgr_event_type t, const char *needl
 pgr_pool *tu_pool(pgr_config *cfg);
 
 /* Poll cond every 2 ms until true or timeout_ms passes; evaluates to the final cond. */
-#define TU_WAIT_UNTIL(cond, timeout_ms)                                                        \
-	({                                                                                     \
-		int64_t tu_dl_ = tu_now_ms() + (timeout_ms);                                   \
-		bool tu_ok_;                                                                   \
-		while (!(tu_ok_ = (cond)) && tu_now_ms() < tu_dl_)                             \
-			tu_sleep_ms(2);                                                        \
-		tu_ok_;                                                                        \
+#define TU_WAIT_UNTIL(cond, timeout_ms)                                                            \
+	({                                                                                         \
+		int64_t tu_dl_ = tu_now_ms() + (timeout_ms);                                       \
+		bool tu_ok_;                                                                       \
+		while (!(tu_ok_ = (cond)) && tu_now_ms() < tu_dl_)                                 \
+			tu_sleep_ms(2);                                                            \
+		tu_ok_;                                                                            \
 	})
 
 static inline pgr_stats tu_stats(pgr_pool *p)
