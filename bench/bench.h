@@ -73,6 +73,8 @@ typedef struct bench_driver {
 #define BENCH_FILL_TIMEOUT_MS 20000
 
 extern const bench_driver bench_driver_pgring;
+extern const bench_driver bench_driver_pgring_bare;
+extern const bench_driver bench_driver_pgring_leak;
 extern const bench_driver bench_driver_mutex;
 extern const bench_driver bench_driver_cpq;
 extern const bench_driver bench_driver_dedicated;

@@ -16,8 +16,9 @@
 #include "bench.h"
 #include "pgring.h"
 
-static int pgring_create(const bench_target *t, const bench_pool_opts *o, void **pool, char *err,
-                         size_t errlen)
+/* variant: 0 = defaults, 1 = histograms off (cfg.metrics = 0), 2 = leak tracking on too */
+static int create_variant(const bench_target *t, const bench_pool_opts *o, void **pool, char *err,
+                          size_t errlen, int variant)
 {
 	uint32_t conns = o->conns;
 	pgr_config cfg;
@@ -28,6 +29,10 @@ static int pgring_create(const bench_target *t, const bench_pool_opts *o, void *
 	cfg.max_size = conns;
 	if (o->no_ping)
 		cfg.ping_after_idle_ms = -1;
+	if (variant == 1)
+		cfg.metrics = 0;
+	if (variant == 2)
+		cfg.leak_threshold_ms = 60000; /* records the acquire site on every checkout */
 
 	pgr_pool *p = NULL;
 	int rc = pgr_pool_create(&cfg, &p);
@@ -53,6 +58,24 @@ static int pgring_create(const bench_target *t, const bench_pool_opts *o, void *
 	}
 	*pool = p;
 	return 0;
+}
+
+static int pgring_create(const bench_target *t, const bench_pool_opts *o, void **pool, char *err,
+                         size_t errlen)
+{
+	return create_variant(t, o, pool, err, errlen, 0);
+}
+
+static int pgring_bare_create(const bench_target *t, const bench_pool_opts *o, void **pool,
+                              char *err, size_t errlen)
+{
+	return create_variant(t, o, pool, err, errlen, 1);
+}
+
+static int pgring_leak_create(const bench_target *t, const bench_pool_opts *o, void **pool,
+                              char *err, size_t errlen)
+{
+	return create_variant(t, o, pool, err, errlen, 2);
 }
 
 static int pgring_acquire(void *pool, unsigned tid, bench_conn *out)
@@ -83,6 +106,25 @@ const bench_driver bench_driver_pgring = {
     .name = "pgring",
     .has_pg = 1,
     .create = pgring_create,
+    .acquire = pgring_acquire,
+    .release = pgring_release,
+    .destroy = pgring_destroy,
+};
+
+/* The cost of observability: histograms off, and leak tracking on (plus histograms). */
+const bench_driver bench_driver_pgring_bare = {
+    .name = "pgring_bare",
+    .has_pg = 1,
+    .create = pgring_bare_create,
+    .acquire = pgring_acquire,
+    .release = pgring_release,
+    .destroy = pgring_destroy,
+};
+
+const bench_driver bench_driver_pgring_leak = {
+    .name = "pgring_leak",
+    .has_pg = 1,
+    .create = pgring_leak_create,
     .acquire = pgring_acquire,
     .release = pgring_release,
     .destroy = pgring_destroy,

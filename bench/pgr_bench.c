@@ -43,8 +43,9 @@
 #define MAX_RESULTS   512
 #define LOOKUP_ROWS   10000
 #define P999_LIMIT_NS 20000 /* target: p999 acquire latency, 8 threads, connections free */
-#define CPQ_MAX_SECS  1.0 /* connect per query: short, it takes milliseconds and loads the server  \
-	                   */
+#define CPQ_MAX_SECS                                                                               \
+	1.0 /* connect per query: short, it takes milliseconds and loads the server                \
+	     */
 
 enum {
 	PHASE_WARMUP = 0,
@@ -77,12 +78,14 @@ static struct {
 	bool only_section; /* some --only named a section */
 	bool sec_checkout, sec_e2e;
 	bool only_pool; /* some --only named a pool */
-	bool pool_on[8];
+	bool pool_on[16];
 } opt = {.duration_s = 2.0, .warmup_s = 0.1, .sample = 64, .hold_us = 5, .rounds = 8};
 
 /* Every pool the bench knows, in table order. drv NULL: not built into this binary. */
 enum {
 	P_PGRING,
+	P_PGRING_BARE, /* histograms off: what observability costs */
+	P_PGRING_LEAK, /* leak tracking on */
 	P_MUTEX,
 	P_ZDB,
 	P_CPQ,
@@ -97,6 +100,8 @@ static const struct pool_info {
 	const char *missing; /* why drv is NULL */
 } pools[P_COUNT] = {
     [P_PGRING] = {"pgring", NULL, &bench_driver_pgring, NULL},
+    [P_PGRING_BARE] = {"pgring_bare", NULL, &bench_driver_pgring_bare, NULL},
+    [P_PGRING_LEAK] = {"pgring_leak", NULL, &bench_driver_pgring_leak, NULL},
     [P_MUTEX] = {"mutex_condvar", "mutex", &bench_driver_mutex, NULL},
 #ifdef PGR_HAVE_ZDB
     [P_ZDB] = {"libzdb", "zdb", &bench_driver_zdb, NULL},
@@ -117,7 +122,8 @@ static void usage(FILE *f)
 	    "  --duration S      counted seconds per configuration (default 2; connect per\n"
 	    "                    query runs at most %.0f s)\n"
 	    "  --threads LIST    thread counts, e.g. 1,2,8 (default: checkout 1,2,8; e2e 1,4,16)\n"
-	    "  --only LIST       sections (checkout, e2e) and/or pools (pgring, mutex_condvar,\n"
+	    "  --only LIST       sections (checkout, e2e) and/or pools (pgring, pgring_bare,\n"
+	    "                    pgring_leak, mutex_condvar,\n"
 	    "                    libzdb, connect_per_query, dedicated, pgbouncer); repeatable\n"
 	    "  --json            print only the JSON lines\n"
 	    "  --sample N        time 1 in N checkouts in the no-hold checkout runs (default 64;\n"
@@ -628,10 +634,10 @@ static void print_e2e_table(const char *bench, const char *title)
 }
 
 /* Compare pgring with a baseline on one configuration; print one target line. */
-static void target(const char *what, const char *bench, const char *base, unsigned threads,
-                   unsigned conns, bool by_ns, double want)
+static void target_of(const char *what, const char *bench, const char *pool, const char *base,
+                      unsigned threads, unsigned conns, bool by_ns, double want)
 {
-	const result *pg = find_result(bench, "pgring", threads, conns);
+	const result *pg = find_result(bench, pool, threads, conns);
 	const result *b = find_result(bench, base, threads, conns);
 	if (!pg || !b)
 		return;
@@ -646,6 +652,12 @@ static void target(const char *what, const char *bench, const char *base, unsign
 	       ok ? "PASS" : "FAIL");
 }
 
+static void target(const char *what, const char *bench, const char *base, unsigned threads,
+                   unsigned conns, bool by_ns, double want)
+{
+	target_of(what, bench, "pgring", base, threads, conns, by_ns, want);
+}
+
 static void print_targets(void)
 {
 	printf("\n== targets ==\n");
@@ -657,6 +669,11 @@ static void print_targets(void)
 			continue;
 		any = true;
 		if (!strcmp(r->bench, "checkout")) {
+			/* Metrics and leak tracking on may cost at most 10% of a checkout. */
+			snprintf(what, sizeof what, "checkout %u/%u: ns/op leak+metrics vs bare",
+			         r->threads, r->conns);
+			target_of(what, r->bench, "pgring_leak", "pgring_bare", r->threads,
+			          r->conns, true, 1.10);
 			if (r->threads == 1) {
 				snprintf(what, sizeof what,
 				         "checkout %u/%u: ns/op vs mutex_condvar", r->threads,
@@ -891,15 +908,17 @@ int main(int argc, char **argv)
 		static const unsigned def[] = {1, 2, 8};
 		const unsigned *th = opt.n_threads ? opt.threads : def;
 		unsigned nt = opt.n_threads ? opt.n_threads : 3;
-		static const int order[] = {P_PGRING, P_MUTEX, P_ZDB, P_CPQ};
+		static const int order[] = {P_PGRING, P_PGRING_BARE, P_PGRING_LEAK,
+		                            P_MUTEX,  P_ZDB,         P_CPQ};
+		static const int hold_order[] = {P_PGRING, P_MUTEX, P_ZDB};
 		for (unsigned i = 0; i < nt; i++)
-			bench_config(&tgt, order, 4, "checkout", th[i], th[i], 0, Q_NONE);
+			bench_config(&tgt, order, 6, "checkout", th[i], th[i], 0, Q_NONE);
 		/* Fewer connections than threads, each checkout held: contention, no connect-per-
 		 * query (it has no connections to run short of). */
 		uint64_t hold_ns = (uint64_t)opt.hold_us * 1000u;
 		for (unsigned i = 0; i < nt; i++)
 			if (th[i] >= 2)
-				bench_config(&tgt, order, 3, "checkout_hold", th[i], th[i] / 2,
+				bench_config(&tgt, hold_order, 3, "checkout_hold", th[i], th[i] / 2,
 				             hold_ns, Q_NONE);
 	}
 

@@ -122,6 +122,8 @@ typedef struct pgr_config {
 	int64_t backoff_max_ms;        /* cap of the exponential backoff; default 10000 */
 	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
 	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
+	int metrics; /* record acquire-wait and hold histograms; default 1 (counters and the
+	                connect histogram are always kept) */
 	pgr_connect_fn on_connect;
 	pgr_event_fn on_event;
 	void *user_data; /* passed to on_connect and on_event */

@@ -526,7 +526,8 @@ void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, i
 		pgr__inc(&c->n_immediate);
 	} else {
 		pgr__inc(&c->n_waits);
-		pgr__hist_add(&c->hist[PGR_HIST_ACQUIRE_WAIT], (uint64_t)waited_ns);
+		if (c->pool->cfg.metrics)
+			pgr__hist_add(&c->hist[PGR_HIST_ACQUIRE_WAIT], (uint64_t)waited_ns);
 	}
 	checked_out(c, file, line, func);
 }
@@ -562,8 +563,9 @@ static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 		struct pgr_conn *c = pgr__wq_outcome(p, s, mine, granted, &rc);
 		if (c) {
 			pgr__inc(&c->n_waits);
-			pgr__hist_add(&c->hist[PGR_HIST_ACQUIRE_WAIT],
-			              (uint64_t)(pgr__mono_ns() - t0));
+			if (p->cfg.metrics)
+				pgr__hist_add(&c->hist[PGR_HIST_ACQUIRE_WAIT],
+				              (uint64_t)(pgr__mono_ns() - t0));
 			*out = c;
 			return 0;
 		}
@@ -654,8 +656,10 @@ static void release_to(pgr_conn *c, bool discard)
 		return;
 	}
 	int64_t now = pgr__now_ms(p);
-	int64_t held = now - atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
-	pgr__hist_add(&c->hist[PGR_HIST_HOLD], held > 0 ? (uint64_t)held * 1000000u : 0);
+	if (likely(p->cfg.metrics)) {
+		int64_t held = now - atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
+		pgr__hist_add(&c->hist[PGR_HIST_HOLD], held > 0 ? (uint64_t)held * 1000000u : 0);
+	}
 	atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);
 
 	if (unlikely(discard)) {

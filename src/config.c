@@ -38,6 +38,7 @@ void pgr_config_init(pgr_config *cfg)
 	cfg->backoff_min_ms = 100;
 	cfg->backoff_max_ms = 10000;
 	cfg->tcp_user_timeout_ms = 30000;
+	cfg->metrics = 1;
 }
 
 static int reject(pgr_pool *p, const char *field, const char *why)
