@@ -110,8 +110,12 @@ build_tree() {
     local dir=$1
     shift
     pgr_log "building $dir ($*)"
-    cmake -S "$ROOT" -B "$ROOT/$dir" "$@" &&
-        cmake --build "$ROOT/$dir" -j"$(nproc)"
+    # The build log goes to stderr: stdout carries only what the command produces
+    # (pgr_bench's tables and JSON lines).
+    {
+        cmake -S "$ROOT" -B "$ROOT/$dir" "$@" &&
+            cmake --build "$ROOT/$dir" -j"$(nproc)"
+    } >&2
 }
 
 # ---------------------------------------------------------------------------
