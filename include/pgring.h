@@ -124,6 +124,9 @@ typedef struct pgr_config {
 	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
 	int metrics; /* record acquire-wait and hold histograms; default 1 (counters and the
 	                connect histogram are always kept) */
+	int manager_thread; /* 1 (default): the pool runs its manager on a thread of its own.
+	                       0: no thread; the caller's event loop calls pgr_pool_run()
+	                       whenever pgr_pool_fd() is readable (see below) */
 	pgr_connect_fn on_connect;
 	pgr_event_fn on_event;
 	void *user_data; /* passed to on_connect and on_event */
@@ -272,6 +275,21 @@ PGR_API size_t pgr_pool_prometheus(pgr_pool *pool, char *buf, size_t len);
  * acquire timeout. Thread-safe.
  */
 PGR_API size_t pgr_pool_last_error(pgr_pool *pool, char *buf, size_t len);
+
+/*
+ * Driving the manager from the caller's event loop (cfg.manager_thread = 0): the pool's
+ * network work (connects, pings, rollbacks, resets, closes, the periodic maintenance) then
+ * runs on the caller's thread, inside pgr_pool_run, never blocking it.
+ *
+ * pgr_pool_fd returns an eventfd that becomes readable whenever the manager has something to
+ * do (a completion on its io_uring ring, including its own 10 ms tick); poll it from any loop
+ * (epoll, or an io_uring POLL_ADD on the caller's ring) and call pgr_pool_run, which does one
+ * nonblocking round and re-arms the notification. Call both from one thread. -EINVAL when the
+ * pool has a manager thread. pgr_pool_drain / pgr_pool_destroy must then be called from that
+ * same thread: they run the manager themselves while they wait.
+ */
+PGR_API int pgr_pool_fd(pgr_pool *pool);
+PGR_API int pgr_pool_run(pgr_pool *pool);
 
 /* Name of an error code returned by pgring (negative errno or a PGR_E_* code). */
 PGR_API const char *pgr_strerror(int err);

@@ -602,7 +602,7 @@ int pgr_acquire_at(pgr_pool *p, int64_t timeout_ms, pgr_conn **out, const char *
 static __attribute__((noinline)) int acquire_wait(pgr_pool *p, int64_t timeout_ms, pgr_conn **out,
                                                   const char *file, int line, const char *func)
 {
-	struct pgr_conn *c;
+	struct pgr_conn *c = NULL;
 	if (timeout_ms < 0)
 		timeout_ms = p->cfg.acquire_timeout_ms;
 	if (timeout_ms == 0) {

@@ -39,6 +39,7 @@ void pgr_config_init(pgr_config *cfg)
 	cfg->backoff_max_ms = 10000;
 	cfg->tcp_user_timeout_ms = 30000;
 	cfg->metrics = 1;
+	cfg->manager_thread = 1;
 }
 
 static int reject(pgr_pool *p, const char *field, const char *why)

@@ -32,7 +32,8 @@ enum {
 	TAG_POLL = 1,
 	TAG_LTO,
 	TAG_CANCEL,
-	TAG_EVENTFD
+	TAG_EVENTFD,
+	TAG_TICK
 };
 enum {
 	AFTER_KEEPALIVE = 100
@@ -91,6 +92,8 @@ static void arm_eventfd(pgr_pool *p)
 	io_uring_prep_read(s, p->efd, &p->efd_buf, sizeof(p->efd_buf), 0);
 	io_uring_sqe_set_data64(s, tag(0, 0, TAG_EVENTFD));
 }
+
+static void arm_tick(pgr_pool *p);
 
 static uint64_t rnd(pgr_pool *p)
 {
@@ -538,6 +541,11 @@ static void on_cqe(pgr_pool *p, struct io_uring_cqe *cqe)
 {
 	uint64_t ud = io_uring_cqe_get_data64(cqe);
 	unsigned t = ud & 0xff;
+	if (t == TAG_TICK) {
+		if (!atomic_load_explicit(&p->mgr_stop, memory_order_relaxed))
+			arm_tick(p);
+		return;
+	}
 	if (t == TAG_EVENTFD) {
 		if (!atomic_load_explicit(&p->mgr_stop, memory_order_relaxed))
 			arm_eventfd(p);
@@ -713,44 +721,94 @@ static void shutdown_all(pgr_pool *p)
 	}
 }
 
-static void *manager_main(void *arg)
+/*
+ * One round of the manager's work: publish the clock, take requests, maintain, grow, submit,
+ * and handle what completed. wait: block in the ring up to one tick (the manager thread);
+ * otherwise return at once (pgr_pool_run, on a caller's event loop). Returns true once a stop
+ * has closed everything the manager can reach.
+ */
+static bool manager_round(pgr_pool *p, bool wait)
 {
-	pgr_pool *p = arg;
-	int64_t last_tick = 0;
-	arm_eventfd(p);
-	for (;;) {
-		int64_t now = pgr__mono_ns() / 1000000;
-		atomic_store_explicit(&p->now_ms, now, memory_order_relaxed);
-		take_requests(p);
-		bool stop = atomic_load_explicit(&p->mgr_stop, memory_order_acquire);
-		if (stop) {
-			shutdown_all(p);
-			io_uring_submit(&p->ring);
-			if (all_closed(p))
-				break;
-		} else {
-			if (now - last_tick >= PGR__TICK_MS) {
-				last_tick = now;
-				maintain(p, now);
-			}
-			grow(p, now);
+	int64_t now = pgr__mono_ns() / 1000000;
+	atomic_store_explicit(&p->now_ms, now, memory_order_relaxed);
+	take_requests(p);
+	bool stop = atomic_load_explicit(&p->mgr_stop, memory_order_acquire);
+	if (stop) {
+		shutdown_all(p);
+		io_uring_submit(&p->ring);
+		if (all_closed(p))
+			return true;
+	} else {
+		if (now - p->last_tick_ms >= PGR__TICK_MS) {
+			p->last_tick_ms = now;
+			maintain(p, now);
 		}
+		grow(p, now);
+	}
+	struct io_uring_cqe *cqe;
+	if (wait) {
 		struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = PGR__TICK_MS * 1000000};
-		struct io_uring_cqe *cqe;
 		int r = io_uring_submit_and_wait_timeout(&p->ring, &cqe, 1, &ts, NULL);
 		if (r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
 			pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE,
 			           "manager: io_uring wait failed: %s", strerror(-r));
 			usleep(1000);
 		}
-		unsigned head, n = 0;
-		io_uring_for_each_cqe (&p->ring, head, cqe) {
-			on_cqe(p, cqe);
-			n++;
-		}
-		io_uring_cq_advance(&p->ring, n);
+	} else {
+		io_uring_submit(&p->ring);
 	}
+	unsigned head, n = 0;
+	io_uring_for_each_cqe (&p->ring, head, cqe) {
+		on_cqe(p, cqe);
+		n++;
+	}
+	io_uring_cq_advance(&p->ring, n);
+	if (!wait && n)
+		io_uring_submit(&p->ring); /* what the completions armed goes out now */
+	return false;
+}
+
+static void *manager_main(void *arg)
+{
+	pgr_pool *p = arg;
+	arm_eventfd(p);
+	while (!manager_round(p, true))
+		;
 	return NULL;
+}
+
+/*
+ * Without a manager thread the ring's own clock is a timeout SQE, re-armed on every CQE, and
+ * an eventfd registered with the ring tells the caller's loop that pgr_pool_run has work.
+ */
+static void arm_tick(pgr_pool *p)
+{
+	static const struct __kernel_timespec tick = {.tv_sec = 0,
+	                                              .tv_nsec = PGR__TICK_MS * 1000000};
+	struct io_uring_sqe *s = get_sqe(p, 1);
+	io_uring_prep_timeout(s, (struct __kernel_timespec *)&tick, 0, 0);
+	io_uring_sqe_set_data64(s, tag(0, 0, TAG_TICK));
+}
+
+int pgr_pool_fd(pgr_pool *p)
+{
+	if (!p)
+		return -EINVAL;
+	return p->cfg.manager_thread ? -EINVAL : p->notify_fd;
+}
+
+int pgr_pool_run(pgr_pool *p)
+{
+	if (!p || p->cfg.manager_thread)
+		return -EINVAL;
+	if (!p->mgr_started)
+		return -ESHUTDOWN;
+	uint64_t v;
+	/* Reset the notification first: CQEs posted from here on signal it again. */
+	ssize_t r = read(p->notify_fd, &v, sizeof(v));
+	(void)r;
+	manager_round(p, false);
+	return 0;
 }
 
 int pgr__manager_start(pgr_pool *p)
@@ -769,6 +827,26 @@ int pgr__manager_start(pgr_pool *p)
 	}
 	p->rng = (uint64_t)pgr__mono_ns() ^ (uint64_t)(uintptr_t)p ^ 0x9e3779b97f4a7c15ull;
 	atomic_store_explicit(&p->now_ms, pgr__mono_ns() / 1000000, memory_order_relaxed);
+	if (!p->cfg.manager_thread) {
+		p->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+		if (p->notify_fd < 0 || io_uring_register_eventfd(&p->ring, p->notify_fd) < 0) {
+			r = -errno;
+			if (p->notify_fd >= 0)
+				close(p->notify_fd);
+			p->notify_fd = -1;
+			io_uring_queue_exit(&p->ring);
+			close(p->efd);
+			p->efd = -1;
+			return r ? r : -EIO;
+		}
+		arm_eventfd(p);
+		arm_tick(p);
+		io_uring_submit(&p->ring);
+		/* The first round, so min_idle connects start without waiting for the loop. */
+		manager_round(p, false);
+		p->mgr_started = 1;
+		return 0;
+	}
 	r = pthread_create(&p->mgr_thread, NULL, manager_main, p);
 	if (r != 0) {
 		io_uring_queue_exit(&p->ring);
@@ -780,13 +858,29 @@ int pgr__manager_start(pgr_pool *p)
 	return 0;
 }
 
+/* External mode: the caller's thread (drain/destroy run there) turns the crank meanwhile. */
+void pgr__manager_poke(pgr_pool *p)
+{
+	if (!p->cfg.manager_thread && p->mgr_started)
+		manager_round(p, false);
+}
+
 void pgr__manager_stop(pgr_pool *p)
 {
 	if (!p->mgr_started)
 		return;
 	atomic_store_explicit(&p->mgr_stop, 1, memory_order_release);
-	pgr__manager_wake(p);
-	pthread_join(p->mgr_thread, NULL);
+	if (p->cfg.manager_thread) {
+		pgr__manager_wake(p);
+		pthread_join(p->mgr_thread, NULL);
+	} else {
+		/* Bounded: every close waits at most for its poll's cancel CQE. */
+		int64_t deadline = pgr__mono_ns() + 5000000000LL;
+		while (!manager_round(p, false) && pgr__mono_ns() < deadline)
+			usleep(200);
+		close(p->notify_fd);
+		p->notify_fd = -1;
+	}
 	p->mgr_started = 0;
 	io_uring_queue_exit(&p->ring);
 	close(p->efd);

@@ -126,6 +126,7 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	pthread_mutex_init(&p->wq_lock, NULL);
 	pthread_mutex_init(&p->err_lock, NULL);
 	p->efd = -1;
+	p->notify_fd = -1;
 	/* Events of a rejected config go to the caller's callback before anything is copied. */
 	p->cfg.on_event = cfg->on_event;
 	p->cfg.user_data = cfg->user_data;
@@ -216,6 +217,7 @@ int pgr_pool_drain(pgr_pool *p, int64_t drain_ms)
 			rc = count_state(p, PGR__IN_USE) ? -ETIMEDOUT : 0;
 			break;
 		}
+		pgr__manager_poke(p);
 		usleep(1000);
 	}
 	pgr__manager_stop(p);

@@ -192,6 +192,8 @@ struct pgr_pool {
 	pthread_t mgr_thread;
 	int mgr_started;
 	int efd;
+	int notify_fd;      /* external manager: signalled when the ring has CQEs */
+	int64_t last_tick_ms;
 	_Atomic int mgr_stop;
 	struct io_uring ring;
 	uint64_t efd_buf;
@@ -287,6 +289,7 @@ int pgr__pool_create_nomgr(const pgr_config *cfg, pgr_pool **out);
 /* manager.c */
 int pgr__manager_start(pgr_pool *p);
 void pgr__manager_stop(pgr_pool *p);
+void pgr__manager_poke(pgr_pool *p);
 void pgr__manager_wake(pgr_pool *p);
 void pgr__manager_push(pgr_pool *p, struct pgr_conn *c, enum pgr__req req, int reason);
 
