@@ -85,7 +85,7 @@ Test(observability, histograms_count_every_checkout_connect_and_return, .timeout
 		pgr_conn *c;
 		cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
 		if (i == 0)
-			tu_sleep_ms(30);
+			tu_sleep_ms(100);
 		pgr_release(c);
 	}
 	pgr_hist_summary h;
@@ -93,8 +93,8 @@ Test(observability, histograms_count_every_checkout_connect_and_return, .timeout
 	cr_assert_eq(h.count, 20);
 	pgr_pool_histogram(p, PGR_HIST_HOLD, &h);
 	cr_assert_eq(h.count, 20);
-	/* One hold of >= 30 ms: the clock is coarse (a few ms), the max is not below 20 ms. */
-	cr_assert_geq(h.max_ns, 20000000ull, "max hold %llu ns", (unsigned long long)h.max_ns);
+	/* One hold of >= 100 ms, timed on the pool's coarse clock (10 ms ticks, later under load). */
+	cr_assert_geq(h.max_ns, 50000000ull, "max hold %llu ns", (unsigned long long)h.max_ns);
 	pgr_pool_histogram(p, PGR_HIST_CONNECT, &h);
 	cr_assert_eq(h.count, 2);
 	cr_assert_gt(h.p50_ns, 10000, "a real connect takes more than 10 us");
