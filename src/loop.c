@@ -297,20 +297,21 @@ static int arm_poll(pgr_loop *l, struct op *o, unsigned events)
 	return 0;
 }
 
-static void keep_result(struct op *o, PGresult *r)
+static bool is_error(const PGresult *r)
 {
 	ExecStatusType st = PQresultStatus(r);
-	bool err = st == PGRES_FATAL_ERROR || st == PGRES_BAD_RESPONSE;
-	if (!o->res) {
-		o->res = r;
-	} else if (PQresultStatus(o->res) == PGRES_FATAL_ERROR ||
-	           PQresultStatus(o->res) == PGRES_BAD_RESPONSE) {
-		PQclear(r); /* the first error tells the story */
-	} else {
-		(void)err;
-		PQclear(o->res);
-		o->res = r;
+	return st == PGRES_FATAL_ERROR || st == PGRES_BAD_RESPONSE;
+}
+
+/* Keep the last result, unless an earlier one was an error: the first error tells the story. */
+static void keep_result(struct op *o, PGresult *r)
+{
+	if (o->res && is_error(o->res)) {
+		PQclear(r);
+		return;
 	}
+	PQclear(o->res);
+	o->res = r;
 }
 
 static void query_read(pgr_loop *l, struct op *o)

@@ -181,8 +181,6 @@ struct pgr_pool {
 	_Atomic uint64_t c_resets_failed;
 	_Atomic uint64_t c_leaks;
 	_Atomic uint64_t c_closes[PGR_CLOSE_REASONS];
-	_Atomic uint64_t c_wait_hist_misses;
-	_Atomic int64_t last_connect_fail_ms; /* 0 when the last connect succeeded */
 	_Atomic int connect_failing;
 
 	pthread_mutex_t err_lock;
