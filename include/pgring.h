@@ -122,8 +122,8 @@ typedef struct pgr_config {
 	int64_t backoff_max_ms;        /* cap of the exponential backoff; default 10000 */
 	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
 	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
-	int metrics; /* record acquire-wait and hold histograms; default 1 (counters and the
-	                connect histogram are always kept) */
+	int metrics;        /* record acquire-wait and hold histograms; default 1 (counters and the
+	                       connect histogram are always kept) */
 	int manager_thread; /* 1 (default): the pool runs its manager on a thread of its own.
 	                       0: no thread; the caller's event loop calls pgr_pool_run()
 	                       whenever pgr_pool_fd() is readable (see below) */
@@ -349,8 +349,16 @@ typedef void (*pgr_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, void *ar
  * retry), -EAGAIN (timeout_ms 0 and nothing idle), -EINVAL. cb gets err 0 and the
  * connection, or -ETIMEDOUT / -PGR_E_CONNECT_FAILED / -ESHUTDOWN / -ECANCELED. Waits in the
  * same FIFO as pgr_acquire: a release serves blocking and async waiters in arrival order.
+ * A connection that needs its pre-ping (ping_after_idle_ms) is pinged on the loop's ring.
  */
 PGR_API int pgr_acquire_async(pgr_loop *loop, int64_t timeout_ms, pgr_acquire_cb cb, void *arg);
+
+/*
+ * Return a connection from the loop's thread. Like pgr_release, except that a rollback (it was
+ * returned inside a transaction) or reset_sql runs on the loop's ring instead of the manager's.
+ * Never blocks.
+ */
+PGR_API void pgr_loop_release(pgr_loop *loop, pgr_conn *conn);
 
 typedef void (*pgr_query_cb)(pgr_loop *loop, int err, PGresult *res, void *arg);
 /*

@@ -309,7 +309,18 @@ static int socket_event(struct pgr_conn *c)
  * out; otherwise the connection has been passed to the manager (retire, ping or check) and the
  * caller keeps looking. No I/O here beyond one zero-timeout poll on long-idle sockets.
  */
+static bool validate_ex(pgr_pool *p, struct pgr_conn *c, bool *ping_here);
+
 static bool validate(pgr_pool *p, struct pgr_conn *c)
+{
+	return validate_ex(p, c, NULL);
+}
+
+/*
+ * ping_here: the caller (an io_uring loop) pings on its own ring, so a connection that needs a
+ * pre-ping is handed back with *ping_here set instead of going to the manager.
+ */
+static bool validate_ex(pgr_pool *p, struct pgr_conn *c, bool *ping_here)
 {
 	int64_t now = pgr__now_ms(p);
 	if (unlikely(now >= atomic_load_explicit(&c->expire_ms, memory_order_relaxed))) {
@@ -327,6 +338,10 @@ static bool validate(pgr_pool *p, struct pgr_conn *c)
 	bool recent = fresh && idle <= 2 * PGR__TICK_MS;
 	int64_t ping_after = p->cfg.ping_after_idle_ms;
 	if (!recent && ping_after >= 0 && idle >= ping_after) {
+		if (ping_here) {
+			*ping_here = true;
+			return true;
+		}
 		pgr__manager_push(p, c, PGR__REQ_PING, 0);
 		return false;
 	}
@@ -519,6 +534,21 @@ struct pgr_conn *pgr__fast_take(pgr_pool *p)
 	return fast_take(p);
 }
 
+struct pgr_conn *pgr__fast_take_ping(pgr_pool *p, bool *ping)
+{
+	bool stolen;
+	struct pgr_conn *c;
+	*ping = false;
+	while ((c = take_any(p, &stolen)) != NULL) {
+		if (validate_ex(p, c, ping)) {
+			if (stolen)
+				pgr__inc(&c->n_steals);
+			return c;
+		}
+	}
+	return NULL;
+}
+
 void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
                       const char *func)
 {
@@ -648,7 +678,7 @@ static void misuse(struct pgr_conn *c, const char *what)
 #endif
 }
 
-static void release_to(pgr_conn *c, bool discard)
+void pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
 {
 	pgr_pool *p = c->pool;
 	if (unlikely(atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)) {
@@ -679,9 +709,10 @@ static void release_to(pgr_conn *c, bool discard)
 	if (unlikely(ts != PQTRANS_IDLE) && !p->fake) {
 		if (ts == PQTRANS_UNKNOWN || PQstatus(c->pg) != CONNECTION_OK)
 			pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_BROKEN);
-		else if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
-			pgr__manager_push(p, c, PGR__REQ_ROLLBACK, 0);
-		else
+		else if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR) {
+			if (!loop || !pgr__loop_reset(loop, c, PGR__REQ_ROLLBACK))
+				pgr__manager_push(p, c, PGR__REQ_ROLLBACK, 0);
+		} else
 			pgr__manager_push(p, c, PGR__REQ_RETIRE,
 			                  ts == PQTRANS_ACTIVE ? PGR_CLOSE_ACTIVE_QUERY
 			                                       : PGR_CLOSE_BROKEN);
@@ -707,7 +738,8 @@ static void release_to(pgr_conn *c, bool discard)
 		}
 	}
 	if (unlikely(p->cfg.reset_sql != NULL)) {
-		pgr__manager_push(p, c, PGR__REQ_RESET, 0);
+		if (!loop || !pgr__loop_reset(loop, c, PGR__REQ_RESET))
+			pgr__manager_push(p, c, PGR__REQ_RESET, 0);
 		return;
 	}
 	pgr__publish(p, c);
@@ -716,13 +748,13 @@ static void release_to(pgr_conn *c, bool discard)
 void pgr_release(pgr_conn *c)
 {
 	if (c)
-		release_to(c, false);
+		pgr__release(c, false, NULL);
 }
 
 void pgr_discard(pgr_conn *c)
 {
 	if (c)
-		release_to(c, true);
+		pgr__release(c, true, NULL);
 }
 
 void pgr__conn_cleanup(pgr_conn **c)

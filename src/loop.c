@@ -40,7 +40,16 @@ enum {
 enum {
 	OP_FREE = 0,
 	OP_ACQUIRE,
-	OP_QUERY
+	OP_QUERY,
+	OP_RESET
+};
+/* What an op's network exchange is for (exec_finish dispatches on it). */
+enum {
+	PH_WAIT = 0, /* acquire: waiting in the FIFO */
+	PH_QUERY,    /* pgr_query_async */
+	PH_PING,     /* acquire: pre-ping of the connection it took */
+	PH_ROLLBACK, /* return: ROLLBACK, then reset_sql if set */
+	PH_RESET     /* return: reset_sql */
 };
 
 #define FUTEX2_SIZE_U32_      0x02 /* futex2 flags; no FUTEX2_PRIVATE: see the file comment */
@@ -49,7 +58,8 @@ enum {
 struct op {
 	uint8_t kind;
 	uint8_t armed;
-	uint8_t done; /* callback delivered; the record waits for its CQEs */
+	uint8_t done;  /* callback delivered; the record waits for its CQEs */
+	uint8_t phase; /* PH_* */
 	uint16_t inflight;
 	uint16_t gen;
 	uint32_t wi; /* waiter slot (acquire) */
@@ -217,6 +227,30 @@ static void acquire_wait(pgr_loop *l, struct op *o)
 	}
 }
 
+static void start_ping(pgr_loop *l, struct op *o, struct pgr_conn *c);
+
+/*
+ * Take an idle connection for o, or wait for one. A connection that needs its pre-ping gets it
+ * here, on the loop's ring, before the callback sees it.
+ */
+static void acquire_retry(pgr_loop *l, struct op *o)
+{
+	pgr_pool *p = l->pool;
+	bool ping;
+	struct pgr_conn *c = pgr__fast_take_ping(p, &ping);
+	int64_t now = pgr__mono_ns();
+	if (c && ping) {
+		start_ping(l, o, c);
+	} else if (c) {
+		pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL);
+		deliver_acquire(l, o, 0, c);
+	} else if (now >= o->deadline_ns) {
+		deliver_acquire(l, o, pgr__timeout_error(p, (now - o->t0_ns) / 1000000), NULL);
+	} else {
+		acquire_wait(l, o);
+	}
+}
+
 int pgr_acquire_async(pgr_loop *l, int64_t timeout_ms, pgr_acquire_cb cb, void *arg)
 {
 	if (!l || !cb)
@@ -224,24 +258,32 @@ int pgr_acquire_async(pgr_loop *l, int64_t timeout_ms, pgr_acquire_cb cb, void *
 	pgr_pool *p = l->pool;
 	if (l->destroying || atomic_load_explicit(&p->closing, memory_order_relaxed))
 		return -ESHUTDOWN;
-	struct pgr_conn *c = pgr__fast_take(p);
-	if (c) {
+	bool ping;
+	struct pgr_conn *c = pgr__fast_take_ping(p, &ping);
+	if (c && !ping) {
 		pgr__checked_out(c, -1, NULL, 0, NULL);
 		cb(l, 0, c, arg);
 		return 0;
 	}
 	if (timeout_ms < 0)
 		timeout_ms = p->cfg.acquire_timeout_ms;
-	if (timeout_ms == 0)
+	if (!c && timeout_ms == 0)
 		return -EAGAIN;
-	if (io_uring_sq_space_left(l->ring) < 2)
+	struct op *o = NULL;
+	if (io_uring_sq_space_left(l->ring) >= 2)
+		o = op_alloc(l, OP_ACQUIRE);
+	if (!o) {
+		if (c) /* no room to ping it here: the manager pings it */
+			pgr__manager_push(p, c, PGR__REQ_PING, 0);
 		return -EBUSY;
-	struct op *o = op_alloc(l, OP_ACQUIRE);
-	if (!o)
-		return -EBUSY;
+	}
 	o->acb = cb;
 	o->arg = arg;
 	set_deadline(o, timeout_ms);
+	if (c) {
+		start_ping(l, o, c);
+		return 0;
+	}
 	int rc = pgr__wq_enqueue(p, &o->wi);
 	if (rc) {
 		op_free(l, o);
@@ -314,18 +356,20 @@ static void keep_result(struct op *o, PGresult *r)
 	o->res = r;
 }
 
+static void exec_finish(pgr_loop *l, struct op *o, int err);
+
 static void query_read(pgr_loop *l, struct op *o)
 {
 	PGconn *pg = o->conn->pg;
 	for (;;) {
 		if (!PQconsumeInput(pg)) {
-			deliver_query(l, o, -EIO);
+			exec_finish(l, o, -EIO);
 			return;
 		}
 		while (!PQisBusy(pg)) {
 			PGresult *r = PQgetResult(pg);
 			if (!r) {
-				deliver_query(l, o, 0);
+				exec_finish(l, o, 0);
 				return;
 			}
 			keep_result(o, r);
@@ -340,7 +384,7 @@ static void query_read(pgr_loop *l, struct op *o)
 		break;
 	}
 	if (arm_poll(l, o, POLLIN) < 0)
-		deliver_query(l, o, -EIO);
+		exec_finish(l, o, -EIO);
 }
 
 static void query_step(pgr_loop *l, struct op *o, int revents)
@@ -348,16 +392,16 @@ static void query_step(pgr_loop *l, struct op *o, int revents)
 	PGconn *pg = o->conn->pg;
 	int f = PQflush(pg);
 	if (f < 0) {
-		deliver_query(l, o, -EIO);
+		exec_finish(l, o, -EIO);
 		return;
 	}
 	if (f == 1) {
 		if ((revents & POLLIN) && !PQconsumeInput(pg)) {
-			deliver_query(l, o, -EIO);
+			exec_finish(l, o, -EIO);
 			return;
 		}
 		if (arm_poll(l, o, POLLOUT | POLLIN) < 0)
-			deliver_query(l, o, -EIO);
+			exec_finish(l, o, -EIO);
 		return;
 	}
 	query_read(l, o);
@@ -411,34 +455,158 @@ int pgr_query_async(pgr_loop *l, pgr_conn *c, const char *sql, int nparams,
 	o->conn = c;
 	o->qcb = cb;
 	o->arg = arg;
+	o->phase = PH_QUERY;
 	set_deadline(o, timeout_ms);
 	query_step(l, o, 0);
 	return 0;
 }
 
-static void query_cqe(pgr_loop *l, struct op *o, unsigned kind, uint16_t gen, int res)
+/* A CQE of an op's network exchange (query, pre-ping, rollback/reset). */
+static void exec_cqe(pgr_loop *l, struct op *o, unsigned kind, uint16_t gen, int res)
 {
-	if (kind != K_POLL || gen != o->gen || o->done) {
-		if (o->done && o->inflight == 0)
-			op_free(l, o);
-		return;
-	}
+	if (kind != K_POLL || gen != o->gen)
+		return; /* its linked timeout, a cancel, or a stale CQE: only counted */
 	o->armed = 0;
 	if (l->destroying) {
-		deliver_query(l, o, -ECANCELED);
+		exec_finish(l, o, -ECANCELED);
 		return;
 	}
 	if (res == -ECANCELED) {
-		/* The linked deadline fired. */
-		cancel_in_background(o->conn->pg);
-		if (o->res) {
-			PQclear(o->res);
-			o->res = NULL;
-		}
-		deliver_query(l, o, -ETIMEDOUT);
+		/* The linked deadline fired. A user's query is cancelled on the server; a ping or
+		 * a rollback that timed out condemns its connection, which is closed instead. */
+		if (o->phase == PH_QUERY)
+			cancel_in_background(o->conn->pg);
+		PQclear(o->res);
+		o->res = NULL;
+		exec_finish(l, o, -ETIMEDOUT);
 		return;
 	}
 	query_step(l, o, res < 0 ? POLLERR : res);
+}
+
+/* Send sql on o->conn and drive it on the loop's ring; exec_finish runs at the end. */
+static int exec_start(pgr_loop *l, struct op *o, const char *sql, int phase, int64_t timeout_ms)
+{
+	o->phase = (uint8_t)phase;
+	PQclear(o->res);
+	o->res = NULL;
+	int64_t dl = pgr__mono_ns() + timeout_ms * 1000000;
+	if (phase != PH_PING || dl < o->deadline_ns)
+		o->deadline_ns = dl; /* a pre-ping never outlives its acquire's deadline */
+	if (!PQsendQuery(o->conn->pg, sql))
+		return -EIO;
+	atomic_fetch_add_explicit(&l->pool->c_loop_execs, 1, memory_order_relaxed);
+	query_step(l, o, 0);
+	return 0;
+}
+
+/* Did a ping / rollback / reset leave the connection healthy and idle? */
+static bool exec_ok(struct op *o, int err)
+{
+	return err == 0 && (!o->res || !is_error(o->res)) &&
+	       PQtransactionStatus(o->conn->pg) == PQTRANS_IDLE &&
+	       !atomic_load_explicit(&o->conn->server_error, memory_order_relaxed);
+}
+
+/* ---- pings at checkout and rollbacks/resets at return, on the loop's ring ---- */
+
+static void start_ping(pgr_loop *l, struct op *o, struct pgr_conn *c)
+{
+	o->conn = c;
+	if (exec_start(l, o, "", PH_PING, l->pool->cfg.ping_timeout_ms) != 0)
+		exec_finish(l, o, -EIO);
+}
+
+static void ping_done(pgr_loop *l, struct op *o, bool ok)
+{
+	pgr_pool *p = l->pool;
+	struct pgr_conn *c = o->conn;
+	o->conn = NULL;
+	PQclear(o->res);
+	o->res = NULL;
+	o->phase = PH_WAIT;
+	atomic_fetch_add_explicit(&p->c_pings, 1, memory_order_relaxed);
+	if (ok) {
+		int64_t now = pgr__mono_ns();
+		atomic_store_explicit(&c->idle_since_ms, now / 1000000, memory_order_relaxed);
+		pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL);
+		deliver_acquire(l, o, 0, c);
+		return;
+	}
+	atomic_fetch_add_explicit(&p->c_pings_failed, 1, memory_order_relaxed);
+	pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_PING_FAILED);
+	if (l->destroying)
+		deliver_acquire(l, o, -ECANCELED, NULL);
+	else
+		acquire_retry(l, o); /* the caller never sees the dead one */
+}
+
+static void reset_done(pgr_loop *l, struct op *o, bool ok)
+{
+	pgr_pool *p = l->pool;
+	struct pgr_conn *c = o->conn;
+	PQclear(o->res);
+	o->res = NULL;
+	if (ok && o->phase == PH_ROLLBACK) {
+		atomic_fetch_add_explicit(&p->c_rollbacks, 1, memory_order_relaxed);
+		if (p->cfg.reset_sql) {
+			if (exec_start(l, o, p->cfg.reset_sql, PH_RESET, p->cfg.reset_timeout_ms) !=
+			    0)
+				exec_finish(l, o, -EIO);
+			return;
+		}
+	} else if (ok) {
+		atomic_fetch_add_explicit(&p->c_resets, 1, memory_order_relaxed);
+	} else {
+		atomic_fetch_add_explicit(&p->c_resets_failed, 1, memory_order_relaxed);
+	}
+	o->conn = NULL;
+	o->done = 1;
+	if (o->inflight == 0)
+		op_free(l, o);
+	if (!ok)
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_RESET_FAILED);
+	else if (atomic_load_explicit(&p->closing, memory_order_relaxed))
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_POOL_CLOSING);
+	else
+		pgr__publish(p, c);
+}
+
+static void exec_finish(pgr_loop *l, struct op *o, int err)
+{
+	switch (o->phase) {
+	case PH_QUERY:
+		deliver_query(l, o, err);
+		return;
+	case PH_PING:
+		ping_done(l, o, exec_ok(o, err));
+		return;
+	default:
+		reset_done(l, o, exec_ok(o, err));
+		return;
+	}
+}
+
+bool pgr__loop_reset(pgr_loop *l, struct pgr_conn *c, int req)
+{
+	if (!l || l->destroying || c->pool != l->pool || io_uring_sq_space_left(l->ring) < 2)
+		return false;
+	struct op *o = op_alloc(l, OP_RESET);
+	if (!o)
+		return false;
+	o->conn = c;
+	bool rollback = req == PGR__REQ_ROLLBACK;
+	const char *sql = rollback ? "ROLLBACK" : l->pool->cfg.reset_sql;
+	int64_t timeout_ms = l->pool->cfg.reset_timeout_ms;
+	if (exec_start(l, o, sql, rollback ? PH_ROLLBACK : PH_RESET, timeout_ms) != 0)
+		exec_finish(l, o, -EIO);
+	return true;
+}
+
+void pgr_loop_release(pgr_loop *l, pgr_conn *c)
+{
+	if (c)
+		pgr__release(c, false, l);
 }
 
 /* ---- the loop ---- */
@@ -457,16 +625,15 @@ int pgr_loop_handle_cqe(pgr_loop *l, const struct io_uring_cqe *cqe)
 	if (o->kind == OP_FREE)
 		return 1;
 	o->inflight--;
-	if (o->kind == OP_ACQUIRE) {
-		if (o->done) {
-			if (o->inflight == 0)
-				op_free(l, o);
-			return 1;
-		}
-		acquire_cqe(l, o);
-	} else {
-		query_cqe(l, o, kind, gen, cqe->res);
+	if (o->done) {
+		if (o->inflight == 0)
+			op_free(l, o);
+		return 1;
 	}
+	if (o->kind == OP_ACQUIRE && o->phase == PH_WAIT)
+		acquire_cqe(l, o);
+	else
+		exec_cqe(l, o, kind, gen, cqe->res);
 	return 1;
 }
 
@@ -517,8 +684,8 @@ int pgr_loop_destroy(pgr_loop *l)
 				    0; /* not every cancel is out: the next call tries again */
 				return -EBUSY;
 			}
-			io_uring_prep_cancel64(
-			    s, ud(l, o, o->kind == OP_ACQUIRE ? K_FUTEX : K_POLL), 0);
+			bool futex = o->kind == OP_ACQUIRE && o->phase == PH_WAIT;
+			io_uring_prep_cancel64(s, ud(l, o, futex ? K_FUTEX : K_POLL), 0);
 			io_uring_sqe_set_data64(s, ud(l, o, K_CANCEL));
 			o->inflight++;
 			o->armed =

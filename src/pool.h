@@ -140,9 +140,9 @@ struct pgr_pool {
 	char *password; /* to scrub from messages */
 	uint32_t cap;   /* max_size + max_overflow */
 	uint32_t nshards;
-	uint32_t nwords;       /* 64-bit words per shard bitmap */
-	uint32_t shard_stride; /* words between shards, padded to a cache line */
-	uint32_t spin_iters;   /* pause loops a waiter spins before parking (0 on one CPU) */
+	uint32_t nwords;         /* 64-bit words per shard bitmap */
+	uint32_t shard_stride;   /* words between shards, padded to a cache line */
+	uint32_t spin_iters;     /* pause loops a waiter spins before parking (0 on one CPU) */
 	uint32_t spin_positions; /* waiters that far from the head or closer spin */
 	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
@@ -180,6 +180,8 @@ struct pgr_pool {
 	_Atomic uint64_t c_resets;
 	_Atomic uint64_t c_resets_failed;
 	_Atomic uint64_t c_leaks;
+	_Atomic uint64_t
+	    c_loop_execs; /* pings, rollbacks, resets run on a pgr_loop's ring (tests) */
 	_Atomic uint64_t c_closes[PGR_CLOSE_REASONS];
 	_Atomic int connect_failing;
 
@@ -190,7 +192,7 @@ struct pgr_pool {
 	pthread_t mgr_thread;
 	int mgr_started;
 	int efd;
-	int notify_fd;      /* external manager: signalled when the ring has CQEs */
+	int notify_fd; /* external manager: signalled when the ring has CQEs */
 	int64_t last_tick_ms;
 	_Atomic int mgr_stop;
 	struct io_uring ring;
@@ -275,6 +277,10 @@ void pgr__wq_free(pgr_pool *p, uint32_t wi);
 struct pgr_conn *pgr__wq_outcome(pgr_pool *p, unsigned s, struct pgr_conn *mine,
                                  struct pgr_conn *granted, int *rc);
 struct pgr_conn *pgr__fast_take(pgr_pool *p);
+/* Like pgr__fast_take; a connection that needs a pre-ping comes back with *ping set. */
+struct pgr_conn *pgr__fast_take_ping(pgr_pool *p, bool *ping);
+/* Return a connection; loop (may be NULL) runs a rollback or reset_sql on its ring. */
+void pgr__release(pgr_conn *c, bool discard, pgr_loop *loop);
 /* waited_ns < 0: an immediate checkout. */
 void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
                       const char *func);
@@ -283,6 +289,10 @@ int pgr__timeout_error(pgr_pool *p, int64_t waited_ms);
 /* testing.c */
 int pgr__pool_add_fake(pgr_pool *p, uint32_t n);
 int pgr__pool_create_nomgr(const pgr_config *cfg, pgr_pool **out);
+
+/* loop.c: run a rollback (req ROLLBACK) or reset_sql (RESET) of a returned connection on the
+ * loop's ring; false when the loop cannot take it (the manager does it then). */
+bool pgr__loop_reset(pgr_loop *l, struct pgr_conn *c, int req);
 
 /* manager.c */
 int pgr__manager_start(pgr_pool *p);

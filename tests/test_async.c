@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pool.h"
 #include "testutil.h"
 
 struct env {
@@ -24,7 +25,14 @@ static int64_t now_ns(void)
 	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+static void env_init_ping(struct env *e, uint32_t size, uint32_t min_idle, int64_t ping_after);
+
 static void env_init(struct env *e, uint32_t size, uint32_t min_idle)
+{
+	env_init_ping(e, size, min_idle, 30000);
+}
+
+static void env_init_ping(struct env *e, uint32_t size, uint32_t min_idle, int64_t ping_after)
 {
 	memset(e, 0, sizeof(*e));
 	cr_assert_eq(io_uring_queue_init(256, &e->ring, 0), 0);
@@ -33,6 +41,7 @@ static void env_init(struct env *e, uint32_t size, uint32_t min_idle)
 	cfg.conninfo = tu_conninfo();
 	cfg.max_size = size;
 	cfg.min_idle = min_idle;
+	cfg.ping_after_idle_ms = ping_after;
 	e->pool = tu_pool(&cfg);
 	cr_assert_eq(pgr_loop_create(e->pool, &e->ring, 0, &e->loop), 0);
 }
@@ -419,7 +428,9 @@ Test(async, release_on_another_thread_wakes_an_async_waiter_quickly, .timeout = 
 {
 	static struct env e;
 	env_init(&e, 1, 1);
-	enum { N = 200 };
+	enum {
+		N = 200
+	};
 	static int64_t d[N];
 	for (int i = 0; i < N; i++) {
 		struct releaser r = {.p = e.pool};
@@ -442,5 +453,91 @@ Test(async, release_on_another_thread_wakes_an_async_waiter_quickly, .timeout = 
 	cr_log_info("release -> async waiter callback: p50 %lld ns, p99 %lld ns, max %lld ns",
 	            (long long)d[N / 2], (long long)d[N * 99 / 100], (long long)d[N - 1]);
 	cr_assert_lt(d[N / 2], 5000000, "median wake-up %lld ns", (long long)d[N / 2]);
+	env_fini(&e);
+}
+
+/* ---- pre-ping at checkout and rollback at return run on the loop's ring ---- */
+
+/* c_loop_execs (internal) counts the pings, rollbacks and resets a pgr_loop ran itself. */
+Test(async, prepings_run_on_the_loop_ring_and_dead_backends_never_reach_the_caller, .timeout = 60)
+{
+	static struct env e;
+	env_init_ping(&e, 2, 2, 0); /* ping_after_idle_ms = 0: every checkout pings */
+	tu_sleep_ms(50); /* past the window in which a just-opened connection skips its ping */
+	for (int i = 0; i < 20; i++) {
+		struct await a = {.got = -1, .err = 1};
+		/* The callback may run at once: a quick server answers a ping while it is sent. */
+		cr_assert_eq(pgr_acquire_async(e.loop, 5000, on_async_acquire, &a), 0);
+		int64_t dl = tu_now_ms() + 5000;
+		while (a.err == 1 && tu_now_ms() < dl)
+			turn(&e);
+		cr_assert_eq(a.err, 0, "acquire %d: %s", i, pgr_strerror(a.err));
+		cr_assert_eq(tu_stats(e.pool).pings, (uint64_t)i + 1, "checkout %d was not pinged",
+		             i);
+		cr_assert_eq(atomic_load(&e.pool->c_loop_execs), (uint64_t)i + 1,
+		             "checkout %d was not pinged on the loop's ring", i);
+		pgr_loop_release(e.loop, a.conn);
+	}
+	cr_assert_eq(tu_stats(e.pool).pings_failed, 0);
+	/* Kill both backends while idle: the loop's pings fail, the acquire gets a new one. */
+	PGconn *admin = tu_admin();
+	tu_exec(admin, "select pg_terminate_backend(pid) from pg_stat_activity "
+	               "where application_name = 'pgring' and pid <> pg_backend_pid()");
+	cr_assert(TU_WAIT_UNTIL(tu_query_long(admin, "select count(*) from pg_stat_activity "
+	                                             "where application_name = 'pgring'") == 0,
+	                        5000));
+	struct await a = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_acquire_async(e.loop, 5000, on_async_acquire, &a), 0);
+	int64_t dl = tu_now_ms() + 10000;
+	while (a.err == 1 && tu_now_ms() < dl)
+		turn(&e);
+	cr_assert_eq(a.err, 0, "%s", pgr_strerror(a.err));
+	PGresult *r = PQexec(pgr_conn_pg(a.conn), "select 1");
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "a dead connection was handed out");
+	PQclear(r);
+	pgr_loop_release(e.loop, a.conn);
+	cr_assert_geq(tu_stats(e.pool).pings_failed, 1);
+	PQfinish(admin);
+	env_fini(&e);
+}
+
+Test(async, rollback_on_return_runs_on_the_loop_ring, .timeout = 60)
+{
+	static struct env e;
+	env_init_ping(&e, 1, 1, 30000);
+	PGconn *admin = tu_admin();
+	tu_exec(admin, "drop table if exists pgr_async_rb");
+	tu_exec(admin, "create table pgr_async_rb(v int)");
+	struct await a = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_acquire_async(e.loop, 1000, on_async_acquire, &a), 0);
+	cr_assert_eq(a.err, 0);
+	struct qres q = {0};
+	cr_assert_eq(pgr_query_async(e.loop, a.conn, "begin", 0, NULL, 5000, on_q, &q), 0);
+	while (!q.done)
+		turn(&e);
+	q = (struct qres){0};
+	cr_assert_eq(pgr_query_async(e.loop, a.conn, "insert into pgr_async_rb values (1)", 0, NULL,
+	                             5000, on_q, &q),
+	             0);
+	while (!q.done)
+		turn(&e);
+	cr_assert_eq(q.err, 0);
+	cr_assert_eq(PQtransactionStatus(pgr_conn_pg(a.conn)), PQTRANS_INTRANS);
+	pgr_loop_release(e.loop, a.conn);
+	int64_t dl = tu_now_ms() + 5000;
+	while (tu_stats(e.pool).rollbacks == 0 && tu_now_ms() < dl)
+		turn(&e);
+	cr_assert_eq(tu_stats(e.pool).rollbacks, 1);
+	cr_assert_eq(atomic_load(&e.pool->c_loop_execs), 1, "the rollback did not run on the loop");
+	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).idle == 1, 2000));
+	struct await b = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_acquire_async(e.loop, 1000, on_async_acquire, &b), 0);
+	cr_assert_eq(b.err, 0);
+	cr_assert_eq(PQtransactionStatus(pgr_conn_pg(b.conn)), PQTRANS_IDLE);
+	cr_assert_eq(tu_query_long(admin, "select count(*) from pgr_async_rb"), 0,
+	             "the insert was not rolled back");
+	pgr_loop_release(e.loop, b.conn);
+	tu_exec(admin, "drop table pgr_async_rb");
+	PQfinish(admin);
 	env_fini(&e);
 }

@@ -150,8 +150,7 @@ static void on_conn(pgr_loop *l, int err, pgr_conn *c, void *arg)
 		return;
 	}
 	const char *params[1] = {j->param};
-	cr_assert_eq(pgr_query_async(l, c, "select $1::int + 1", 1, params, 5000, on_result, j),
-	             0);
+	cr_assert_eq(pgr_query_async(l, c, "select $1::int + 1", 1, params, 5000, on_result, j), 0);
 }
 
 Test(embedded, async_queries_connects_and_rollbacks_run_on_the_loop_thread, .timeout = 60)
@@ -159,7 +158,9 @@ Test(embedded, async_queries_connects_and_rollbacks_run_on_the_loop_thread, .tim
 	static struct eloop e;
 	int threads_before = count_threads();
 	eloop_init(&e, 2);
-	enum { N = 200 };
+	enum {
+		N = 200
+	};
 	static struct job jobs[N];
 	for (int i = 0; i < N; i++) {
 		jobs[i] = (struct job){.e = &e, .value = -1, .begin_only = i % 10 == 3};

@@ -93,7 +93,8 @@ Test(observability, histograms_count_every_checkout_connect_and_return, .timeout
 	cr_assert_eq(h.count, 20);
 	pgr_pool_histogram(p, PGR_HIST_HOLD, &h);
 	cr_assert_eq(h.count, 20);
-	/* One hold of >= 100 ms, timed on the pool's coarse clock (10 ms ticks, later under load). */
+	/* One hold of >= 100 ms, timed on the pool's coarse clock (10 ms ticks, later under load).
+	 */
 	cr_assert_geq(h.max_ns, 50000000ull, "max hold %llu ns", (unsigned long long)h.max_ns);
 	pgr_pool_histogram(p, PGR_HIST_CONNECT, &h);
 	cr_assert_eq(h.count, 2);
