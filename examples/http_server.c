@@ -332,7 +332,7 @@ static void on_query(pgr_loop *loop, int err, PGresult *res, void *arg)
 	 * microsecond it stays checked out is one another request waits. A connection whose query
 	 * timed out or failed is closed by the release, never handed out again.
 	 */
-	pgr_release(c->pg);
+	pgr_loop_release(loop, c->pg);
 	c->pg = NULL;
 	if (err == 0 && PQresultStatus(res) == PGRES_TUPLES_OK)
 		respond_row(c, res);
@@ -360,7 +360,7 @@ static void on_acquire(pgr_loop *loop, int err, pgr_conn *pg, void *arg)
 	int rc = pgr_query_async(loop, pg, USER_SQL, 1, params, c->w->srv->query_timeout_ms,
 	                         on_query, c);
 	if (rc) {
-		pgr_release(pg);
+		pgr_loop_release(loop, pg);
 		c->pg = NULL;
 		respond_error(c, rc == -EBUSY ? 503 : 500, pgr_strerror(rc));
 		db_done(c);
