@@ -1,0 +1,139 @@
+/*
+ * Stress of the lock-free core alone: placeholder connections (no server), many threads,
+ * short deadlines, for seconds. Checks the invariant everything rests on: a connection is
+ * never held by two callers at once, and none is lost. Plain program (runs under
+ * ThreadSanitizer, where Criterion cannot start); prints "N passed, N failed".
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "pool.h"
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+struct shared {
+	pgr_pool *p;
+	_Atomic int holder[PGR__MAX_CONNS]; /* 0 = free, else thread id + 1 */
+	_Atomic uint64_t double_holds, acquires, timeouts, errors;
+	int64_t until_ms;
+};
+
+struct worker {
+	struct shared *s;
+	int id;
+};
+
+static void *worker_main(void *a)
+{
+	struct worker *w = a;
+	struct shared *s = w->s;
+	unsigned seed = (unsigned)w->id * 7919u + 1;
+	while (now_ms() < s->until_ms) {
+		pgr_conn *c;
+		int64_t timeout = rand_r(&seed) % 4 == 0 ? 0 : rand_r(&seed) % 3; /* 0-2 ms, try */
+		int rc = timeout == 0 ? pgr_try_acquire(s->p, &c) : pgr_acquire(s->p, timeout, &c);
+		if (rc == -ETIMEDOUT || rc == -EAGAIN) {
+			atomic_fetch_add(&s->timeouts, 1);
+			continue;
+		}
+		if (rc != 0) {
+			atomic_fetch_add(&s->errors, 1);
+			continue;
+		}
+		uint32_t id = pgr_conn_id(c);
+		int prev = atomic_exchange(&s->holder[id], w->id + 1);
+		if (prev != 0)
+			atomic_fetch_add(&s->double_holds, 1);
+		atomic_fetch_add(&s->acquires, 1);
+		for (volatile int i = rand_r(&seed) % 200; i > 0; i--)
+			;
+		atomic_store(&s->holder[id], 0);
+		pgr_release(c);
+	}
+	return NULL;
+}
+
+static int run(int threads, uint32_t conns, int seconds)
+{
+	static struct shared s;
+	memset(&s, 0, sizeof(s));
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = "host=127.0.0.1 port=1 dbname=none";
+	cfg.max_size = conns;
+	cfg.ping_after_idle_ms = -1;
+	cfg.check_after_idle_ms = INT64_MAX / 4;
+	cfg.max_lifetime_ms = 0;
+	cfg.idle_timeout_ms = 0;
+	cfg.shards = 4; /* more shards than CPUs here: stealing is exercised too */
+	if (pgr__pool_create_nomgr(&cfg, &s.p) != 0 || pgr__pool_add_fake(s.p, conns) != 0) {
+		fprintf(stderr, "cannot create the pool\n");
+		return 1;
+	}
+	s.until_ms = now_ms() + seconds * 1000;
+	pthread_t th[64];
+	struct worker w[64];
+	for (int i = 0; i < threads; i++) {
+		w[i] = (struct worker){.s = &s, .id = i};
+		pthread_create(&th[i], NULL, worker_main, &w[i]);
+	}
+	for (int i = 0; i < threads; i++)
+		pthread_join(th[i], NULL);
+	pgr_stats st;
+	pgr_pool_stats(s.p, &st);
+	printf("%d threads, %u connections, %d s: %llu checkouts, %llu timeouts, %llu steals, %llu "
+	       "handoffs\n",
+	       threads, conns, seconds, (unsigned long long)s.acquires,
+	       (unsigned long long)s.timeouts, (unsigned long long)st.steals,
+	       (unsigned long long)st.handoffs);
+	int bad = 0;
+	if (s.double_holds) {
+		fprintf(stderr, "FAIL: %llu double holds\n", (unsigned long long)s.double_holds);
+		bad = 1;
+	}
+	if (s.errors) {
+		fprintf(stderr, "FAIL: %llu errors\n", (unsigned long long)s.errors);
+		bad = 1;
+	}
+	if (st.idle != conns || st.in_use != 0 || st.waiting != 0) {
+		fprintf(stderr, "FAIL: idle=%u in_use=%u waiting=%u after the run\n", st.idle,
+		        st.in_use, st.waiting);
+		bad = 1;
+	}
+	if (st.acquires != s.acquires) {
+		fprintf(stderr, "FAIL: pool counted %llu checkouts, callers %llu\n",
+		        (unsigned long long)st.acquires, (unsigned long long)s.acquires);
+		bad = 1;
+	}
+	if (s.acquires < 1000) {
+		fprintf(stderr, "FAIL: only %llu checkouts\n", (unsigned long long)s.acquires);
+		bad = 1;
+	}
+	pgr_pool_destroy(s.p);
+	return bad;
+}
+
+int main(void)
+{
+	struct {
+		int threads;
+		uint32_t conns;
+		int seconds;
+	} cases[] = {{16, 4, 3}, {8, 8, 2}, {4, 1, 2}, {32, 70, 2}};
+	int n = (int)(sizeof(cases) / sizeof(cases[0])), failed = 0;
+	for (int i = 0; i < n; i++)
+		failed += run(cases[i].threads, cases[i].conns, cases[i].seconds);
+	printf("%d passed, %d failed\n", n - failed, failed);
+	return failed ? 1 : 0;
+}
