@@ -353,6 +353,22 @@ typedef void (*pgr_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, void *ar
  */
 PGR_API int pgr_acquire_async(pgr_loop *loop, int64_t timeout_ms, pgr_acquire_cb cb, void *arg);
 
+#define PGR_PIPELINE_MAX 16
+typedef void (*pgr_pipeline_cb)(pgr_loop *loop, int err, PGresult **results, int n, void *arg);
+/*
+ * Send n (1..PGR_PIPELINE_MAX) parameterised statements in one round trip (libpq pipeline
+ * mode) and deliver their results together: results[i] is statement i's last result (its first
+ * error if it failed; PGRES_PIPELINE_ABORTED for statements after a failed one). cb owns every
+ * results[i] (PQclear each); the array itself is valid only during the call. nparams and params
+ * may be NULL (no parameters); params[i] holds statement i's text parameters. err: 0, or
+ * -ETIMEDOUT / -EIO with every results[i] NULL (the connection is then closed on return). The
+ * statements run in one implicit transaction unless they contain their own BEGIN/COMMIT.
+ * Returns 0, or a negative error with cb not called.
+ */
+PGR_API int pgr_pipeline_async(pgr_loop *loop, pgr_conn *conn, int n, const char *const *sql,
+                               const int *nparams, const char *const *const *params,
+                               int64_t timeout_ms, pgr_pipeline_cb cb, void *arg);
+
 /*
  * Return a connection from the loop's thread. Like pgr_release, except that a rollback (it was
  * returned inside a transaction) or reset_sql runs on the loop's ring instead of the manager's.

@@ -49,7 +49,8 @@ enum {
 	PH_QUERY,    /* pgr_query_async */
 	PH_PING,     /* acquire: pre-ping of the connection it took */
 	PH_ROLLBACK, /* return: ROLLBACK, then reset_sql if set */
-	PH_RESET     /* return: reset_sql */
+	PH_RESET,    /* return: reset_sql */
+	PH_PIPELINE  /* pgr_pipeline_async */
 };
 
 #define FUTEX2_SIZE_U32_      0x02 /* futex2 flags; no FUTEX2_PRIVATE: see the file comment */
@@ -69,9 +70,12 @@ struct op {
 	struct __kernel_timespec ts;
 	pgr_acquire_cb acb;
 	pgr_query_cb qcb;
+	pgr_pipeline_cb pcb;
 	void *arg;
 	struct pgr_conn *conn;
 	PGresult *res;
+	PGresult *pres[PGR_PIPELINE_MAX]; /* pipeline: one result per statement */
+	uint8_t pn, pi;                   /* pipeline: statements, the one being read */
 };
 
 struct pgr_loop {
@@ -387,6 +391,8 @@ static void query_read(pgr_loop *l, struct op *o)
 		exec_finish(l, o, -EIO);
 }
 
+static void pipeline_read(pgr_loop *l, struct op *o);
+
 static void query_step(pgr_loop *l, struct op *o, int revents)
 {
 	PGconn *pg = o->conn->pg;
@@ -404,7 +410,10 @@ static void query_step(pgr_loop *l, struct op *o, int revents)
 			exec_finish(l, o, -EIO);
 		return;
 	}
-	query_read(l, o);
+	if (o->phase == PH_PIPELINE)
+		pipeline_read(l, o);
+	else
+		query_read(l, o);
 }
 
 static void *cancel_main(void *a)
@@ -474,7 +483,7 @@ static void exec_cqe(pgr_loop *l, struct op *o, unsigned kind, uint16_t gen, int
 	if (res == -ECANCELED) {
 		/* The linked deadline fired. A user's query is cancelled on the server; a ping or
 		 * a rollback that timed out condemns its connection, which is closed instead. */
-		if (o->phase == PH_QUERY)
+		if (o->phase == PH_QUERY || o->phase == PH_PIPELINE)
 			cancel_in_background(o->conn->pg);
 		PQclear(o->res);
 		o->res = NULL;
@@ -506,6 +515,119 @@ static bool exec_ok(struct op *o, int err)
 	return err == 0 && (!o->res || !is_error(o->res)) &&
 	       PQtransactionStatus(o->conn->pg) == PQTRANS_IDLE &&
 	       !atomic_load_explicit(&o->conn->server_error, memory_order_relaxed);
+}
+
+/* ---- pipelines: several statements, one round trip ---- */
+
+static void deliver_pipeline(pgr_loop *l, struct op *o, int err)
+{
+	pgr_pipeline_cb cb = o->pcb;
+	void *arg = o->arg;
+	int n = o->pn;
+	PGresult *res[PGR_PIPELINE_MAX];
+	for (int i = 0; i < n; i++) {
+		res[i] = err ? NULL : o->pres[i];
+		if (err)
+			PQclear(o->pres[i]);
+		o->pres[i] = NULL;
+	}
+	o->done = 1;
+	if (o->inflight == 0)
+		op_free(l, o);
+	cb(l, err, res, n, arg);
+}
+
+/*
+ * Pipeline results arrive as: each statement's results, then NULL; after the last statement,
+ * PGRES_PIPELINE_SYNC (not followed by NULL). A failed statement makes the ones after it
+ * PGRES_PIPELINE_ABORTED.
+ */
+static void pipeline_read(pgr_loop *l, struct op *o)
+{
+	PGconn *pg = o->conn->pg;
+	for (;;) {
+		if (!PQconsumeInput(pg)) {
+			exec_finish(l, o, -EIO);
+			return;
+		}
+		while (!PQisBusy(pg)) {
+			PGresult *r = PQgetResult(pg);
+			if (!r) {
+				o->pi++; /* end of one statement's results */
+				continue;
+			}
+			if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+				PQclear(r);
+				int ok = o->pi == o->pn && PQexitPipelineMode(pg);
+				exec_finish(l, o, ok ? 0 : -EIO);
+				return;
+			}
+			if (o->pi >= o->pn) {
+				PQclear(r);
+				continue;
+			}
+			/* Keep a statement's last result, or its first error. */
+			PGresult **slot = &o->pres[o->pi];
+			if (*slot && is_error(*slot)) {
+				PQclear(r);
+			} else {
+				PQclear(*slot);
+				*slot = r;
+			}
+		}
+		if (PQsslInUse(pg)) {
+			SSL *ssl = PQsslStruct(pg, "OpenSSL");
+			if (ssl && SSL_has_pending(ssl))
+				continue;
+		}
+		break;
+	}
+	if (arm_poll(l, o, POLLIN) < 0)
+		exec_finish(l, o, -EIO);
+}
+
+int pgr_pipeline_async(pgr_loop *l, pgr_conn *c, int n, const char *const *sql, const int *nparams,
+                       const char *const *const *params, int64_t timeout_ms, pgr_pipeline_cb cb,
+                       void *arg)
+{
+	if (!l || !c || !sql || !cb || n < 1 || n > PGR_PIPELINE_MAX || c->pool != l->pool)
+		return -EINVAL;
+	if (atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)
+		return -EINVAL;
+	if (l->destroying)
+		return -ESHUTDOWN;
+	if (io_uring_sq_space_left(l->ring) < 2)
+		return -EBUSY;
+	if (PQtransactionStatus(c->pg) == PQTRANS_ACTIVE || !PQenterPipelineMode(c->pg))
+		return -EIO;
+	struct op *o = op_alloc(l, OP_QUERY);
+	if (!o) {
+		PQexitPipelineMode(c->pg);
+		return -EBUSY;
+	}
+	for (int i = 0; i < n; i++) {
+		int np = nparams ? nparams[i] : 0;
+		const char *const *pv = params ? params[i] : NULL;
+		if (!PQsendQueryParams(c->pg, sql[i], np, NULL, pv, NULL, NULL, 0)) {
+			/* Half a pipeline is queued: the connection cannot be trusted again. */
+			atomic_store_explicit(&c->server_error, 1, memory_order_relaxed);
+			op_free(l, o);
+			return -EIO;
+		}
+	}
+	if (!PQpipelineSync(c->pg)) {
+		atomic_store_explicit(&c->server_error, 1, memory_order_relaxed);
+		op_free(l, o);
+		return -EIO;
+	}
+	o->conn = c;
+	o->pcb = cb;
+	o->arg = arg;
+	o->pn = (uint8_t)n;
+	o->phase = PH_PIPELINE;
+	set_deadline(o, timeout_ms);
+	query_step(l, o, 0);
+	return 0;
 }
 
 /* ---- pings at checkout and rollbacks/resets at return, on the loop's ring ---- */
@@ -577,6 +699,9 @@ static void exec_finish(pgr_loop *l, struct op *o, int err)
 	switch (o->phase) {
 	case PH_QUERY:
 		deliver_query(l, o, err);
+		return;
+	case PH_PIPELINE:
+		deliver_pipeline(l, o, err);
 		return;
 	case PH_PING:
 		ping_done(l, o, exec_ok(o, err));

@@ -541,3 +541,81 @@ Test(async, rollback_on_return_runs_on_the_loop_ring, .timeout = 60)
 	PQfinish(admin);
 	env_fini(&e);
 }
+
+/* ---- pipelines ---- */
+
+struct pres {
+	int done, err, n;
+	ExecStatusType st[PGR_PIPELINE_MAX];
+	char val[PGR_PIPELINE_MAX][32];
+	char sqlstate[PGR_PIPELINE_MAX][8];
+};
+
+static void on_pipeline(pgr_loop *l, int err, PGresult **res, int n, void *arg)
+{
+	struct pres *r = arg;
+	r->err = err;
+	r->n = n;
+	for (int i = 0; i < n; i++) {
+		r->st[i] = res[i] ? PQresultStatus(res[i]) : PGRES_FATAL_ERROR;
+		if (res[i] && r->st[i] == PGRES_TUPLES_OK && PQntuples(res[i]) > 0)
+			snprintf(r->val[i], sizeof r->val[i], "%s", PQgetvalue(res[i], 0, 0));
+		const char *ss = res[i] ? PQresultErrorField(res[i], PG_DIAG_SQLSTATE) : NULL;
+		snprintf(r->sqlstate[i], sizeof r->sqlstate[i], "%s", ss ? ss : "");
+		PQclear(res[i]);
+	}
+	r->done = 1;
+}
+
+Test(async, pipeline_runs_several_statements_and_reports_each, .timeout = 60)
+{
+	static struct env e;
+	env_init(&e, 1, 1);
+	struct await a = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_acquire_async(e.loop, 1000, on_async_acquire, &a), 0);
+	cr_assert_eq(a.err, 0);
+	const char *sql[3] = {"select 1", "select $1::int * 10", "select $1 || $2"};
+	int np[3] = {0, 1, 2};
+	const char *p1[1] = {"4"}, *p2[2] = {"a", "b"};
+	const char *const *params[3] = {NULL, p1, p2};
+	struct pres r = {0};
+	cr_assert_eq(pgr_pipeline_async(e.loop, a.conn, 3, sql, np, params, 5000, on_pipeline, &r),
+	             0);
+	int64_t dl = tu_now_ms() + 5000;
+	while (!r.done && tu_now_ms() < dl)
+		turn(&e);
+	cr_assert_eq(r.err, 0);
+	cr_assert_eq(r.n, 3);
+	cr_assert_str_eq(r.val[0], "1");
+	cr_assert_str_eq(r.val[1], "40");
+	cr_assert_str_eq(r.val[2], "ab");
+	PGconn *pg = pgr_conn_pg(a.conn);
+	cr_assert_eq(PQpipelineStatus(pg), PQ_PIPELINE_OFF);
+	cr_assert_eq(PQtransactionStatus(pg), PQTRANS_IDLE);
+
+	/* A failing statement: the ones after it are aborted, the connection stays usable. */
+	const char *bad[3] = {"select 1", "select 1/0", "select 3"};
+	struct pres r2 = {0};
+	cr_assert_eq(pgr_pipeline_async(e.loop, a.conn, 3, bad, NULL, NULL, 5000, on_pipeline, &r2),
+	             0);
+	dl = tu_now_ms() + 5000;
+	while (!r2.done && tu_now_ms() < dl)
+		turn(&e);
+	cr_assert_eq(r2.err, 0);
+	cr_assert_eq(r2.st[0], PGRES_TUPLES_OK);
+	cr_assert_eq(r2.st[1], PGRES_FATAL_ERROR);
+	cr_assert_str_eq(r2.sqlstate[1], "22012");
+	cr_assert_eq(r2.st[2], PGRES_PIPELINE_ABORTED);
+	cr_assert_eq(PQpipelineStatus(pg), PQ_PIPELINE_OFF);
+	cr_assert_eq(PQtransactionStatus(pg), PQTRANS_IDLE);
+	struct qres q = {0};
+	cr_assert_eq(pgr_query_async(e.loop, a.conn, "select 1", 0, NULL, 5000, on_q, &q), 0);
+	while (!q.done)
+		turn(&e);
+	cr_assert_eq(q.st, PGRES_TUPLES_OK);
+	pgr_loop_release(e.loop, a.conn);
+	cr_assert_eq(tu_stats(e.pool).closes, 0);
+	cr_assert_eq(pgr_pipeline_async(e.loop, a.conn, 0, bad, NULL, NULL, 5000, on_pipeline, &r2),
+	             -EINVAL);
+	env_fini(&e);
+}
