@@ -16,6 +16,11 @@
  * is not reused until both CQEs of its wait are reaped, since a stale wait on a reused word
  * would swallow the next waiter's wake.
  *
+ * The same ring carries the network work a loop's checkouts need: a pre-ping of a connection
+ * taken idle, a query or a pipeline, and the ROLLBACK / reset_sql of pgr_loop_release. Each is a
+ * one-shot POLL_ADD on the connection's socket linked to the operation's deadline, driven by
+ * the same exec state machine (exec_start ... exec_finish).
+ *
  * Everything here runs on the loop's thread. Operation records live in a fixed array made at
  * pgr_loop_create; nothing is allocated per operation (a cancel of a timed-out query excepted).
  */
