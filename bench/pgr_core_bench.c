@@ -149,17 +149,11 @@ static void rpool_destroy(void *pool)
 static void *pgr_create_fake(uint32_t conns)
 {
 	pgr_config cfg;
-	pgr_config_init(&cfg);
-	cfg.conninfo = "host=127.0.0.1 port=1 dbname=none";
-	cfg.max_size = conns;
+	pgr__fake_config(&cfg, conns);
 	cfg.max_waiters = 4096;
-	cfg.ping_after_idle_ms = -1;
-	cfg.check_after_idle_ms = INT64_MAX / 4; /* no socket behind a placeholder */
-	cfg.max_lifetime_ms = 0;
-	cfg.idle_timeout_ms = 0;
 	pgr_pool *p;
 	/* No manager: placeholders need no network, and this runs where io_uring may not. */
-	if (pgr__pool_create_nomgr(&cfg, &p) != 0 || pgr__pool_add_fake(p, conns) != 0) {
+	if (pgr__pool_create_fake(&cfg, &p) != 0) {
 		fprintf(stderr, "pgr_core_bench: cannot create the pool\n");
 		exit(1);
 	}

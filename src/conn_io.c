@@ -16,7 +16,6 @@
 #include <string.h>
 
 #include <libpq-events.h>
-#include <openssl/ssl.h>
 
 #include "manager.h"
 
@@ -295,16 +294,8 @@ static void exec_read(pgr_pool *p, struct pgr_conn *c)
 				c->exec_failed = 1;
 			PQclear(r);
 		}
-		/*
-		 * OpenSSL may hold the rest of a record already read off the socket; a poll would
-		 * then wait for bytes that never come (PITFALLS.md 2). Read again instead of
-		 * arming.
-		 */
-		if (PQsslInUse(c->pg)) {
-			SSL *ssl = PQsslStruct(c->pg, "OpenSSL");
-			if (ssl && SSL_has_pending(ssl))
-				continue;
-		}
+		if (pgr__tls_pending(c->pg))
+			continue;
 		break;
 	}
 	if (arm(p, c, POLLIN) < 0)

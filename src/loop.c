@@ -31,7 +31,6 @@
 #include <string.h>
 
 #include <linux/futex.h>
-#include <openssl/ssl.h>
 
 #include "pool.h"
 
@@ -383,13 +382,8 @@ static void query_read(pgr_loop *l, struct op *o)
 			}
 			keep_result(o, r);
 		}
-		/* Bytes OpenSSL already holds would never make the socket readable (PITFALLS.md 2).
-		 */
-		if (PQsslInUse(pg)) {
-			SSL *ssl = PQsslStruct(pg, "OpenSSL");
-			if (ssl && SSL_has_pending(ssl))
-				continue;
-		}
+		if (pgr__tls_pending(pg))
+			continue;
 		break;
 	}
 	if (arm_poll(l, o, POLLIN) < 0)
@@ -580,11 +574,8 @@ static void pipeline_read(pgr_loop *l, struct op *o)
 				*slot = r;
 			}
 		}
-		if (PQsslInUse(pg)) {
-			SSL *ssl = PQsslStruct(pg, "OpenSSL");
-			if (ssl && SSL_has_pending(ssl))
-				continue;
-		}
+		if (pgr__tls_pending(pg))
+			continue;
 		break;
 	}
 	if (arm_poll(l, o, POLLIN) < 0)

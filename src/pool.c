@@ -12,6 +12,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <openssl/ssl.h>
+
 #include "pool.h"
 #include "prom.h"
 
@@ -78,6 +80,18 @@ void pgr__conn_bad_move(struct pgr_conn *c, unsigned from, unsigned to)
 	fprintf(stderr, "pgring: connection %u: illegal state move %s -> %s\n", c->id,
 	        from < PGR__STATES ? names[from] : "?", to < PGR__STATES ? names[to] : "?");
 	abort();
+}
+
+/*
+ * True when OpenSSL already holds decrypted bytes of pg's socket: they would never make the
+ * socket readable, so a poll armed now could wait forever (PITFALLS.md 2). Read again instead.
+ */
+bool pgr__tls_pending(PGconn *pg)
+{
+	if (!PQsslInUse(pg))
+		return false;
+	SSL *ssl = PQsslStruct(pg, "OpenSSL");
+	return ssl && SSL_has_pending(ssl);
 }
 
 /* ---- create / drain / destroy ---- */

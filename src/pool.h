@@ -264,6 +264,7 @@ void pgr__emitf(pgr_pool *p, enum pgr_event_type type, uint32_t conn_id, const c
     __attribute__((format(printf, 4, 5)));
 void pgr__set_last_error(pgr_pool *p, const char *msg);
 void pgr__scrub(const pgr_pool *p, char *msg);
+bool pgr__tls_pending(PGconn *pg);
 
 /* checkout.c */
 void pgr__publish(pgr_pool *p, struct pgr_conn *c);   /* owner hands an idle conn to the pool */
@@ -289,6 +290,8 @@ int pgr__timeout_error(pgr_pool *p, int64_t waited_ms);
 /* testing.c */
 int pgr__pool_add_fake(pgr_pool *p, uint32_t n);
 int pgr__pool_create_nomgr(const pgr_config *cfg, pgr_pool **out);
+void pgr__fake_config(pgr_config *cfg, uint32_t conns);
+int pgr__pool_create_fake(const pgr_config *cfg, pgr_pool **out);
 
 /* loop.c: run a rollback (req ROLLBACK) or reset_sql (RESET) of a returned connection on the
  * loop's ring; false when the loop cannot take it (the manager does it then). */

@@ -27,3 +27,26 @@ int pgr__pool_add_fake(pgr_pool *p, uint32_t n)
 	}
 	return 0;
 }
+
+/* A config for placeholder connections: no server, no socket to check, nothing expires. */
+void pgr__fake_config(pgr_config *cfg, uint32_t conns)
+{
+	pgr_config_init(cfg);
+	cfg->conninfo = "host=127.0.0.1 port=1 dbname=none";
+	cfg->max_size = conns;
+	cfg->ping_after_idle_ms = -1;
+	cfg->check_after_idle_ms = INT64_MAX / 4;
+	cfg->max_lifetime_ms = 0;
+	cfg->idle_timeout_ms = 0;
+}
+
+/* A pool of cfg->max_size placeholders and no manager (no io_uring needed). */
+int pgr__pool_create_fake(const pgr_config *cfg, pgr_pool **out)
+{
+	int rc = pgr__pool_create_nomgr(cfg, out);
+	if (rc == 0 && (rc = pgr__pool_add_fake(*out, cfg->max_size)) != 0) {
+		pgr_pool_destroy(*out);
+		*out = NULL;
+	}
+	return rc;
+}

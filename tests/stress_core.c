@@ -69,15 +69,9 @@ static int run(int threads, uint32_t conns, int seconds)
 	static struct shared s;
 	memset(&s, 0, sizeof(s));
 	pgr_config cfg;
-	pgr_config_init(&cfg);
-	cfg.conninfo = "host=127.0.0.1 port=1 dbname=none";
-	cfg.max_size = conns;
-	cfg.ping_after_idle_ms = -1;
-	cfg.check_after_idle_ms = INT64_MAX / 4;
-	cfg.max_lifetime_ms = 0;
-	cfg.idle_timeout_ms = 0;
+	pgr__fake_config(&cfg, conns);
 	cfg.shards = 4; /* more shards than CPUs here: stealing is exercised too */
-	if (pgr__pool_create_nomgr(&cfg, &s.p) != 0 || pgr__pool_add_fake(s.p, conns) != 0) {
+	if (pgr__pool_create_fake(&cfg, &s.p) != 0) {
 		fprintf(stderr, "cannot create the pool\n");
 		return 1;
 	}
