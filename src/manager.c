@@ -192,6 +192,16 @@ static void grow(pgr_pool *p, int64_t now)
 	/* While the server fails, probe with one connect at a time: no storm. */
 	uint32_t limit = p->consecutive_failures ? 1 : p->cfg.max_connecting;
 	uint32_t idle = pgr__idle_count(p);
+	if (idle < p->cfg.min_idle) {
+		/*
+		 * Connections the manager holds for a keepalive ping, a check or a rollback are on
+		 * their way back to idle: counting them keeps min_idle from opening one connection
+		 * too many (which idle_timeout then closes again) every time a ping is in flight.
+		 */
+		for (uint32_t i = 0; i < p->cap; i++)
+			idle += atomic_load_explicit(&p->conns[i].state, memory_order_relaxed) ==
+			        PGR__MANAGED;
+	}
 	for (;;) {
 		uint32_t connecting = atomic_load_explicit(&p->nconnecting, memory_order_relaxed);
 		uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
