@@ -130,6 +130,8 @@ Test(observability, prometheus_matches_stats_and_passes_promtool, .timeout = 60)
 	cr_assert_eq(pgr_acquire(p, 20, &x), -ETIMEDOUT);
 	pgr_discard(b);
 	cr_assert(TU_WAIT_UNTIL(tu_stats(p).closes == 1, 3000));
+	/* The manager restores min_idle: let that reconnect finish so counters stand still. */
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).size == 2 && tu_stats(p).connecting == 0, 5000));
 	size_t need = pgr_pool_prometheus(p, NULL, 0);
 	cr_assert_gt(need, 100);
 	char *buf = malloc(need + 1);
