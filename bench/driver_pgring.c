@@ -30,7 +30,7 @@ static int create_variant(const bench_target *t, const bench_pool_opts *o, void 
 	if (o->no_ping)
 		cfg.ping_after_idle_ms = -1;
 	if (variant == 1)
-		cfg.metrics = 0;
+		cfg.metrics = false;
 	if (variant == 2)
 		cfg.leak_threshold_ms = 60000; /* records the acquire site on every checkout */
 

@@ -357,7 +357,7 @@ static void on_acquire(pgr_loop *loop, int err, pgr_conn *pg, void *arg)
 	}
 	c->pg = pg;
 	const char *params[1] = {c->param};
-	int rc = pgr_query_async(loop, pg, USER_SQL, 1, params, c->w->srv->query_timeout_ms,
+	int rc = pgr_loop_query(loop, pg, USER_SQL, 1, params, c->w->srv->query_timeout_ms,
 	                         on_query, c);
 	if (rc) {
 		pgr_loop_release(loop, pg);
@@ -377,7 +377,7 @@ static void start_lookup(struct hconn *c)
 		c->db_busy = false;
 		return;
 	}
-	int rc = pgr_acquire_async(w->loop, w->srv->acquire_timeout_ms, on_acquire, c);
+	int rc = pgr_loop_acquire(w->loop, w->srv->acquire_timeout_ms, on_acquire, c);
 	if (rc) {
 		respond_error(c, 503, pgr_strerror(rc));
 		c->db_busy = false;

@@ -24,6 +24,7 @@
 #ifndef PGRING_H
 #define PGRING_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -122,9 +123,9 @@ typedef struct pgr_config {
 	int64_t backoff_max_ms;        /* cap of the exponential backoff; default 10000 */
 	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
 	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
-	int metrics;        /* record acquire-wait and hold histograms; default 1 (counters and the
+	bool metrics;       /* record acquire-wait and hold histograms; default 1 (counters and the
 	                       connect histogram are always kept) */
-	int manager_thread; /* 1 (default): the pool runs its manager on a thread of its own.
+	bool manager_thread; /* 1 (default): the pool runs its manager on a thread of its own.
 	                       0: no thread; the caller's event loop calls pgr_pool_run()
 	                       whenever pgr_pool_fd() is readable (see below) */
 	pgr_connect_fn on_connect;
@@ -178,7 +179,7 @@ enum pgr_close_reason {
 	PGR_CLOSE_CONNECT_FAILED, /* on_connect refused or setup failed after connect */
 	PGR_CLOSE_REASONS,
 };
-PGR_API const char *pgr_close_reason_name(int reason);
+PGR_API const char *pgr_close_reason_name(enum pgr_close_reason reason);
 
 /* Latency histograms kept by the pool. */
 enum pgr_hist_kind {
@@ -232,8 +233,8 @@ PGR_API void pgr_pool_destroy(pgr_pool *pool);
 PGR_API int pgr_acquire_at(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out, const char *file,
                            int line, const char *func);
 PGR_API int pgr_acquire(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out);
-/* The macro records where the connection was acquired, for leak reports, at no cost. */
-#define pgr_acquire(pool, timeout_ms, out)                                                         \
+/* pgr_acquire that records where the connection was acquired (leak reports name it), at no cost. */
+#define PGR_ACQUIRE(pool, timeout_ms, out)                                                         \
 	pgr_acquire_at((pool), (timeout_ms), (out), __FILE__, __LINE__, __func__)
 
 /* Like pgr_acquire with a zero timeout: returns -EAGAIN at once when none is idle. */
@@ -246,10 +247,10 @@ PGR_API int pgr_try_acquire(pgr_pool *pool, pgr_conn **out);
  * blocks. Releasing a connection that is not checked out aborts in debug builds and is
  * reported (PGR_EV_CONN_CLOSED is not sent; the misuse is logged) in release builds.
  */
-PGR_API void pgr_release(pgr_conn *conn);
+PGR_API int pgr_release(pgr_conn *conn);
 
 /* Return a connection the caller knows is unusable: it is closed, never reused. */
-PGR_API void pgr_discard(pgr_conn *conn);
+PGR_API int pgr_discard(pgr_conn *conn);
 
 /* The libpq connection; valid until pgr_release/pgr_discard. Never NULL for a checked-out conn. */
 PGR_API PGconn *pgr_conn_pg(pgr_conn *conn);
@@ -341,7 +342,7 @@ PGR_API int pgr_loop_handle_cqe(pgr_loop *loop, const struct io_uring_cqe *cqe);
 /* Operations in flight on the loop (acquires waiting, queries running, CQEs owed). */
 PGR_API uint32_t pgr_loop_pending(const pgr_loop *loop);
 
-typedef void (*pgr_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, void *arg);
+typedef void (*pgr_loop_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, void *arg);
 /*
  * Check out a connection without blocking the loop. Returns 0 when cb will be called (perhaps
  * already was, with an idle connection); or a negative error, cb not called: -ESHUTDOWN,
@@ -351,10 +352,10 @@ typedef void (*pgr_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, void *ar
  * same FIFO as pgr_acquire: a release serves blocking and async waiters in arrival order.
  * A connection that needs its pre-ping (ping_after_idle_ms) is pinged on the loop's ring.
  */
-PGR_API int pgr_acquire_async(pgr_loop *loop, int64_t timeout_ms, pgr_acquire_cb cb, void *arg);
+PGR_API int pgr_loop_acquire(pgr_loop *loop, int64_t timeout_ms, pgr_loop_acquire_cb cb, void *arg);
 
 #define PGR_PIPELINE_MAX 16
-typedef void (*pgr_pipeline_cb)(pgr_loop *loop, int err, PGresult **results, int n, void *arg);
+typedef void (*pgr_loop_pipeline_cb)(pgr_loop *loop, int err, PGresult **results, int n, void *arg);
 /*
  * Send n (1..PGR_PIPELINE_MAX) parameterised statements in one round trip (libpq pipeline
  * mode) and deliver their results together: results[i] is statement i's last result (its first
@@ -365,18 +366,18 @@ typedef void (*pgr_pipeline_cb)(pgr_loop *loop, int err, PGresult **results, int
  * statements run in one implicit transaction unless they contain their own BEGIN/COMMIT.
  * Returns 0, or a negative error with cb not called.
  */
-PGR_API int pgr_pipeline_async(pgr_loop *loop, pgr_conn *conn, int n, const char *const *sql,
+PGR_API int pgr_loop_pipeline(pgr_loop *loop, pgr_conn *conn, int n, const char *const *sql,
                                const int *nparams, const char *const *const *params,
-                               int64_t timeout_ms, pgr_pipeline_cb cb, void *arg);
+                               int64_t timeout_ms, pgr_loop_pipeline_cb cb, void *arg);
 
 /*
  * Return a connection from the loop's thread. Like pgr_release, except that a rollback (it was
  * returned inside a transaction) or reset_sql runs on the loop's ring instead of the manager's.
  * Never blocks.
  */
-PGR_API void pgr_loop_release(pgr_loop *loop, pgr_conn *conn);
+PGR_API int pgr_loop_release(pgr_loop *loop, pgr_conn *conn);
 
-typedef void (*pgr_query_cb)(pgr_loop *loop, int err, PGresult *res, void *arg);
+typedef void (*pgr_loop_query_cb)(pgr_loop *loop, int err, PGresult *res, void *arg);
 /*
  * Send a parameterised query (text parameters) on a checked-out connection and deliver its
  * result through the loop. cb owns res (PQclear it); res is the last result of the query, or
@@ -387,8 +388,8 @@ typedef void (*pgr_query_cb)(pgr_loop *loop, int err, PGresult *res, void *arg);
  * Returns 0, or a negative error with cb not called (-EBUSY, -EINVAL, -EIO if the send failed).
  * One query at a time per connection.
  */
-PGR_API int pgr_query_async(pgr_loop *loop, pgr_conn *conn, const char *sql, int nparams,
-                            const char *const *params, int64_t timeout_ms, pgr_query_cb cb,
+PGR_API int pgr_loop_query(pgr_loop *loop, pgr_conn *conn, const char *sql, int nparams,
+                            const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb,
                             void *arg);
 
 /*

@@ -652,7 +652,7 @@ static __attribute__((noinline)) int acquire_wait(pgr_pool *p, int64_t timeout_m
 	return rc;
 }
 
-#undef pgr_acquire
+
 int pgr_acquire(pgr_pool *p, int64_t timeout_ms, pgr_conn **out)
 {
 	return pgr_acquire_at(p, timeout_ms, out, NULL, 0, NULL);
@@ -678,12 +678,12 @@ static void misuse(struct pgr_conn *c, const char *what)
 #endif
 }
 
-void pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
+int pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
 {
 	pgr_pool *p = c->pool;
 	if (unlikely(atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)) {
 		misuse(c, discard ? "discard" : "release");
-		return;
+		return -PGR_E_NOT_OWNED;
 	}
 	int64_t now = pgr__now_ms(p);
 	if (likely(p->cfg.metrics)) {
@@ -694,15 +694,15 @@ void pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
 
 	if (unlikely(discard)) {
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_DISCARDED);
-		return;
+		return 0;
 	}
 	if (unlikely(atomic_load_explicit(&p->closing, memory_order_relaxed))) {
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_POOL_CLOSING);
-		return;
+		return 0;
 	}
 	if (unlikely(atomic_load_explicit(&c->server_error, memory_order_relaxed))) {
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_SERVER_ERROR);
-		return;
+		return 0;
 	}
 	/* One libpq call answers both questions: a bad connection reports PQTRANS_UNKNOWN. */
 	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
@@ -716,11 +716,11 @@ void pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
 			pgr__manager_push(p, c, PGR__REQ_RETIRE,
 			                  ts == PQTRANS_ACTIVE ? PGR_CLOSE_ACTIVE_QUERY
 			                                       : PGR_CLOSE_BROKEN);
-		return;
+		return 0;
 	}
 	if (unlikely(now >= atomic_load_explicit(&c->expire_ms, memory_order_relaxed))) {
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_MAX_LIFETIME);
-		return;
+		return 0;
 	}
 	/*
 	 * SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes. The slot
@@ -734,27 +734,26 @@ void pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
 		        &p->nopen, &open, open - 1, memory_order_relaxed, memory_order_relaxed)) {
 			c->uncounted = 1;
 			pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_OVERFLOW);
-			return;
+			return 0;
 		}
 	}
 	if (unlikely(p->cfg.reset_sql != NULL)) {
 		if (!loop || !pgr__loop_reset(loop, c, PGR__REQ_RESET))
 			pgr__manager_push(p, c, PGR__REQ_RESET, 0);
-		return;
+		return 0;
 	}
 	pgr__publish(p, c);
+	return 0;
 }
 
-void pgr_release(pgr_conn *c)
+int pgr_release(pgr_conn *c)
 {
-	if (c)
-		pgr__release(c, false, NULL);
+	return c ? pgr__release(c, false, NULL) : -EINVAL;
 }
 
-void pgr_discard(pgr_conn *c)
+int pgr_discard(pgr_conn *c)
 {
-	if (c)
-		pgr__release(c, true, NULL);
+	return c ? pgr__release(c, true, NULL) : -EINVAL;
 }
 
 void pgr__conn_cleanup(pgr_conn **c)

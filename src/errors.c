@@ -94,10 +94,10 @@ static const char *const close_reason_names[PGR_CLOSE_REASONS] = {
     [PGR_CLOSE_CONNECT_FAILED] = "connect_failed",
 };
 
-const char *pgr_close_reason_name(int reason)
+const char *pgr_close_reason_name(enum pgr_close_reason reason)
 {
 	/* A NULL entry would mean a reason added to the enum but not named here. */
-	if (reason < 0 || reason >= PGR_CLOSE_REASONS || !close_reason_names[reason])
+	if ((int)reason < 0 || reason >= PGR_CLOSE_REASONS || !close_reason_names[reason])
 		return "unknown";
 	return close_reason_names[reason];
 }

@@ -50,11 +50,11 @@ enum {
 /* What an op's network exchange is for (exec_finish dispatches on it). */
 enum {
 	PH_WAIT = 0, /* acquire: waiting in the FIFO */
-	PH_QUERY,    /* pgr_query_async */
+	PH_QUERY,    /* pgr_loop_query */
 	PH_PING,     /* acquire: pre-ping of the connection it took */
 	PH_ROLLBACK, /* return: ROLLBACK, then reset_sql if set */
 	PH_RESET,    /* return: reset_sql */
-	PH_PIPELINE  /* pgr_pipeline_async */
+	PH_PIPELINE  /* pgr_loop_pipeline */
 };
 
 #define FUTEX2_SIZE_U32_      0x02 /* futex2 flags; no FUTEX2_PRIVATE: see the file comment */
@@ -72,9 +72,9 @@ struct op {
 	int64_t t0_ns;
 	int64_t deadline_ns;
 	struct __kernel_timespec ts;
-	pgr_acquire_cb acb;
-	pgr_query_cb qcb;
-	pgr_pipeline_cb pcb;
+	pgr_loop_acquire_cb acb;
+	pgr_loop_query_cb qcb;
+	pgr_loop_pipeline_cb pcb;
 	void *arg;
 	struct pgr_conn *conn;
 	PGresult *res;
@@ -178,7 +178,7 @@ static int arm_futex(pgr_loop *l, struct op *o)
 
 static void deliver_acquire(pgr_loop *l, struct op *o, int err, struct pgr_conn *c)
 {
-	pgr_acquire_cb cb = o->acb;
+	pgr_loop_acquire_cb cb = o->acb;
 	void *arg = o->arg;
 	o->done = 1;
 	if (o->inflight == 0)
@@ -259,7 +259,7 @@ static void acquire_retry(pgr_loop *l, struct op *o)
 	}
 }
 
-int pgr_acquire_async(pgr_loop *l, int64_t timeout_ms, pgr_acquire_cb cb, void *arg)
+int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, void *arg)
 {
 	if (!l || !cb)
 		return -EINVAL;
@@ -321,7 +321,7 @@ static void acquire_cqe(pgr_loop *l, struct op *o)
 
 static void deliver_query(pgr_loop *l, struct op *o, int err)
 {
-	pgr_query_cb cb = o->qcb;
+	pgr_loop_query_cb cb = o->qcb;
 	void *arg = o->arg;
 	PGresult *res = o->res;
 	o->res = NULL;
@@ -442,8 +442,8 @@ static void cancel_in_background(PGconn *pg)
 	pthread_attr_destroy(&at);
 }
 
-int pgr_query_async(pgr_loop *l, pgr_conn *c, const char *sql, int nparams,
-                    const char *const *params, int64_t timeout_ms, pgr_query_cb cb, void *arg)
+int pgr_loop_query(pgr_loop *l, pgr_conn *c, const char *sql, int nparams,
+                    const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb, void *arg)
 {
 	if (!l || !c || !sql || !cb || nparams < 0 || c->pool != l->pool)
 		return -EINVAL;
@@ -520,7 +520,7 @@ static bool exec_ok(struct op *o, int err)
 
 static void deliver_pipeline(pgr_loop *l, struct op *o, int err)
 {
-	pgr_pipeline_cb cb = o->pcb;
+	pgr_loop_pipeline_cb cb = o->pcb;
 	void *arg = o->arg;
 	int n = o->pn;
 	PGresult *res[PGR_PIPELINE_MAX];
@@ -582,8 +582,8 @@ static void pipeline_read(pgr_loop *l, struct op *o)
 		exec_finish(l, o, -EIO);
 }
 
-int pgr_pipeline_async(pgr_loop *l, pgr_conn *c, int n, const char *const *sql, const int *nparams,
-                       const char *const *const *params, int64_t timeout_ms, pgr_pipeline_cb cb,
+int pgr_loop_pipeline(pgr_loop *l, pgr_conn *c, int n, const char *const *sql, const int *nparams,
+                       const char *const *const *params, int64_t timeout_ms, pgr_loop_pipeline_cb cb,
                        void *arg)
 {
 	if (!l || !c || !sql || !cb || n < 1 || n > PGR_PIPELINE_MAX || c->pool != l->pool)
@@ -724,10 +724,11 @@ bool pgr__loop_reset(pgr_loop *l, struct pgr_conn *c, int req)
 	return true;
 }
 
-void pgr_loop_release(pgr_loop *l, pgr_conn *c)
+int pgr_loop_release(pgr_loop *l, pgr_conn *c)
 {
-	if (c)
-		pgr__release(c, false, l);
+	if (!l || !c)
+		return -EINVAL;
+	return pgr__release(c, false, l);
 }
 
 /* ---- the loop ---- */

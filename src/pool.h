@@ -281,7 +281,7 @@ struct pgr_conn *pgr__fast_take(pgr_pool *p);
 /* Like pgr__fast_take; a connection that needs a pre-ping comes back with *ping set. */
 struct pgr_conn *pgr__fast_take_ping(pgr_pool *p, bool *ping);
 /* Return a connection; loop (may be NULL) runs a rollback or reset_sql on its ring. */
-void pgr__release(pgr_conn *c, bool discard, pgr_loop *loop);
+int pgr__release(pgr_conn *c, bool discard, pgr_loop *loop);
 /* waited_ns < 0: an immediate checkout. */
 void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
                       const char *func);

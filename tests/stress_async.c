@@ -1,5 +1,5 @@
 /*
- * Stress of the waiter FIFO with both kinds of waiters: io_uring loops (pgr_acquire_async,
+ * Stress of the waiter FIFO with both kinds of waiters: io_uring loops (pgr_loop_acquire,
  * IORING_OP_FUTEX_WAIT) and blocking threads (pgr_acquire) competing for a few placeholder
  * connections with short deadlines, for seconds. Checks that no connection is ever held
  * twice, none is lost, every async acquire completes exactly once, and the loops drain.
@@ -116,7 +116,7 @@ static void *loop_main(void *a)
 			t->outstanding++;
 			t->started++;
 			int rc =
-			    pgr_acquire_async(t->loop, 1 + rand_r(&t->seed) % 3, on_acquired, t);
+			    pgr_loop_acquire(t->loop, 1 + rand_r(&t->seed) % 3, on_acquired, t);
 			if (rc) { /* cb not called */
 				t->outstanding--;
 				t->started--;

@@ -120,7 +120,7 @@ static void on_acquire(pgr_loop *l, int err, pgr_conn *conn, void *arg)
 	c->conn = conn;
 	snprintf(c->param, sizeof(c->param), "%d", c->value);
 	const char *params[1] = {c->param};
-	int rc = pgr_query_async(l, conn, "select $1::int * 2 from pg_sleep(0.001)", 1, params,
+	int rc = pgr_loop_query(l, conn, "select $1::int * 2 from pg_sleep(0.001)", 1, params,
 	                         5000, on_query, c);
 	if (rc) {
 		(*c->errors)++;
@@ -132,7 +132,7 @@ static void on_acquire(pgr_loop *l, int err, pgr_conn *conn, void *arg)
 static void start_cycle(struct cycle *c)
 {
 	c->value = (*c->started)++;
-	int rc = pgr_acquire_async(c->e->loop, 10000, on_acquire, c);
+	int rc = pgr_loop_acquire(c->e->loop, 10000, on_acquire, c);
 	if (rc) {
 		(*c->errors)++;
 		(*c->done)++;
@@ -236,12 +236,12 @@ Test(async, blocking_and_async_waiters_are_served_fifo, .timeout = 60)
 	pthread_t t1, t2;
 	pthread_create(&t1, NULL, blocking_waiter, &b1);
 	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 1, 5000));
-	cr_assert_eq(pgr_acquire_async(e.loop, 20000, on_async_acquire, &a1), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 20000, on_async_acquire, &a1), 0);
 	io_uring_submit(&e.ring);
 	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 2, 5000));
 	pthread_create(&t2, NULL, blocking_waiter, &b2);
 	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 3, 5000));
-	cr_assert_eq(pgr_acquire_async(e.loop, 20000, on_async_acquire, &a2), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 20000, on_async_acquire, &a2), 0);
 	io_uring_submit(&e.ring);
 	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 4, 5000));
 	pgr_release(held);
@@ -275,7 +275,7 @@ Test(async, acquire_timeout_is_delivered_through_callback, .timeout = 30)
 	cr_assert_eq(pgr_acquire(e.pool, 1000, &held), 0);
 	struct await a = {.got = -1, .err = 1};
 	int64_t t0 = tu_now_ms();
-	cr_assert_eq(pgr_acquire_async(e.loop, 150, on_async_acquire, &a), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 150, on_async_acquire, &a), 0);
 	while (a.err == 1 && tu_now_ms() - t0 < 5000)
 		turn(&e);
 	int64_t took = tu_now_ms() - t0;
@@ -306,7 +306,7 @@ Test(async, pool_shutdown_is_delivered_through_callback, .timeout = 30)
 	pgr_conn *held;
 	cr_assert_eq(pgr_acquire(e.pool, 1000, &held), 0);
 	struct await a = {.got = -1, .err = 1};
-	cr_assert_eq(pgr_acquire_async(e.loop, 20000, on_async_acquire, &a), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 20000, on_async_acquire, &a), 0);
 	io_uring_submit(&e.ring);
 	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 1, 5000));
 	struct drain_arg d = {.p = e.pool, .ms = 3000};
@@ -317,7 +317,7 @@ Test(async, pool_shutdown_is_delivered_through_callback, .timeout = 30)
 		turn(&e);
 	cr_assert_eq(a.err, -ESHUTDOWN, "err=%d %s", a.err, pgr_strerror(a.err));
 	cr_assert_lt(tu_now_ms() - t0, 1000, "shutdown was not delivered promptly");
-	cr_assert_eq(pgr_acquire_async(e.loop, 100, on_async_acquire, &a), -ESHUTDOWN);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 100, on_async_acquire, &a), -ESHUTDOWN);
 	pgr_release(held);
 	pthread_join(t, NULL);
 	cr_assert_eq(d.rc, 0);
@@ -347,12 +347,12 @@ Test(async, query_past_deadline_is_cancelled_and_connection_not_reused, .timeout
 	env_init(&e, 1, 1);
 	PGconn *admin = tu_admin();
 	struct await a = {.got = -1, .err = 1};
-	cr_assert_eq(pgr_acquire_async(e.loop, 1000, on_async_acquire, &a), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 1000, on_async_acquire, &a), 0);
 	cr_assert_eq(a.err, 0);
 	int pid = PQbackendPID(pgr_conn_pg(a.conn));
 	struct qres q = {0};
 	int64_t t0 = tu_now_ms();
-	cr_assert_eq(pgr_query_async(e.loop, a.conn, "select pg_sleep(30)", 0, NULL, 150, on_q, &q),
+	cr_assert_eq(pgr_loop_query(e.loop, a.conn, "select pg_sleep(30)", 0, NULL, 150, on_q, &q),
 	             0);
 	while (!q.done && tu_now_ms() - t0 < 5000)
 		turn(&e);
@@ -368,14 +368,14 @@ Test(async, query_past_deadline_is_cancelled_and_connection_not_reused, .timeout
 	pgr_release(a.conn);
 	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).closes == 1, 5000));
 	struct await b = {.got = -1, .err = 1};
-	cr_assert_eq(pgr_acquire_async(e.loop, 5000, on_async_acquire, &b), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 5000, on_async_acquire, &b), 0);
 	t0 = tu_now_ms();
 	while (b.err == 1 && tu_now_ms() - t0 < 5000)
 		turn(&e);
 	cr_assert_eq(b.err, 0);
 	cr_assert_neq(PQbackendPID(pgr_conn_pg(b.conn)), pid);
 	struct qres q2 = {0};
-	cr_assert_eq(pgr_query_async(e.loop, b.conn, "select 1", 0, NULL, 5000, on_q, &q2), 0);
+	cr_assert_eq(pgr_loop_query(e.loop, b.conn, "select 1", 0, NULL, 5000, on_q, &q2), 0);
 	while (!q2.done && tu_now_ms() - t0 < 5000)
 		turn(&e);
 	cr_assert_eq(q2.err, 0);
@@ -436,7 +436,7 @@ Test(async, release_on_another_thread_wakes_an_async_waiter_quickly, .timeout = 
 		struct releaser r = {.p = e.pool};
 		cr_assert_eq(pgr_acquire(e.pool, 1000, &r.conn), 0);
 		struct lat x = {.err = 1};
-		cr_assert_eq(pgr_acquire_async(e.loop, 5000, on_lat, &x), 0);
+		cr_assert_eq(pgr_loop_acquire(e.loop, 5000, on_lat, &x), 0);
 		io_uring_submit(&e.ring);
 		cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).waiting == 1, 2000));
 		pthread_t t;
@@ -467,7 +467,7 @@ Test(async, prepings_run_on_the_loop_ring_and_dead_backends_never_reach_the_call
 	for (int i = 0; i < 20; i++) {
 		struct await a = {.got = -1, .err = 1};
 		/* The callback may run at once: a quick server answers a ping while it is sent. */
-		cr_assert_eq(pgr_acquire_async(e.loop, 5000, on_async_acquire, &a), 0);
+		cr_assert_eq(pgr_loop_acquire(e.loop, 5000, on_async_acquire, &a), 0);
 		int64_t dl = tu_now_ms() + 5000;
 		while (a.err == 1 && tu_now_ms() < dl)
 			turn(&e);
@@ -487,7 +487,7 @@ Test(async, prepings_run_on_the_loop_ring_and_dead_backends_never_reach_the_call
 	                                             "where application_name = 'pgring'") == 0,
 	                        5000));
 	struct await a = {.got = -1, .err = 1};
-	cr_assert_eq(pgr_acquire_async(e.loop, 5000, on_async_acquire, &a), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 5000, on_async_acquire, &a), 0);
 	int64_t dl = tu_now_ms() + 10000;
 	while (a.err == 1 && tu_now_ms() < dl)
 		turn(&e);
@@ -509,14 +509,14 @@ Test(async, rollback_on_return_runs_on_the_loop_ring, .timeout = 60)
 	tu_exec(admin, "drop table if exists pgr_async_rb");
 	tu_exec(admin, "create table pgr_async_rb(v int)");
 	struct await a = {.got = -1, .err = 1};
-	cr_assert_eq(pgr_acquire_async(e.loop, 1000, on_async_acquire, &a), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 1000, on_async_acquire, &a), 0);
 	cr_assert_eq(a.err, 0);
 	struct qres q = {0};
-	cr_assert_eq(pgr_query_async(e.loop, a.conn, "begin", 0, NULL, 5000, on_q, &q), 0);
+	cr_assert_eq(pgr_loop_query(e.loop, a.conn, "begin", 0, NULL, 5000, on_q, &q), 0);
 	while (!q.done)
 		turn(&e);
 	q = (struct qres){0};
-	cr_assert_eq(pgr_query_async(e.loop, a.conn, "insert into pgr_async_rb values (1)", 0, NULL,
+	cr_assert_eq(pgr_loop_query(e.loop, a.conn, "insert into pgr_async_rb values (1)", 0, NULL,
 	                             5000, on_q, &q),
 	             0);
 	while (!q.done)
@@ -531,7 +531,7 @@ Test(async, rollback_on_return_runs_on_the_loop_ring, .timeout = 60)
 	cr_assert_eq(atomic_load(&e.pool->c_loop_execs), 1, "the rollback did not run on the loop");
 	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).idle == 1, 2000));
 	struct await b = {.got = -1, .err = 1};
-	cr_assert_eq(pgr_acquire_async(e.loop, 1000, on_async_acquire, &b), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 1000, on_async_acquire, &b), 0);
 	cr_assert_eq(b.err, 0);
 	cr_assert_eq(PQtransactionStatus(pgr_conn_pg(b.conn)), PQTRANS_IDLE);
 	cr_assert_eq(tu_query_long(admin, "select count(*) from pgr_async_rb"), 0,
@@ -572,14 +572,14 @@ Test(async, pipeline_runs_several_statements_and_reports_each, .timeout = 60)
 	static struct env e;
 	env_init(&e, 1, 1);
 	struct await a = {.got = -1, .err = 1};
-	cr_assert_eq(pgr_acquire_async(e.loop, 1000, on_async_acquire, &a), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 1000, on_async_acquire, &a), 0);
 	cr_assert_eq(a.err, 0);
 	const char *sql[3] = {"select 1", "select $1::int * 10", "select $1 || $2"};
 	int np[3] = {0, 1, 2};
 	const char *p1[1] = {"4"}, *p2[2] = {"a", "b"};
 	const char *const *params[3] = {NULL, p1, p2};
 	struct pres r = {0};
-	cr_assert_eq(pgr_pipeline_async(e.loop, a.conn, 3, sql, np, params, 5000, on_pipeline, &r),
+	cr_assert_eq(pgr_loop_pipeline(e.loop, a.conn, 3, sql, np, params, 5000, on_pipeline, &r),
 	             0);
 	int64_t dl = tu_now_ms() + 5000;
 	while (!r.done && tu_now_ms() < dl)
@@ -596,7 +596,7 @@ Test(async, pipeline_runs_several_statements_and_reports_each, .timeout = 60)
 	/* A failing statement: the ones after it are aborted, the connection stays usable. */
 	const char *bad[3] = {"select 1", "select 1/0", "select 3"};
 	struct pres r2 = {0};
-	cr_assert_eq(pgr_pipeline_async(e.loop, a.conn, 3, bad, NULL, NULL, 5000, on_pipeline, &r2),
+	cr_assert_eq(pgr_loop_pipeline(e.loop, a.conn, 3, bad, NULL, NULL, 5000, on_pipeline, &r2),
 	             0);
 	dl = tu_now_ms() + 5000;
 	while (!r2.done && tu_now_ms() < dl)
@@ -609,13 +609,13 @@ Test(async, pipeline_runs_several_statements_and_reports_each, .timeout = 60)
 	cr_assert_eq(PQpipelineStatus(pg), PQ_PIPELINE_OFF);
 	cr_assert_eq(PQtransactionStatus(pg), PQTRANS_IDLE);
 	struct qres q = {0};
-	cr_assert_eq(pgr_query_async(e.loop, a.conn, "select 1", 0, NULL, 5000, on_q, &q), 0);
+	cr_assert_eq(pgr_loop_query(e.loop, a.conn, "select 1", 0, NULL, 5000, on_q, &q), 0);
 	while (!q.done)
 		turn(&e);
 	cr_assert_eq(q.st, PGRES_TUPLES_OK);
 	pgr_loop_release(e.loop, a.conn);
 	cr_assert_eq(tu_stats(e.pool).closes, 0);
-	cr_assert_eq(pgr_pipeline_async(e.loop, a.conn, 0, bad, NULL, NULL, 5000, on_pipeline, &r2),
+	cr_assert_eq(pgr_loop_pipeline(e.loop, a.conn, 0, bad, NULL, NULL, 5000, on_pipeline, &r2),
 	             -EINVAL);
 	env_fini(&e);
 }

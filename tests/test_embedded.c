@@ -71,7 +71,7 @@ static void eloop_init(struct eloop *e, uint32_t size)
 	cfg.conninfo = tu_conninfo();
 	cfg.min_idle = size;
 	cfg.max_size = size;
-	cfg.manager_thread = 0;
+	cfg.manager_thread = false;
 	cr_assert_eq(pgr_pool_create(&cfg, &e->pool), 0);
 	cr_assert_geq(pgr_pool_fd(e->pool), 0);
 	cr_assert_eq(pgr_loop_create(e->pool, &e->ring, 0, &e->loop), 0);
@@ -85,7 +85,7 @@ Test(embedded, manager_thread_0_starts_no_thread, .timeout = 30)
 	pgr_config_init(&cfg);
 	cfg.conninfo = tu_conninfo();
 	cfg.min_idle = cfg.max_size = 1;
-	cfg.manager_thread = 0;
+	cfg.manager_thread = false;
 	pgr_pool *p;
 	cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
 	cr_assert_eq(count_threads(), before, "a thread was started");
@@ -146,11 +146,11 @@ static void on_conn(pgr_loop *l, int err, pgr_conn *c, void *arg)
 	j->conn = c;
 	cr_assert_eq(PQtransactionStatus(pgr_conn_pg(c)), PQTRANS_IDLE, "handed out dirty");
 	if (j->begin_only) {
-		cr_assert_eq(pgr_query_async(l, c, "begin", 0, NULL, 5000, on_result, j), 0);
+		cr_assert_eq(pgr_loop_query(l, c, "begin", 0, NULL, 5000, on_result, j), 0);
 		return;
 	}
 	const char *params[1] = {j->param};
-	cr_assert_eq(pgr_query_async(l, c, "select $1::int + 1", 1, params, 5000, on_result, j), 0);
+	cr_assert_eq(pgr_loop_query(l, c, "select $1::int + 1", 1, params, 5000, on_result, j), 0);
 }
 
 Test(embedded, async_queries_connects_and_rollbacks_run_on_the_loop_thread, .timeout = 60)
@@ -171,7 +171,7 @@ Test(embedded, async_queries_connects_and_rollbacks_run_on_the_loop_thread, .tim
 	int64_t dl = tu_now_ms() + 30000;
 	while (done < N && tu_now_ms() < dl) {
 		while (next < N && next - done < 4) {
-			cr_assert_eq(pgr_acquire_async(e.loop, 10000, on_conn, &jobs[next]), 0);
+			cr_assert_eq(pgr_loop_acquire(e.loop, 10000, on_conn, &jobs[next]), 0);
 			next++;
 		}
 		turn(&e);

@@ -27,7 +27,7 @@ Test(observability, leak_is_reported_once_with_acquiring_file_and_line, .timeout
 	pgr_pool *p = obs_pool(&ev, 1, 100, "leak");
 	pgr_conn *c;
 	int line = __LINE__ + 1;
-	cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
+	cr_assert_eq(PGR_ACQUIRE(p, 1000, &c), 0);
 	cr_assert(TU_WAIT_UNTIL(tu_events_count(&ev, PGR_EV_LEAK_SUSPECTED) == 1, 3000),
 	          "no leak report");
 	int i = tu_events_find(&ev, PGR_EV_LEAK_SUSPECTED, NULL);
