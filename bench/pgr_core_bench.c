@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "hist.h"
+#include "placeholder.h"
 #include "pool.h"
 
 static uint64_t now_ns(void)

@@ -52,8 +52,10 @@ enum {
 	PGR_E_BASE = 10000,
 	PGR_E_TOO_MANY_WAITERS = PGR_E_BASE, /* max_waiters callers already wait */
 	PGR_E_CONNECT_FAILED,                /* the server refused or failed the connect */
-	PGR_E_NOT_OWNED,                     /* release of a connection not checked out */
-	PGR_E_LAST = PGR_E_NOT_OWNED,
+	PGR_E_NOT_OWNED,   /* the handle is not a connection checked out now (released, stale) */
+	PGR_E_FORKED,      /* the pool was created by the parent of this forked process */
+	PGR_E_UNSUPPORTED, /* the kernel lacks an io_uring operation pgring needs */
+	PGR_E_LAST = PGR_E_UNSUPPORTED,
 };
 
 enum pgr_event_type {
@@ -65,6 +67,8 @@ enum pgr_event_type {
 	PGR_EV_LEAK_SUSPECTED,  /* held longer than leak_threshold_ms (file/line/func set) */
 	PGR_EV_CONFIG_ERROR,    /* pgr_pool_create rejected a field (field set) */
 	PGR_EV_ACQUIRE_TIMEOUT, /* an acquire timed out (message: pool state, last error) */
+	PGR_EV_MISUSE,          /* an API call broke its contract (message says which; the call
+	                           returned an error and the pool is unchanged) */
 };
 
 typedef struct pgr_event {
@@ -211,7 +215,10 @@ PGR_API int pgr_pool_create(const pgr_config *cfg, pgr_pool **out);
  * checked-out connections to come back, then close every connection (in-flight io_uring
  * operations are cancelled first). Connections still checked out after the deadline are
  * closed under their holders' feet only at pgr_pool_destroy. Returns 0, or -ETIMEDOUT when
- * some were still out at the deadline. Blocks up to drain_ms. Call once, from one thread.
+ * some were still out at the deadline (checked out, or held by a pgr_loop that was not driven
+ * meanwhile), -PGR_E_FORKED in a forked child. Blocks up to drain_ms (saturating: INT64_MAX is
+ * "until they are back") plus the time the manager takes to close what it holds (one io_uring
+ * cancel round trip per connection). Call once, from one thread.
  */
 PGR_API int pgr_pool_drain(pgr_pool *pool, int64_t drain_ms);
 
@@ -219,9 +226,11 @@ PGR_API int pgr_pool_drain(pgr_pool *pool, int64_t drain_ms);
  * pgr_pool_drain(pool, 0) if not drained yet, then free everything. Connections still checked
  * out are closed; using them afterwards is undefined. Callers already blocked in pgr_acquire
  * are woken with -ESHUTDOWN and destroy waits for them to leave; calls that start after destroy
- * has begun are undefined.
+ * has begun are undefined. Returns 0; -EBUSY (nothing done, a PGR_EV_MISUSE event says so) while
+ * a pgr_loop is still bound to the pool: destroy the loops first; -EINVAL for NULL. In a forked
+ * child it frees the child's copy without sending anything on the parent's connections.
  */
-PGR_API void pgr_pool_destroy(pgr_pool *pool);
+PGR_API int pgr_pool_destroy(pgr_pool *pool);
 
 /*
  * Check out a connection, waiting up to timeout_ms (negative: the configured
@@ -243,16 +252,22 @@ PGR_API int pgr_try_acquire(pgr_pool *pool, pgr_conn **out);
 /*
  * Return a connection. An idle, healthy connection goes to the oldest waiter or back to an
  * idle shard with no system call and no lock; one left in a transaction is rolled back by the
- * manager first; one with a query running or a broken socket is closed. Thread-safe, never
- * blocks. Releasing a connection that is not checked out aborts in debug builds and is
- * reported (PGR_EV_CONN_CLOSED is not sent; the misuse is logged) in release builds.
+ * manager first; one left in pipeline mode with nothing pending leaves it; one with a query
+ * running or a broken socket is closed. Thread-safe, never blocks.
+ * Returns 0, or (nothing changed, a PGR_EV_MISUSE event reports it) -PGR_E_NOT_OWNED when conn
+ * is not checked out by this handle (released or discarded already, or a handle kept from an
+ * earlier checkout), -EBUSY while a pgr_loop_query / pgr_loop_pipeline is in flight on it,
+ * -PGR_E_FORKED in a forked child, -EINVAL for NULL. Every build type checks; releasing one
+ * handle from two threads at the same instant is a race the pool cannot see.
  */
 PGR_API int pgr_release(pgr_conn *conn);
 
-/* Return a connection the caller knows is unusable: it is closed, never reused. */
+/* Return a connection the caller knows is unusable: it is closed, never reused. Returns as
+ * pgr_release. */
 PGR_API int pgr_discard(pgr_conn *conn);
 
-/* The libpq connection; valid until pgr_release/pgr_discard. Never NULL for a checked-out conn. */
+/* The libpq connection; valid until pgr_release/pgr_discard. NULL for NULL or a handle that is
+ * no longer checked out. */
 PGR_API PGconn *pgr_conn_pg(pgr_conn *conn);
 /* Stable slot number of a connection, as in events. */
 PGR_API uint32_t pgr_conn_id(const pgr_conn *conn);
@@ -341,6 +356,14 @@ PGR_API int pgr_loop_destroy(pgr_loop *loop);
 PGR_API int pgr_loop_handle_cqe(pgr_loop *loop, const struct io_uring_cqe *cqe);
 /* Operations in flight on the loop (acquires waiting, queries running, CQEs owed). */
 PGR_API uint32_t pgr_loop_pending(const pgr_loop *loop);
+/*
+ * Prepare the SQEs that found the SQ ring full. pgring never fails an operation because the
+ * caller's SQ is full: an SQE it cannot get is queued inside the loop and prepared at the start
+ * of the next pgr_loop_* call on the loop (handle_cqe, acquire, query, pipeline, release,
+ * flush, destroy). A loop that can fill its SQ calls this after each io_uring_submit, so that
+ * queued waits are armed even when no pgring CQE is due. Returns how many still wait for room.
+ */
+PGR_API uint32_t pgr_loop_flush(pgr_loop *loop);
 
 typedef void (*pgr_loop_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, void *arg);
 /*

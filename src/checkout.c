@@ -20,6 +20,7 @@
  * other (Dekker), and a releaser that sees a waiter after publishing runs pump().
  */
 #include <errno.h>
+#include <stdarg.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
@@ -51,23 +52,6 @@ static inline unsigned cur_shard(pgr_pool *p)
 	if (likely((unsigned)c < PGR__MAX_CPUS))
 		return p->cpu_shard[c];
 	return (unsigned)(c < 0 ? 0 : c) % p->nshards;
-}
-
-/*
- * Waiter words are shared (not FUTEX_PRIVATE) futexes on purpose: an io_uring FUTEX_WAIT armed
- * while the process had a single thread is never woken by a private wake on kernels 6.16+
- * (PITFALLS.md, futex3.c); with shared words one wake reaches threads and rings alike.
- */
-static int futex_wait_abs(_Atomic uint32_t *addr, uint32_t val, const struct timespec *abs)
-{
-	long r = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_BITSET, val, abs, NULL,
-	                 FUTEX_BITSET_MATCH_ANY);
-	return r == 0 ? 0 : -errno;
-}
-
-static void futex_wake1(_Atomic uint32_t *addr)
-{
-	syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, 1, NULL, NULL, 0);
 }
 
 /* ---- shards ---- */
@@ -187,7 +171,7 @@ static uint32_t wq_grant_locked(pgr_pool *p, struct pgr_conn *c, bool *wake)
 	wq_unlink(p, i);
 	atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
 	w->conn = c->id;
-	pgr__conn_move(c, PGR__IDLE);
+	pgr__conn_move(c, PGR__GRANTED);
 	/*
 	 * release: the waiter's acquire load of GRANTED sees the connection's every field. The
 	 * exchange pairs with the waiter's CAS WAITING -> SLEEPING: exactly one of them sees the
@@ -210,7 +194,7 @@ static bool handoff(pgr_pool *p, struct pgr_conn *c)
 	pgr__inc(&c->n_handoffs);
 	/* A late wake of a slot already reused is a spurious wake-up: waiters re-check state. */
 	if (wake)
-		futex_wake1(&p->waiters[i].state);
+		pgr__futex_wake1(&p->waiters[i].state);
 	return true;
 }
 
@@ -226,7 +210,7 @@ static void pump(pgr_pool *p)
 		uint32_t i = wq_grant_locked(p, c, &wake);
 		pgr__inc(&c->n_handoffs);
 		if (wake)
-			futex_wake1(&p->waiters[i].state);
+			pgr__futex_wake1(&p->waiters[i].state);
 	}
 	pthread_mutex_unlock(&p->wq_lock);
 }
@@ -248,7 +232,7 @@ void pgr__waiters_shutdown(pgr_pool *p)
 		wq_unlink(p, i);
 		atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
 		atomic_store_explicit(&p->waiters[i].state, PGR__W_SHUTDOWN, memory_order_release);
-		futex_wake1(&p->waiters[i].state);
+		pgr__futex_wake1(&p->waiters[i].state);
 	}
 	pthread_mutex_unlock(&p->wq_lock);
 }
@@ -363,9 +347,12 @@ static bool validate_ex(pgr_pool *p, struct pgr_conn *c, bool *ping_here)
 	return true;
 }
 
-static inline void checked_out(pgr_conn *c, const char *file, int line, const char *func)
+static inline pgr_conn *checked_out(struct pgr_conn *c, const char *file, int line,
+                                    const char *func)
 {
 	pgr__conn_move(c, PGR__IN_USE);
+	uint32_t lease = atomic_load_explicit(&c->lease, memory_order_relaxed) + 1;
+	atomic_store_explicit(&c->lease, lease, memory_order_relaxed);
 	atomic_store_explicit(&c->acquired_ms, pgr__now_ms(c->pool), memory_order_relaxed);
 	/* Where it was acquired matters only to leak reports. */
 	if (c->pool->cfg.leak_threshold_ms) {
@@ -373,6 +360,7 @@ static inline void checked_out(pgr_conn *c, const char *file, int line, const ch
 		atomic_store_explicit(&c->acq_func, func, memory_order_relaxed);
 		atomic_store_explicit(&c->acq_line, line, memory_order_relaxed);
 	}
+	return pgr__handle(c, lease);
 }
 
 /* The lock-free part: idle shards only. */
@@ -388,17 +376,6 @@ static struct pgr_conn *fast_take(pgr_pool *p)
 		}
 	}
 	return NULL;
-}
-
-static void timespec_add_ms(struct timespec *ts, int64_t ms)
-{
-	clock_gettime(CLOCK_MONOTONIC, ts);
-	ts->tv_sec += ms / 1000;
-	ts->tv_nsec += (ms % 1000) * 1000000;
-	if (ts->tv_nsec >= 1000000000) {
-		ts->tv_sec++;
-		ts->tv_nsec -= 1000000000;
-	}
 }
 
 static int timeout_error(pgr_pool *p, int64_t waited_ms)
@@ -549,8 +526,8 @@ struct pgr_conn *pgr__fast_take_ping(pgr_pool *p, bool *ping)
 	return NULL;
 }
 
-void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
-                      const char *func)
+pgr_conn *pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
+                           const char *func)
 {
 	if (waited_ns < 0) {
 		pgr__inc(&c->n_immediate);
@@ -559,7 +536,7 @@ void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, i
 		if (c->pool->cfg.metrics)
 			pgr__hist_add(&c->hist[PGR_HIST_ACQUIRE_WAIT], (uint64_t)waited_ns);
 	}
-	checked_out(c, file, line, func);
+	return checked_out(c, file, line, func);
 }
 
 int pgr__timeout_error(pgr_pool *p, int64_t waited_ms)
@@ -570,8 +547,7 @@ int pgr__timeout_error(pgr_pool *p, int64_t waited_ms)
 static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 {
 	int64_t t0 = pgr__mono_ns();
-	struct timespec deadline;
-	timespec_add_ms(&deadline, timeout_ms);
+	int64_t deadline = pgr__sat_add(t0, pgr__ms_to_ns(timeout_ms));
 	for (;;) {
 		uint32_t wi;
 		int rc = pgr__wq_enqueue(p, &wi);
@@ -582,7 +558,7 @@ static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 		if (!mine && !spin_for_grant(p, w) && pgr__waiter_park(w)) {
 			while (atomic_load_explicit(&w->state, memory_order_acquire) ==
 			       PGR__W_SLEEPING) {
-				if (futex_wait_abs(&w->state, PGR__W_SLEEPING, &deadline) ==
+				if (pgr__futex_wait_abs(&w->state, PGR__W_SLEEPING, deadline) ==
 				    -ETIMEDOUT)
 					break;
 			}
@@ -599,9 +575,9 @@ static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 			*out = c;
 			return 0;
 		}
-		int64_t waited_ms = (pgr__mono_ns() - t0) / 1000000;
-		if (rc == -ETIMEDOUT || (rc == -EAGAIN && waited_ms >= timeout_ms))
-			return timeout_error(p, waited_ms);
+		int64_t now = pgr__mono_ns();
+		if (rc == -ETIMEDOUT || (rc == -EAGAIN && now >= deadline))
+			return timeout_error(p, (now - t0) / PGR__NS_PER_MS);
 		if (rc != -EAGAIN)
 			return rc;
 		/* The grant was stale and went to the manager: queue again, same deadline. */
@@ -616,13 +592,15 @@ int pgr_acquire_at(pgr_pool *p, int64_t timeout_ms, pgr_conn **out, const char *
 {
 	if (unlikely(!p || !out))
 		return -EINVAL;
+	*out = NULL;
+	if (unlikely(pgr__forked(p->fork_epoch)))
+		return -PGR_E_FORKED;
 	if (unlikely(atomic_load_explicit(&p->closing, memory_order_relaxed)))
 		return -ESHUTDOWN;
 	struct pgr_conn *c = fast_take(p);
 	if (likely(c != NULL)) {
 		pgr__inc(&c->n_immediate);
-		checked_out(c, file, line, func);
-		*out = c;
+		*out = checked_out(c, file, line, func);
 		return 0;
 	}
 	return acquire_wait(p, timeout_ms, out, file, line, func);
@@ -644,14 +622,11 @@ static __attribute__((noinline)) int acquire_wait(pgr_pool *p, int64_t timeout_m
 	/* Counted so that pgr_pool_destroy frees nothing while a woken waiter still runs here. */
 	atomic_fetch_add_explicit(&p->nblocked, 1, memory_order_seq_cst);
 	int rc = slow_acquire(p, timeout_ms, &c);
-	if (rc == 0) {
-		checked_out(c, file, line, func);
-		*out = c;
-	}
+	if (rc == 0)
+		*out = checked_out(c, file, line, func);
 	atomic_fetch_sub_explicit(&p->nblocked, 1, memory_order_release);
 	return rc;
 }
-
 
 int pgr_acquire(pgr_pool *p, int64_t timeout_ms, pgr_conn **out)
 {
@@ -663,28 +638,52 @@ int pgr_try_acquire(pgr_pool *p, pgr_conn **out)
 	return pgr_acquire_at(p, 0, out, NULL, 0, NULL);
 }
 
-/* ---- release ---- */
+/* ---- return ---- */
 
-static void misuse(struct pgr_conn *c, const char *what)
+int pgr__misuse(pgr_pool *p, uint32_t conn_id, int err, const char *fmt, ...)
 {
-	char msg[160];
-	snprintf(msg, sizeof(msg), "misuse: %s of connection %u that is not checked out", what,
-	         c->id);
-#ifndef NDEBUG
-	fprintf(stderr, "pgring: %s\n", msg);
-	abort();
-#else
-	pgr__emit(c->pool, PGR_EV_CONFIG_ERROR, msg, NULL, NULL, c->id);
-#endif
+	char msg[256];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	pgr__set_last_error(p, msg);
+	pgr__emit(p, PGR_EV_MISUSE, msg, NULL, NULL, conn_id);
+	return err;
 }
 
-int pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
+/*
+ * Every build type checks, and a refused call changes nothing: the misuse is the caller's bug,
+ * and turning it into a connection shared by two holders (or an abort in production) would make
+ * it everybody's.
+ */
+int pgr__return_check(pgr_conn *h, const char *what, struct pgr_conn **out)
+{
+	struct pgr_conn *c = pgr__slot(h);
+	if (unlikely(!c))
+		return -EINVAL;
+	pgr_pool *p = c->pool;
+	if (unlikely(pgr__forked(p->fork_epoch)))
+		return -PGR_E_FORKED;
+	if (unlikely(atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE ||
+	             !pgr__handle_current(h, c)))
+		return pgr__misuse(p, c->id, -PGR_E_NOT_OWNED,
+		                   "misuse: %s of connection %u, which this handle does not hold "
+		                   "(released or discarded already, or a handle from an earlier "
+		                   "checkout)",
+		                   what, c->id);
+	if (unlikely(atomic_load_explicit(&c->qbusy, memory_order_relaxed)))
+		return pgr__misuse(p, c->id, -EBUSY,
+		                   "misuse: %s of connection %u while a loop query on it is in "
+		                   "flight; the connection stays checked out",
+		                   what, c->id);
+	*out = c;
+	return 0;
+}
+
+enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *reason)
 {
 	pgr_pool *p = c->pool;
-	if (unlikely(atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)) {
-		misuse(c, discard ? "discard" : "release");
-		return -PGR_E_NOT_OWNED;
-	}
 	int64_t now = pgr__now_ms(p);
 	if (likely(p->cfg.metrics)) {
 		int64_t held = now - atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
@@ -693,34 +692,40 @@ int pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
 	atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);
 
 	if (unlikely(discard)) {
-		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_DISCARDED);
-		return 0;
+		*reason = PGR_CLOSE_DISCARDED;
+		return PGR__V_RETIRE;
 	}
 	if (unlikely(atomic_load_explicit(&p->closing, memory_order_relaxed))) {
-		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_POOL_CLOSING);
-		return 0;
+		*reason = PGR_CLOSE_POOL_CLOSING;
+		return PGR__V_RETIRE;
 	}
 	if (unlikely(atomic_load_explicit(&c->server_error, memory_order_relaxed))) {
-		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_SERVER_ERROR);
-		return 0;
+		*reason = PGR_CLOSE_SERVER_ERROR;
+		return PGR__V_RETIRE;
 	}
-	/* One libpq call answers both questions: a bad connection reports PQTRANS_UNKNOWN. */
-	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
-	if (unlikely(ts != PQTRANS_IDLE) && !p->fake) {
-		if (ts == PQTRANS_UNKNOWN || PQstatus(c->pg) != CONNECTION_OK)
-			pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_BROKEN);
-		else if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR) {
-			if (!loop || !pgr__loop_reset(loop, c, PGR__REQ_ROLLBACK))
-				pgr__manager_push(p, c, PGR__REQ_ROLLBACK, 0);
-		} else
-			pgr__manager_push(p, c, PGR__REQ_RETIRE,
-			                  ts == PQTRANS_ACTIVE ? PGR_CLOSE_ACTIVE_QUERY
-			                                       : PGR_CLOSE_BROKEN);
-		return 0;
+	enum pgr__rstate rs = p->ops->return_state(c);
+	if (unlikely(rs != PGR__RS_IDLE)) {
+		switch (rs) {
+		case PGR__RS_INTRANS:
+			return PGR__V_ROLLBACK;
+		case PGR__RS_ACTIVE:
+			*reason = PGR_CLOSE_ACTIVE_QUERY;
+			return PGR__V_RETIRE;
+		case PGR__RS_PIPELINE:
+			/* The holder left pipeline mode on with nothing pending: leaving it is all
+			 * the reset it needs; failing that, the connection goes. */
+			if (PQexitPipelineMode(c->pg) == 1)
+				break;
+			*reason = PGR_CLOSE_ACTIVE_QUERY;
+			return PGR__V_RETIRE;
+		default:
+			*reason = PGR_CLOSE_BROKEN;
+			return PGR__V_RETIRE;
+		}
 	}
 	if (unlikely(now >= atomic_load_explicit(&c->expire_ms, memory_order_relaxed))) {
-		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_MAX_LIFETIME);
-		return 0;
+		*reason = PGR_CLOSE_MAX_LIFETIME;
+		return PGR__V_RETIRE;
 	}
 	/*
 	 * SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes. The slot
@@ -733,27 +738,57 @@ int pgr__release(pgr_conn *c, bool discard, pgr_loop *loop)
 		if (atomic_compare_exchange_weak_explicit(
 		        &p->nopen, &open, open - 1, memory_order_relaxed, memory_order_relaxed)) {
 			c->uncounted = 1;
-			pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_OVERFLOW);
-			return 0;
+			*reason = PGR_CLOSE_OVERFLOW;
+			return PGR__V_RETIRE;
 		}
 	}
-	if (unlikely(p->cfg.reset_sql != NULL)) {
-		if (!loop || !pgr__loop_reset(loop, c, PGR__REQ_RESET))
-			pgr__manager_push(p, c, PGR__REQ_RESET, 0);
-		return 0;
-	}
-	pgr__publish(p, c);
+	if (unlikely(p->cfg.reset_sql != NULL))
+		return PGR__V_RESET;
+	return PGR__V_PUBLISH;
+}
+
+/* What libpq says of a returned connection: one call on the common path. */
+static enum pgr__rstate libpq_return_state(struct pgr_conn *c)
+{
+	/* A bad connection reports PQTRANS_UNKNOWN, so this one call answers both questions. */
+	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
+	if (likely(ts == PQTRANS_IDLE))
+		return PQpipelineStatus(c->pg) == PQ_PIPELINE_OFF ? PGR__RS_IDLE : PGR__RS_PIPELINE;
+	if (ts == PQTRANS_UNKNOWN || PQstatus(c->pg) != CONNECTION_OK)
+		return PGR__RS_BROKEN;
+	if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
+		return PGR__RS_INTRANS;
+	return ts == PQTRANS_ACTIVE ? PGR__RS_ACTIVE : PGR__RS_BROKEN;
+}
+
+const struct pgr__conn_ops pgr__libpq_ops = {.return_state = libpq_return_state};
+
+static int release(pgr_conn *h, bool discard)
+{
+	struct pgr_conn *c;
+	int rc = pgr__return_check(h, discard ? "discard" : "release", &c);
+	if (unlikely(rc))
+		return rc;
+	int reason = 0;
+	enum pgr__verdict v = pgr__return_verdict(c, discard, &reason);
+	if (likely(v == PGR__V_PUBLISH))
+		pgr__publish(c->pool, c);
+	else if (v == PGR__V_RETIRE)
+		pgr__manager_push(c->pool, c, PGR__REQ_RETIRE, reason);
+	else
+		pgr__manager_push(c->pool, c,
+		                  v == PGR__V_ROLLBACK ? PGR__REQ_ROLLBACK : PGR__REQ_RESET, 0);
 	return 0;
 }
 
-int pgr_release(pgr_conn *c)
+int pgr_release(pgr_conn *h)
 {
-	return c ? pgr__release(c, false, NULL) : -EINVAL;
+	return release(h, false);
 }
 
-int pgr_discard(pgr_conn *c)
+int pgr_discard(pgr_conn *h)
 {
-	return c ? pgr__release(c, true, NULL) : -EINVAL;
+	return release(h, true);
 }
 
 void pgr__conn_cleanup(pgr_conn **c)
@@ -764,12 +799,17 @@ void pgr__conn_cleanup(pgr_conn **c)
 	}
 }
 
-PGconn *pgr_conn_pg(pgr_conn *c)
+PGconn *pgr_conn_pg(pgr_conn *h)
 {
-	return c ? c->pg : NULL;
+	struct pgr_conn *c = pgr__slot(h);
+	if (!c || atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE ||
+	    !pgr__handle_current(h, c))
+		return NULL;
+	return c->pg;
 }
 
-uint32_t pgr_conn_id(const pgr_conn *c)
+uint32_t pgr_conn_id(const pgr_conn *h)
 {
+	const struct pgr_conn *c = pgr__slot(h);
 	return c ? c->id : PGR__NONE;
 }

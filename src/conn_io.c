@@ -10,6 +10,7 @@
  * Manager-only: everything here runs on the manager (its thread, or pgr_pool_run's caller).
  */
 #include <errno.h>
+#include <stddef.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,12 +28,6 @@ struct io_uring_sqe *pgr__mgr_get_sqe(pgr_pool *p, unsigned need)
 	return io_uring_get_sqe(&p->ring);
 }
 
-static void ns_to_ts(int64_t ns, struct __kernel_timespec *ts)
-{
-	ts->tv_sec = ns / 1000000000;
-	ts->tv_nsec = ns % 1000000000;
-}
-
 /* Arm the one poll of c, bounded by its operation's deadline. */
 static int arm(pgr_pool *p, struct pgr_conn *c, unsigned events)
 {
@@ -44,7 +39,7 @@ static int arm(pgr_pool *p, struct pgr_conn *c, unsigned events)
 	s->flags |= IOSQE_IO_LINK;
 	c->io_gen++;
 	io_uring_sqe_set_data64(s, pgr__mgr_tag(c->id, c->io_gen, TAG_POLL));
-	ns_to_ts(c->op_deadline_ns, &c->ts);
+	pgr__ns_to_kts(c->op_deadline_ns, &c->ts);
 	s = io_uring_get_sqe(&p->ring);
 	io_uring_prep_link_timeout(s, &c->ts, IORING_TIMEOUT_ABS);
 	io_uring_sqe_set_data64(s, pgr__mgr_tag(c->id, c->io_gen, TAG_LTO));
@@ -129,7 +124,8 @@ static void backoff_after_failure(pgr_pool *p, int64_t now_ms)
 	/* Equal jitter: half fixed, half random, so pools that failed together do not retry
 	 * together. */
 	int64_t half = p->backoff_ms / 2;
-	p->next_connect_ms = now_ms + half + (int64_t)(rnd(p) % (uint64_t)(half + 1));
+	p->next_connect_ms =
+	    pgr__sat_add(now_ms, half + (int64_t)(rnd(p) % (uint64_t)(half + 1)));
 }
 
 static void connect_failed(pgr_pool *p, struct pgr_conn *c, const char *why)
@@ -197,7 +193,7 @@ static void connected(pgr_pool *p, struct pgr_conn *c)
 	if (life > 0) {
 		/* Jitter drawn once, at birth: connections opened together expire apart. */
 		int64_t j = p->cfg.lifetime_jitter_ms;
-		expire = now + life - (j > 0 ? (int64_t)(rnd(p) % (uint64_t)(j + 1)) : 0);
+		expire = pgr__sat_add(now, life) - (j > 0 ? (int64_t)(rnd(p) % (uint64_t)(j + 1)) : 0);
 	}
 	atomic_store_explicit(&c->expire_ms, expire, memory_order_relaxed);
 	atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);
@@ -255,7 +251,7 @@ void pgr__mgr_start_connect(pgr_pool *p, struct pgr_conn *c)
 	pgr__conn_move(c, PGR__CONNECTING);
 	c->op = PGR__OP_CONNECT;
 	c->op_start_ns = pgr__mono_ns();
-	c->op_deadline_ns = c->op_start_ns + p->cfg.connect_timeout_ms * 1000000;
+	c->op_deadline_ns = pgr__sat_add(c->op_start_ns, pgr__ms_to_ns(p->cfg.connect_timeout_ms));
 	/* Name resolution happens inside this call; hostaddr= avoids it (README). */
 	c->pg = PQconnectStartParams(p->kw, p->val, 0);
 	if (!c->pg) {
@@ -275,54 +271,25 @@ void pgr__mgr_start_connect(pgr_pool *p, struct pgr_conn *c)
 
 static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok);
 
-static void exec_read(pgr_pool *p, struct pgr_conn *c)
+static void exec_sink(struct pgr__pq *x, int stmt, PGresult *r)
 {
-	for (;;) {
-		if (!PQconsumeInput(c->pg)) {
-			exec_done(p, c, false);
-			return;
-		}
-		while (!PQisBusy(c->pg)) {
-			PGresult *r = PQgetResult(c->pg);
-			if (!r) {
-				exec_done(p, c, !c->exec_failed);
-				return;
-			}
-			ExecStatusType st = PQresultStatus(r);
-			if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK &&
-			    st != PGRES_EMPTY_QUERY)
-				c->exec_failed = 1;
-			PQclear(r);
-		}
-		if (pgr__tls_pending(c->pg))
-			continue;
-		break;
-	}
-	if (arm(p, c, POLLIN) < 0)
-		exec_done(p, c, false);
+	struct pgr_conn *c = (struct pgr_conn *)((char *)x - offsetof(struct pgr_conn, pq));
+	ExecStatusType st = PQresultStatus(r);
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY)
+		c->exec_failed = 1;
+	PQclear(r);
 }
 
 static void exec_step(pgr_pool *p, struct pgr_conn *c, int revents)
 {
-	int f = PQflush(c->pg);
-	if (f < 0) {
+	enum pgr__pq_want w = pgr__pq_step(&c->pq, revents);
+	if (w == PGR__PQ_DONE)
+		exec_done(p, c, !c->exec_failed);
+	else if (w == PGR__PQ_ERROR || arm(p, c, (unsigned)pgr__pq_events(w)) < 0)
 		exec_done(p, c, false);
-		return;
-	}
-	if (f == 1) {
-		/* Still sending: also wait for input, which the server may need us to read first.
-		 */
-		if ((revents & POLLIN) && !PQconsumeInput(c->pg)) {
-			exec_done(p, c, false);
-			return;
-		}
-		if (arm(p, c, POLLOUT | POLLIN) < 0)
-			exec_done(p, c, false);
-		return;
-	}
-	exec_read(p, c);
 }
 
+/* sql NULL: the statement was sent by someone else (a loop that gave up): read it to the end. */
 void pgr__mgr_start_exec(pgr_pool *p, struct pgr_conn *c, const char *sql, int64_t timeout_ms,
                          int after)
 {
@@ -333,8 +300,9 @@ void pgr__mgr_start_exec(pgr_pool *p, struct pgr_conn *c, const char *sql, int64
 	c->op_after = (uint8_t)after;
 	c->exec_failed = 0;
 	c->op_start_ns = pgr__mono_ns();
-	c->op_deadline_ns = c->op_start_ns + timeout_ms * 1000000;
-	if (!PQsendQuery(c->pg, sql)) {
+	c->op_deadline_ns = pgr__sat_add(c->op_start_ns, pgr__ms_to_ns(timeout_ms));
+	c->pq = (struct pgr__pq){.pg = c->pg, .sink = exec_sink};
+	if (sql && !pgr__pq_send_simple(c->pg, sql)) {
 		exec_done(p, c, false);
 		return;
 	}

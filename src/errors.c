@@ -57,7 +57,11 @@ const char *pgr_strerror(int err)
 	case PGR_E_CONNECT_FAILED:
 		return "could not connect to the server";
 	case PGR_E_NOT_OWNED:
-		return "connection is not checked out";
+		return "connection is not checked out by this handle";
+	case PGR_E_FORKED:
+		return "pool belongs to the parent process (used after fork)";
+	case PGR_E_UNSUPPORTED:
+		return "the kernel lacks an io_uring operation pgring needs";
 	}
 	/*
 	 * pgring returns negative errno values; a positive one (a caller passing errno itself)
@@ -121,6 +125,8 @@ const char *pgr__event_type_name(enum pgr_event_type type)
 		return "config_error";
 	case PGR_EV_ACQUIRE_TIMEOUT:
 		return "acquire_timeout";
+	case PGR_EV_MISUSE:
+		return "misuse";
 	}
 	return "unknown";
 }

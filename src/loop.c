@@ -9,17 +9,25 @@
  *
  * Why a futex wait and not a MSG_RING grant: the grant already ends in a futex wake (for
  * blocking waiters), so a futex wait needs nothing from the releaser that knows about rings,
- * and one wake reaches either kind of waiter. The kernel quirks (PITFALLS.md 5) are handled
- * here: the words are shared futexes (no FUTEX2_PRIVATE), because a private wait armed while
- * the process was single-threaded is never woken on 6.16+; the linked timeout completes with
- * res=1, not -ETIME, so results are read from the waiter's state, never from res; and a slot
- * is not reused until both CQEs of its wait are reaped, since a stale wait on a reused word
- * would swallow the next waiter's wake.
+ * and one wake reaches either kind of waiter. Kernel behaviour this relies on: the words are
+ * shared futexes (sys.h says why); a FUTEX_WAIT has no timeout of its own, and its linked
+ * timeout completes with res=1 rather than -ETIME, so the outcome is read from the waiter's
+ * state, never from res; and a waiter slot is not reused until both CQEs of its wait are
+ * reaped, since a stale wait on a reused word would swallow the next waiter's wake.
  *
  * The same ring carries the network work a loop's checkouts need: a pre-ping of a connection
- * taken idle, a query or a pipeline, and the ROLLBACK / reset_sql of pgr_loop_release. Each is a
- * one-shot POLL_ADD on the connection's socket linked to the operation's deadline, driven by
- * the same exec state machine (exec_start ... exec_finish).
+ * taken idle, a query or a pipeline, and the ROLLBACK / reset_sql of pgr_loop_release, each
+ * driven by the libpq engine (pq.h) with one-shot POLL_ADDs linked to the phase's deadline.
+ *
+ * Phases. An operation moves through phases (wait for a grant, ping, query, rollback, reset);
+ * each arm bumps the operation's generation, which every user_data carries, so a CQE of an
+ * earlier phase is only counted, never acted on. Each phase has its own deadline: a pre-ping
+ * runs under ping_timeout_ms, not under what is left of its acquire; if the acquire's deadline
+ * comes first, the caller gets -ETIMEDOUT and the ping finishes in the background (the
+ * connection goes back to the pool, or is retired only if the ping itself failed).
+ *
+ * A full SQ is the caller's back-pressure, never a fault: an arm that finds no room is queued
+ * on the loop (the backlog) and prepared at the start of the next pgring call on the loop.
  *
  * Everything here runs on the loop's thread. Operation records live in a fixed array made at
  * pgr_loop_create; nothing is allocated per operation (a cancel of a timed-out query excepted).
@@ -27,6 +35,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,51 +44,63 @@
 #include "pool.h"
 
 enum {
-	K_FUTEX = 1,
-	K_ALTO,
-	K_POLL,
-	K_QLTO,
-	K_CANCEL
+	K_FUTEX = 1, /* the futex wait of an acquire */
+	K_ALTO,      /* its linked timeout */
+	K_POLL,      /* the poll of a ping, query, pipeline, rollback or reset */
+	K_PLTO,      /* its linked timeout */
+	K_CANCEL,    /* an ASYNC_CANCEL sent by pgr_loop_destroy */
 };
 enum {
 	OP_FREE = 0,
 	OP_ACQUIRE,
 	OP_QUERY,
-	OP_RESET
+	OP_RESET,
 };
-/* What an op's network exchange is for (exec_finish dispatches on it). */
 enum {
 	PH_WAIT = 0, /* acquire: waiting in the FIFO */
-	PH_QUERY,    /* pgr_loop_query */
 	PH_PING,     /* acquire: pre-ping of the connection it took */
+	PH_QUERY,    /* pgr_loop_query */
+	PH_PIPELINE, /* pgr_loop_pipeline */
 	PH_ROLLBACK, /* return: ROLLBACK, then reset_sql if set */
 	PH_RESET,    /* return: reset_sql */
-	PH_PIPELINE  /* pgr_loop_pipeline */
+};
+/* What a queued (backlogged) arm will prepare once the SQ has room. */
+enum {
+	W_NONE = 0,
+	W_FUTEX,
+	W_POLL,
 };
 
-#define FUTEX2_SIZE_U32_      0x02 /* futex2 flags; no FUTEX2_PRIVATE: see the file comment */
-#define IORING_OP_FUTEX_WAIT_ 51
+#define FUTEX2_SIZE_U32_      0x02 /* futex2 flags; no FUTEX2_PRIVATE: see sys.h */
+#define IORING_OP_FUTEX_WAIT_ 51   /* liburing 2.3 has no helper for it */
 
 struct op {
 	uint8_t kind;
-	uint8_t armed;
-	uint8_t done;  /* callback delivered; the record waits for its CQEs */
-	uint8_t phase; /* PH_* */
-	uint16_t inflight;
+	uint8_t phase;
+	uint8_t armed;       /* the current phase's SQE pair is in flight */
+	uint8_t done;        /* nothing left to do: the record waits for its CQEs to be reaped */
+	uint8_t detached;    /* acquire: the caller has its answer; a ping finishes unobserved */
+	uint8_t want;        /* W_*: an arm waiting in the backlog for SQ room */
+	uint8_t cancel_sent; /* pgr_loop_destroy cancelled the armed pair */
+	uint8_t futex_out;   /* CQEs of the armed futex wait not yet reaped (0..2) */
+	uint16_t inflight;   /* CQEs owed, every phase together */
 	uint16_t gen;
+	short want_events;
 	uint32_t wi; /* waiter slot (acquire) */
 	uint32_t next_free;
+	uint32_t next_bl; /* backlog link */
 	int64_t t0_ns;
-	int64_t deadline_ns;
+	int64_t deadline_ns;       /* the operation's: acquire, query or pipeline */
+	int64_t phase_deadline_ns; /* the current phase's (== deadline_ns for a query) */
 	struct __kernel_timespec ts;
 	pgr_loop_acquire_cb acb;
 	pgr_loop_query_cb qcb;
 	pgr_loop_pipeline_cb pcb;
 	void *arg;
 	struct pgr_conn *conn;
+	struct pgr__pq pq;
 	PGresult *res;
 	PGresult *pres[PGR_PIPELINE_MAX]; /* pipeline: one result per statement */
-	uint8_t pn, pi;                   /* pipeline: statements, the one being read */
 };
 
 struct pgr_loop {
@@ -89,7 +110,9 @@ struct pgr_loop {
 	uint32_t nops;
 	uint32_t free_head;
 	uint32_t pending;
-	int destroying;
+	uint32_t bl_head, bl_tail, bl_len; /* the backlog, FIFO */
+	uint8_t destroying;                /* set by the first pgr_loop_destroy, never cleared */
+	uint8_t flushing;
 };
 
 static inline uint64_t ud(pgr_loop *l, struct op *o, unsigned kind)
@@ -100,15 +123,18 @@ static inline uint64_t ud(pgr_loop *l, struct op *o, unsigned kind)
 
 static struct op *op_alloc(pgr_loop *l, int kind)
 {
-	if (l->free_head == PGR__NONE || l->destroying)
+	if (l->free_head == PGR__NONE)
 		return NULL;
 	struct op *o = &l->ops[l->free_head];
 	l->free_head = o->next_free;
 	uint16_t gen = o->gen;
 	memset(o, 0, sizeof(*o));
-	o->gen = (uint16_t)(gen + 1);
+	o->gen = gen;
 	o->kind = (uint8_t)kind;
+	o->next_bl = PGR__NONE;
 	o->t0_ns = pgr__mono_ns();
+	o->deadline_ns = INT64_MAX;
+	o->phase_deadline_ns = INT64_MAX;
 	l->pending++;
 	return o;
 }
@@ -121,48 +147,75 @@ static void op_free(pgr_loop *l, struct op *o)
 	l->pending--;
 }
 
+/* The operation has nothing left to do; its record goes once its CQEs are reaped. */
+static void op_finish(pgr_loop *l, struct op *o)
+{
+	o->done = 1;
+	o->detached = 0;
+	if (o->inflight == 0 && o->want == W_NONE)
+		op_free(l, o);
+}
+
+static int64_t deadline_after(int64_t ms)
+{
+	return pgr__deadline_ns(ms);
+}
+
+/* ---- the backlog: arms that found the SQ full ---- */
+
+static void bl_push(pgr_loop *l, struct op *o, int want)
+{
+	o->want = (uint8_t)want;
+	o->next_bl = PGR__NONE;
+	uint32_t i = (uint32_t)(o - l->ops);
+	if (l->bl_tail == PGR__NONE)
+		l->bl_head = i;
+	else
+		l->ops[l->bl_tail].next_bl = i;
+	l->bl_tail = i;
+	l->bl_len++;
+}
+
+static void bl_remove(pgr_loop *l, struct op *o)
+{
+	uint32_t i = (uint32_t)(o - l->ops), prev = PGR__NONE;
+	for (uint32_t k = l->bl_head; k != PGR__NONE; prev = k, k = l->ops[k].next_bl) {
+		if (k != i)
+			continue;
+		if (prev == PGR__NONE)
+			l->bl_head = o->next_bl;
+		else
+			l->ops[prev].next_bl = o->next_bl;
+		if (l->bl_tail == i)
+			l->bl_tail = prev;
+		l->bl_len--;
+		break;
+	}
+	o->next_bl = PGR__NONE;
+	o->want = W_NONE;
+}
+
+static void acquire_settle(pgr_loop *l, struct op *o, struct pgr_conn *mine);
+static void phase_done(pgr_loop *l, struct op *o, int err);
+
 /*
- * Two SQEs for a linked pair, or NULL. Never submits: the caller may hold a half-prepared SQE of
- * its own, and submitting is the loop's business; a full SQ ring is reported as -EBUSY.
+ * Prepare the wait of an acquire now. Returns false when the SQ has no room for the pair (the
+ * caller queues it). The park (WAITING -> SLEEPING) comes only once the SQEs are certain: a
+ * waiter that announced sleep must have a wait armed, or a grant's wake would be lost.
  */
-static struct io_uring_sqe *get_pair(pgr_loop *l)
+static bool futex_arm_now(pgr_loop *l, struct op *o)
 {
 	if (io_uring_sq_space_left(l->ring) < 2)
-		return NULL;
-	return io_uring_get_sqe(l->ring);
-}
-
-static void set_deadline(struct op *o, int64_t timeout_ms)
-{
-	/* No deadline: a year is "never" for a query and keeps one code path. */
-	int64_t ms = timeout_ms < 0 ? 365LL * 24 * 3600 * 1000 : timeout_ms;
-	o->deadline_ns = o->t0_ns + ms * 1000000;
-}
-
-static void link_timeout(pgr_loop *l, struct op *o, unsigned kind)
-{
-	o->ts.tv_sec = o->deadline_ns / 1000000000;
-	o->ts.tv_nsec = o->deadline_ns % 1000000000;
-	struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
-	io_uring_prep_link_timeout(s, &o->ts, IORING_TIMEOUT_ABS);
-	io_uring_sqe_set_data64(s, ud(l, o, kind));
-	o->inflight += 2;
-	o->armed = 1;
-}
-
-/* ---- acquire ---- */
-
-static int arm_futex(pgr_loop *l, struct op *o)
-{
+		return false;
 	struct pgr__waiter *w = &l->pool->waiters[o->wi];
-	if (io_uring_sq_space_left(l->ring) < 2)
-		return -EBUSY;
-	/* Announce the park first; if the state moved on there is nothing to wait for. */
-	if (!pgr__waiter_park(w))
-		return -EALREADY;
-	struct io_uring_sqe *s = get_pair(l);
-	if (!s)
-		return -EBUSY;
+	if (!pgr__waiter_park(w)) {
+		/* Granted or shut down meanwhile: nothing to wait for. */
+		acquire_settle(l, o, NULL);
+		return true;
+	}
+	struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
+	if (!s) /* cannot happen: room for two was checked */
+		return false;
 	o->gen++;
 	memset(s, 0, sizeof(*s));
 	s->opcode = IORING_OP_FUTEX_WAIT_;
@@ -172,28 +225,105 @@ static int arm_futex(pgr_loop *l, struct op *o)
 	s->addr3 = FUTEX_BITSET_MATCH_ANY;
 	s->flags = IOSQE_IO_LINK;
 	io_uring_sqe_set_data64(s, ud(l, o, K_FUTEX));
-	link_timeout(l, o, K_ALTO);
-	return 0;
+	pgr__ns_to_kts(o->deadline_ns, &o->ts);
+	s = io_uring_get_sqe(l->ring);
+	io_uring_prep_link_timeout(s, &o->ts, IORING_TIMEOUT_ABS);
+	io_uring_sqe_set_data64(s, ud(l, o, K_ALTO));
+	o->inflight += 2;
+	o->futex_out = 2;
+	o->armed = 1;
+	return true;
 }
 
-static void deliver_acquire(pgr_loop *l, struct op *o, int err, struct pgr_conn *c)
+/* The poll of the current phase, bounded by the nearer of the phase's and the caller's
+ * deadline (a detached ping answers to its own deadline only). */
+static bool poll_arm_now(pgr_loop *l, struct op *o)
+{
+	if (io_uring_sq_space_left(l->ring) < 2)
+		return false;
+	int fd = PQsocket(o->conn->pg);
+	if (fd < 0) {
+		phase_done(l, o, -EIO);
+		return true;
+	}
+	o->gen++;
+	struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
+	io_uring_prep_poll_add(s, fd, (unsigned)o->want_events);
+	s->flags |= IOSQE_IO_LINK;
+	io_uring_sqe_set_data64(s, ud(l, o, K_POLL));
+	int64_t dl = o->phase_deadline_ns;
+	if (!o->detached && o->deadline_ns < dl)
+		dl = o->deadline_ns;
+	pgr__ns_to_kts(dl, &o->ts);
+	s = io_uring_get_sqe(l->ring);
+	io_uring_prep_link_timeout(s, &o->ts, IORING_TIMEOUT_ABS);
+	io_uring_sqe_set_data64(s, ud(l, o, K_PLTO));
+	o->inflight += 2;
+	o->armed = 1;
+	return true;
+}
+
+static void arm_futex(pgr_loop *l, struct op *o)
+{
+	if (l->bl_len || !futex_arm_now(l, o))
+		bl_push(l, o, W_FUTEX);
+}
+
+static void arm_poll(pgr_loop *l, struct op *o, short events)
+{
+	o->want_events = events;
+	if (l->bl_len || !poll_arm_now(l, o))
+		bl_push(l, o, W_POLL);
+}
+
+/* Prepare what waits in the backlog, in order, while the SQ has room. */
+static uint32_t flush(pgr_loop *l)
+{
+	if (l->flushing)
+		return l->bl_len;
+	l->flushing = 1;
+	while (l->bl_head != PGR__NONE) {
+		struct op *o = &l->ops[l->bl_head];
+		int want = o->want;
+		bl_remove(l, o);
+		bool ok = want == W_FUTEX ? futex_arm_now(l, o) : poll_arm_now(l, o);
+		if (!ok) {
+			/* Still full: back to the head, order kept. */
+			o->want = (uint8_t)want;
+			o->next_bl = l->bl_head;
+			l->bl_head = (uint32_t)(o - l->ops);
+			if (l->bl_tail == PGR__NONE)
+				l->bl_tail = l->bl_head;
+			l->bl_len++;
+			break;
+		}
+		if (o->done && o->inflight == 0 && o->kind != OP_FREE)
+			op_free(l, o);
+	}
+	l->flushing = 0;
+	return l->bl_len;
+}
+
+/* ---- acquire ---- */
+
+static void deliver_acquire(pgr_loop *l, struct op *o, int err, pgr_conn *h)
 {
 	pgr_loop_acquire_cb cb = o->acb;
 	void *arg = o->arg;
-	o->done = 1;
-	if (o->inflight == 0)
-		op_free(l, o);
-	cb(l, err, c, arg);
+	op_finish(l, o);
+	cb(l, err, h, arg);
 }
 
-/* Queue (again) and either take a connection found meanwhile or arm the wait. */
 static void acquire_wait(pgr_loop *l, struct op *o);
+static void start_ping(pgr_loop *l, struct op *o, struct pgr_conn *c);
 
 static void acquire_settle(pgr_loop *l, struct op *o, struct pgr_conn *mine)
 {
 	pgr_pool *p = l->pool;
 	struct pgr_conn *granted;
 	unsigned s = pgr__wq_settle(p, o->wi, &granted);
+	/* Settled only with no wait out (acquire_cqe waits for both CQEs): the slot is free. */
+	o->armed = 0;
 	pgr__wq_free(p, o->wi);
 	int rc;
 	if (l->destroying) {
@@ -207,8 +337,7 @@ static void acquire_settle(pgr_loop *l, struct op *o, struct pgr_conn *mine)
 	struct pgr_conn *c = pgr__wq_outcome(p, s, mine, granted, &rc);
 	int64_t now = pgr__mono_ns();
 	if (c) {
-		pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL);
-		deliver_acquire(l, o, 0, c);
+		deliver_acquire(l, o, 0, pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL));
 		return;
 	}
 	if (rc == -EAGAIN && now < o->deadline_ns) {
@@ -216,47 +345,46 @@ static void acquire_settle(pgr_loop *l, struct op *o, struct pgr_conn *mine)
 		return;
 	}
 	if (rc == -ETIMEDOUT || rc == -EAGAIN)
-		rc = pgr__timeout_error(p, (now - o->t0_ns) / 1000000);
+		rc = pgr__timeout_error(p, (now - o->t0_ns) / PGR__NS_PER_MS);
 	deliver_acquire(l, o, rc, NULL);
 }
 
 static void acquire_wait(pgr_loop *l, struct op *o)
 {
+	o->phase = PH_WAIT;
 	int rc = pgr__wq_enqueue(l->pool, &o->wi);
 	if (rc) {
 		deliver_acquire(l, o, rc, NULL);
 		return;
 	}
 	struct pgr_conn *mine = pgr__fast_take(l->pool);
-	if (mine || arm_futex(l, o) != 0) {
-		/* No wait armed: settle at once (a full SQ ring counts as a timeout-free failure).
-		 */
+	if (mine)
 		acquire_settle(l, o, mine);
-	}
+	else
+		arm_futex(l, o);
 }
 
-static void start_ping(pgr_loop *l, struct op *o, struct pgr_conn *c);
-
 /*
- * Take an idle connection for o, or wait for one. A connection that needs its pre-ping gets it
- * here, on the loop's ring, before the callback sees it.
+ * Take an idle connection for o, or wait for one; the deadline is looked at before anything is
+ * taken, so a late retry never takes (and pings) a connection it cannot hand out.
  */
 static void acquire_retry(pgr_loop *l, struct op *o)
 {
 	pgr_pool *p = l->pool;
+	int64_t now = pgr__mono_ns();
+	if (now >= o->deadline_ns) {
+		deliver_acquire(l, o, pgr__timeout_error(p, (now - o->t0_ns) / PGR__NS_PER_MS),
+		                NULL);
+		return;
+	}
 	bool ping;
 	struct pgr_conn *c = pgr__fast_take_ping(p, &ping);
-	int64_t now = pgr__mono_ns();
-	if (c && ping) {
+	if (c && ping)
 		start_ping(l, o, c);
-	} else if (c) {
-		pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL);
-		deliver_acquire(l, o, 0, c);
-	} else if (now >= o->deadline_ns) {
-		deliver_acquire(l, o, pgr__timeout_error(p, (now - o->t0_ns) / 1000000), NULL);
-	} else {
+	else if (c)
+		deliver_acquire(l, o, 0, pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL));
+	else
 		acquire_wait(l, o);
-	}
 }
 
 int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, void *arg)
@@ -264,88 +392,69 @@ int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, vo
 	if (!l || !cb)
 		return -EINVAL;
 	pgr_pool *p = l->pool;
+	int rc = pgr__pool_usable(p);
+	if (rc)
+		return rc;
 	if (l->destroying || atomic_load_explicit(&p->closing, memory_order_relaxed))
 		return -ESHUTDOWN;
-	bool ping;
-	struct pgr_conn *c = pgr__fast_take_ping(p, &ping);
-	if (c && !ping) {
-		pgr__checked_out(c, -1, NULL, 0, NULL);
-		cb(l, 0, c, arg);
-		return 0;
-	}
+	flush(l);
 	if (timeout_ms < 0)
 		timeout_ms = p->cfg.acquire_timeout_ms;
-	if (!c && timeout_ms == 0)
-		return -EAGAIN;
-	struct op *o = NULL;
-	if (io_uring_sq_space_left(l->ring) >= 2)
-		o = op_alloc(l, OP_ACQUIRE);
+	bool ping;
+	struct pgr_conn *c = pgr__fast_take_ping(p, &ping);
+	if (timeout_ms == 0) {
+		/* Only what is idle and needs no round trip. One that needs its pre-ping goes
+		 * to the manager, which pings it and puts it back: never closed for our haste. */
+		while (c && ping) {
+			pgr__manager_push(p, c, PGR__REQ_PING, 0);
+			c = pgr__fast_take_ping(p, &ping);
+		}
+		if (!c) {
+			if (atomic_load_explicit(&p->nopen, memory_order_relaxed) < p->cfg.max_size &&
+			    !atomic_exchange_explicit(&p->demand, 1, memory_order_relaxed))
+				pgr__manager_wake(p);
+			return -EAGAIN;
+		}
+	}
+	if (c && !ping) {
+		cb(l, 0, pgr__checked_out(c, -1, NULL, 0, NULL), arg);
+		return 0;
+	}
+	struct op *o = op_alloc(l, OP_ACQUIRE);
 	if (!o) {
-		if (c) /* no room to ping it here: the manager pings it */
+		if (c) /* no record to ping it here: the manager pings it */
 			pgr__manager_push(p, c, PGR__REQ_PING, 0);
 		return -EBUSY;
 	}
 	o->acb = cb;
 	o->arg = arg;
-	set_deadline(o, timeout_ms);
-	if (c) {
+	o->deadline_ns = pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
+	if (c)
 		start_ping(l, o, c);
-		return 0;
-	}
-	int rc = pgr__wq_enqueue(p, &o->wi);
-	if (rc) {
-		op_free(l, o);
-		return rc;
-	}
-	struct pgr_conn *mine = pgr__fast_take(p);
-	if (mine || arm_futex(l, o) != 0)
-		acquire_settle(l, o, mine);
+	else
+		acquire_wait(l, o);
 	return 0;
 }
 
+/* A CQE of an acquire's futex wait. Acts once both CQEs of the wait are in. */
 static void acquire_cqe(pgr_loop *l, struct op *o)
 {
-	/* Act only once both CQEs of the wait are in: the slot may not be reused before. */
-	if (o->inflight > 0)
+	if (--o->futex_out > 0)
 		return;
 	o->armed = 0;
 	struct pgr__waiter *w = &l->pool->waiters[o->wi];
 	unsigned s = atomic_load_explicit(&w->state, memory_order_acquire);
-	if (s == PGR__W_SLEEPING && !l->destroying && pgr__mono_ns() < o->deadline_ns &&
-	    arm_futex(l, o) == 0)
-		return; /* spurious wake-up (a late wake meant for a slot's earlier waiter) */
+	if (s == PGR__W_SLEEPING && !l->destroying && pgr__mono_ns() < o->deadline_ns) {
+		/* A spurious wake-up (a late wake meant for the slot's earlier waiter). */
+		arm_futex(l, o);
+		return;
+	}
 	acquire_settle(l, o, NULL);
 }
 
-/* ---- queries ---- */
+/* ---- the engine's phases: ping, query, pipeline, rollback, reset ---- */
 
-static void deliver_query(pgr_loop *l, struct op *o, int err)
-{
-	pgr_loop_query_cb cb = o->qcb;
-	void *arg = o->arg;
-	PGresult *res = o->res;
-	o->res = NULL;
-	o->done = 1;
-	if (o->inflight == 0)
-		op_free(l, o);
-	cb(l, err, res, arg);
-}
-
-static int arm_poll(pgr_loop *l, struct op *o, unsigned events)
-{
-	int fd = PQsocket(o->conn->pg);
-	if (fd < 0)
-		return -EBADF;
-	struct io_uring_sqe *s = get_pair(l);
-	if (!s)
-		return -EBUSY;
-	o->gen++;
-	io_uring_prep_poll_add(s, fd, events);
-	s->flags |= IOSQE_IO_LINK;
-	io_uring_sqe_set_data64(s, ud(l, o, K_POLL));
-	link_timeout(l, o, K_QLTO);
-	return 0;
-}
+static void result_sink(struct pgr__pq *x, int stmt, PGresult *r);
 
 static bool is_error(const PGresult *r)
 {
@@ -353,66 +462,182 @@ static bool is_error(const PGresult *r)
 	return st == PGRES_FATAL_ERROR || st == PGRES_BAD_RESPONSE;
 }
 
-/* Keep the last result, unless an earlier one was an error: the first error tells the story. */
-static void keep_result(struct op *o, PGresult *r)
+/* Keep a statement's last result, or its first error: the first error tells the story. */
+static void result_sink(struct pgr__pq *x, int stmt, PGresult *r)
 {
-	if (o->res && is_error(o->res)) {
+	struct op *o = (struct op *)((char *)x - offsetof(struct op, pq));
+	PGresult **slot = o->phase == PH_PIPELINE ? &o->pres[stmt < PGR_PIPELINE_MAX ? stmt : 0]
+	                                          : &o->res;
+	if (o->phase == PH_PIPELINE && stmt >= o->pq.nstmt) {
 		PQclear(r);
 		return;
 	}
-	PQclear(o->res);
-	o->res = r;
-}
-
-static void exec_finish(pgr_loop *l, struct op *o, int err);
-
-static void query_read(pgr_loop *l, struct op *o)
-{
-	PGconn *pg = o->conn->pg;
-	for (;;) {
-		if (!PQconsumeInput(pg)) {
-			exec_finish(l, o, -EIO);
-			return;
-		}
-		while (!PQisBusy(pg)) {
-			PGresult *r = PQgetResult(pg);
-			if (!r) {
-				exec_finish(l, o, 0);
-				return;
-			}
-			keep_result(o, r);
-		}
-		if (pgr__tls_pending(pg))
-			continue;
-		break;
-	}
-	if (arm_poll(l, o, POLLIN) < 0)
-		exec_finish(l, o, -EIO);
-}
-
-static void pipeline_read(pgr_loop *l, struct op *o);
-
-static void query_step(pgr_loop *l, struct op *o, int revents)
-{
-	PGconn *pg = o->conn->pg;
-	int f = PQflush(pg);
-	if (f < 0) {
-		exec_finish(l, o, -EIO);
+	if (*slot && is_error(*slot)) {
+		PQclear(r);
 		return;
 	}
-	if (f == 1) {
-		if ((revents & POLLIN) && !PQconsumeInput(pg)) {
-			exec_finish(l, o, -EIO);
-			return;
-		}
-		if (arm_poll(l, o, POLLOUT | POLLIN) < 0)
-			exec_finish(l, o, -EIO);
-		return;
-	}
-	if (o->phase == PH_PIPELINE)
-		pipeline_read(l, o);
+	PQclear(*slot);
+	*slot = r;
+}
+
+static void drive(pgr_loop *l, struct op *o, int revents)
+{
+	enum pgr__pq_want w = pgr__pq_step(&o->pq, revents);
+	if (w == PGR__PQ_DONE)
+		phase_done(l, o, 0);
+	else if (w == PGR__PQ_ERROR)
+		phase_done(l, o, -EIO);
 	else
-		query_read(l, o);
+		arm_poll(l, o, pgr__pq_events(w));
+}
+
+/* Start a statement of the pool's own (ping, ROLLBACK, reset_sql) on o->conn. */
+static void exec_start(pgr_loop *l, struct op *o, const char *sql, int phase, int64_t timeout_ms)
+{
+	o->phase = (uint8_t)phase;
+	PQclear(o->res);
+	o->res = NULL;
+	o->phase_deadline_ns = deadline_after(timeout_ms);
+	o->pq = (struct pgr__pq){.pg = o->conn->pg, .sink = result_sink};
+	if (!pgr__pq_send_simple(o->conn->pg, sql)) {
+		phase_done(l, o, -EIO);
+		return;
+	}
+	atomic_fetch_add_explicit(&l->pool->c_loop_execs, 1, memory_order_relaxed);
+	drive(l, o, 0);
+}
+
+static void start_ping(pgr_loop *l, struct op *o, struct pgr_conn *c)
+{
+	pgr__conn_move(c, PGR__LOOP);
+	o->conn = c;
+	exec_start(l, o, "", PH_PING, l->pool->cfg.ping_timeout_ms);
+}
+
+/* Did a ping / rollback / reset leave the connection healthy and idle? */
+static bool exec_ok(struct op *o, int err)
+{
+	return err == 0 && (!o->res || !is_error(o->res)) &&
+	       PQtransactionStatus(o->conn->pg) == PQTRANS_IDLE &&
+	       !atomic_load_explicit(&o->conn->server_error, memory_order_relaxed);
+}
+
+/* A healthy connection the loop owns goes back to the pool (or out, if the pool closes). */
+static void give_back(pgr_pool *p, struct pgr_conn *c)
+{
+	if (atomic_load_explicit(&p->closing, memory_order_relaxed))
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_POOL_CLOSING);
+	else
+		pgr__publish(p, c);
+}
+
+static void ping_done(pgr_loop *l, struct op *o, bool ok)
+{
+	pgr_pool *p = l->pool;
+	struct pgr_conn *c = o->conn;
+	o->conn = NULL;
+	PQclear(o->res);
+	o->res = NULL;
+	atomic_fetch_add_explicit(&p->c_pings, 1, memory_order_relaxed);
+	int64_t now = pgr__mono_ns();
+	if (ok) {
+		atomic_store_explicit(&c->idle_since_ms, now / PGR__NS_PER_MS, memory_order_relaxed);
+		if (o->detached || o->done) {
+			atomic_store_explicit(&c->fresh, 1, memory_order_relaxed);
+			give_back(p, c);
+			op_finish(l, o);
+			return;
+		}
+		deliver_acquire(l, o, 0, pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL));
+		return;
+	}
+	/* Only a connection that failed its own check is closed. */
+	atomic_fetch_add_explicit(&p->c_pings_failed, 1, memory_order_relaxed);
+	pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_PING_FAILED);
+	if (o->detached || o->done)
+		op_finish(l, o);
+	else if (l->destroying)
+		deliver_acquire(l, o, -ECANCELED, NULL);
+	else
+		acquire_retry(l, o); /* the caller never sees the dead one */
+}
+
+static void reset_done(pgr_loop *l, struct op *o, bool ok)
+{
+	pgr_pool *p = l->pool;
+	struct pgr_conn *c = o->conn;
+	PQclear(o->res);
+	o->res = NULL;
+	if (ok && o->phase == PH_ROLLBACK) {
+		atomic_fetch_add_explicit(&p->c_rollbacks, 1, memory_order_relaxed);
+		if (p->cfg.reset_sql && !l->destroying) {
+			exec_start(l, o, p->cfg.reset_sql, PH_RESET, p->cfg.reset_timeout_ms);
+			return;
+		}
+		if (p->cfg.reset_sql) {
+			/* Destroying: the manager runs reset_sql instead. */
+			o->conn = NULL;
+			op_finish(l, o);
+			pgr__manager_push(p, c, PGR__REQ_RESET, 0);
+			return;
+		}
+	} else if (ok) {
+		atomic_fetch_add_explicit(&p->c_resets, 1, memory_order_relaxed);
+	} else {
+		atomic_fetch_add_explicit(&p->c_resets_failed, 1, memory_order_relaxed);
+	}
+	o->conn = NULL;
+	op_finish(l, o);
+	if (!ok)
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_RESET_FAILED);
+	else
+		give_back(p, c);
+}
+
+static void deliver_query(pgr_loop *l, struct op *o, int err)
+{
+	pgr_loop_query_cb cb = o->qcb;
+	void *arg = o->arg;
+	PGresult *res = o->res; /* on -EIO it may say why; the callback owns it */
+	o->res = NULL;
+	atomic_store_explicit(&o->conn->qbusy, 0, memory_order_relaxed);
+	op_finish(l, o);
+	cb(l, err, res, arg);
+}
+
+static void deliver_pipeline(pgr_loop *l, struct op *o, int err)
+{
+	pgr_loop_pipeline_cb cb = o->pcb;
+	void *arg = o->arg;
+	int n = o->pq.nstmt;
+	PGresult *res[PGR_PIPELINE_MAX];
+	for (int i = 0; i < n; i++) {
+		res[i] = err ? NULL : o->pres[i];
+		if (err)
+			PQclear(o->pres[i]);
+		o->pres[i] = NULL;
+	}
+	atomic_store_explicit(&o->conn->qbusy, 0, memory_order_relaxed);
+	op_finish(l, o);
+	cb(l, err, res, n, arg);
+}
+
+static void phase_done(pgr_loop *l, struct op *o, int err)
+{
+	switch (o->phase) {
+	case PH_QUERY:
+		deliver_query(l, o, err);
+		return;
+	case PH_PIPELINE:
+		deliver_pipeline(l, o, err);
+		return;
+	case PH_PING:
+		ping_done(l, o, exec_ok(o, err));
+		return;
+	default:
+		reset_done(l, o, exec_ok(o, err));
+		return;
+	}
 }
 
 static void *cancel_main(void *a)
@@ -442,164 +667,161 @@ static void cancel_in_background(PGconn *pg)
 	pthread_attr_destroy(&at);
 }
 
-int pgr_loop_query(pgr_loop *l, pgr_conn *c, const char *sql, int nparams,
-                    const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb, void *arg)
+/*
+ * pgr_loop_destroy cancelled the phase in flight. The caller hears -ECANCELED; a connection
+ * the loop owned mid-statement goes to the manager, which reads the statement's answer and
+ * puts the connection back (a loop's end is no reason to lose a healthy connection).
+ */
+static void phase_cancelled(pgr_loop *l, struct op *o)
 {
-	if (!l || !c || !sql || !cb || nparams < 0 || c->pool != l->pool)
+	pgr_pool *p = l->pool;
+	struct pgr_conn *c = o->conn;
+	switch (o->phase) {
+	case PH_QUERY:
+	case PH_PIPELINE:
+		phase_done(l, o, -ECANCELED);
+		return;
+	case PH_PING:
+		o->conn = NULL;
+		pgr__manager_push(p, c, PGR__REQ_FINISH, PGR__REQ_PING);
+		if (o->detached || o->done)
+			op_finish(l, o);
+		else
+			deliver_acquire(l, o, -ECANCELED, NULL);
+		return;
+	default:
+		o->conn = NULL;
+		pgr__manager_push(p, c, PGR__REQ_FINISH,
+		                  o->phase == PH_ROLLBACK ? PGR__REQ_ROLLBACK : PGR__REQ_RESET);
+		op_finish(l, o);
+		return;
+	}
+}
+
+/* The poll of a phase completed: res is its revents, or -ECANCELED (deadline or destroy). */
+static void poll_cqe(pgr_loop *l, struct op *o, int res)
+{
+	o->armed = 0;
+	if (o->cancel_sent || l->destroying) {
+		phase_cancelled(l, o);
+		return;
+	}
+	if (res != -ECANCELED) {
+		drive(l, o, res < 0 ? POLLERR : res);
+		return;
+	}
+	/* A linked deadline fired: the phase's own, or only the caller's. */
+	int64_t now = pgr__mono_ns();
+	if (now < o->phase_deadline_ns && o->phase == PH_PING && !o->detached) {
+		/* The acquire gave up first: answer it, let the ping finish on its own time. */
+		pgr_loop_acquire_cb cb = o->acb;
+		void *arg = o->arg;
+		o->detached = 1;
+		int err = pgr__timeout_error(l->pool, (now - o->t0_ns) / PGR__NS_PER_MS);
+		arm_poll(l, o, o->want_events);
+		cb(l, err, NULL, arg);
+		return;
+	}
+	if (now < o->phase_deadline_ns && o->phase != PH_PING) {
+		/* The timer fired early (it cannot, with one deadline): re-arm rather than fail. */
+		arm_poll(l, o, o->want_events);
+		return;
+	}
+	/* The phase's deadline. A user's statement is cancelled on the server; a ping or a
+	 * rollback that timed out condemns its connection. */
+	if (o->phase == PH_QUERY || o->phase == PH_PIPELINE)
+		cancel_in_background(o->conn->pg);
+	PQclear(o->res);
+	o->res = NULL;
+	phase_done(l, o, -ETIMEDOUT);
+}
+
+/* ---- queries and pipelines on a checked-out connection ---- */
+
+/* The checks every call on a holder's connection makes. */
+static int conn_check(pgr_loop *l, pgr_conn *h, const char *what, struct pgr_conn **out)
+{
+	struct pgr_conn *c = pgr__slot(h);
+	if (!c)
 		return -EINVAL;
-	if (atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)
+	if (c->pool != l->pool)
+		return pgr__misuse(l->pool, PGR__NONE, -EINVAL,
+		                   "misuse: %s with a connection of another pool", what);
+	if (atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE ||
+	    !pgr__handle_current(h, c))
+		return pgr__misuse(l->pool, c->id, -PGR_E_NOT_OWNED,
+		                   "misuse: %s on connection %u, which this handle does not hold",
+		                   what, c->id);
+	if (atomic_load_explicit(&c->qbusy, memory_order_relaxed))
+		return pgr__misuse(l->pool, c->id, -EBUSY,
+		                   "misuse: %s on connection %u while another is in flight on it",
+		                   what, c->id);
+	*out = c;
+	return 0;
+}
+
+int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
+                   const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb, void *arg)
+{
+	if (!l || !h || !sql || !cb || nparams < 0 || (nparams > 0 && !params))
 		return -EINVAL;
+	int rc = pgr__pool_usable(l->pool);
+	if (rc)
+		return rc;
 	if (l->destroying)
 		return -ESHUTDOWN;
-	if (io_uring_sq_space_left(l->ring) < 2)
-		return -EBUSY;
+	struct pgr_conn *c;
+	if ((rc = conn_check(l, h, "pgr_loop_query", &c)) != 0)
+		return rc;
+	flush(l);
 	struct op *o = op_alloc(l, OP_QUERY);
 	if (!o)
 		return -EBUSY;
-	if (!PQsendQueryParams(c->pg, sql, nparams, NULL, params, NULL, NULL, 0)) {
+	if (PQsetnonblocking(c->pg, 1) != 0 ||
+	    !PQsendQueryParams(c->pg, sql, nparams, NULL, params, NULL, NULL, 0)) {
 		op_free(l, o);
 		return -EIO;
 	}
+	atomic_store_explicit(&c->qbusy, 1, memory_order_relaxed);
 	o->conn = c;
 	o->qcb = cb;
 	o->arg = arg;
 	o->phase = PH_QUERY;
-	set_deadline(o, timeout_ms);
-	query_step(l, o, 0);
+	o->deadline_ns =
+	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
+	o->phase_deadline_ns = o->deadline_ns;
+	o->pq = (struct pgr__pq){.pg = c->pg, .sink = result_sink};
+	drive(l, o, 0);
 	return 0;
 }
 
-/* A CQE of an op's network exchange (query, pre-ping, rollback/reset). */
-static void exec_cqe(pgr_loop *l, struct op *o, unsigned kind, uint16_t gen, int res)
+int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, const int *nparams,
+                      const char *const *const *params, int64_t timeout_ms,
+                      pgr_loop_pipeline_cb cb, void *arg)
 {
-	if (kind != K_POLL || gen != o->gen)
-		return; /* its linked timeout, a cancel, or a stale CQE: only counted */
-	o->armed = 0;
-	if (l->destroying) {
-		exec_finish(l, o, -ECANCELED);
-		return;
-	}
-	if (res == -ECANCELED) {
-		/* The linked deadline fired. A user's query is cancelled on the server; a ping or
-		 * a rollback that timed out condemns its connection, which is closed instead. */
-		if (o->phase == PH_QUERY || o->phase == PH_PIPELINE)
-			cancel_in_background(o->conn->pg);
-		PQclear(o->res);
-		o->res = NULL;
-		exec_finish(l, o, -ETIMEDOUT);
-		return;
-	}
-	query_step(l, o, res < 0 ? POLLERR : res);
-}
-
-/* Send sql on o->conn and drive it on the loop's ring; exec_finish runs at the end. */
-static int exec_start(pgr_loop *l, struct op *o, const char *sql, int phase, int64_t timeout_ms)
-{
-	o->phase = (uint8_t)phase;
-	PQclear(o->res);
-	o->res = NULL;
-	int64_t dl = pgr__mono_ns() + timeout_ms * 1000000;
-	if (phase != PH_PING || dl < o->deadline_ns)
-		o->deadline_ns = dl; /* a pre-ping never outlives its acquire's deadline */
-	if (!PQsendQuery(o->conn->pg, sql))
-		return -EIO;
-	atomic_fetch_add_explicit(&l->pool->c_loop_execs, 1, memory_order_relaxed);
-	query_step(l, o, 0);
-	return 0;
-}
-
-/* Did a ping / rollback / reset leave the connection healthy and idle? */
-static bool exec_ok(struct op *o, int err)
-{
-	return err == 0 && (!o->res || !is_error(o->res)) &&
-	       PQtransactionStatus(o->conn->pg) == PQTRANS_IDLE &&
-	       !atomic_load_explicit(&o->conn->server_error, memory_order_relaxed);
-}
-
-/* ---- pipelines: several statements, one round trip ---- */
-
-static void deliver_pipeline(pgr_loop *l, struct op *o, int err)
-{
-	pgr_loop_pipeline_cb cb = o->pcb;
-	void *arg = o->arg;
-	int n = o->pn;
-	PGresult *res[PGR_PIPELINE_MAX];
-	for (int i = 0; i < n; i++) {
-		res[i] = err ? NULL : o->pres[i];
-		if (err)
-			PQclear(o->pres[i]);
-		o->pres[i] = NULL;
-	}
-	o->done = 1;
-	if (o->inflight == 0)
-		op_free(l, o);
-	cb(l, err, res, n, arg);
-}
-
-/*
- * Pipeline results arrive as: each statement's results, then NULL; after the last statement,
- * PGRES_PIPELINE_SYNC (not followed by NULL). A failed statement makes the ones after it
- * PGRES_PIPELINE_ABORTED.
- */
-static void pipeline_read(pgr_loop *l, struct op *o)
-{
-	PGconn *pg = o->conn->pg;
-	for (;;) {
-		if (!PQconsumeInput(pg)) {
-			exec_finish(l, o, -EIO);
-			return;
-		}
-		while (!PQisBusy(pg)) {
-			PGresult *r = PQgetResult(pg);
-			if (!r) {
-				o->pi++; /* end of one statement's results */
-				continue;
-			}
-			if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
-				PQclear(r);
-				int ok = o->pi == o->pn && PQexitPipelineMode(pg);
-				exec_finish(l, o, ok ? 0 : -EIO);
-				return;
-			}
-			if (o->pi >= o->pn) {
-				PQclear(r);
-				continue;
-			}
-			/* Keep a statement's last result, or its first error. */
-			PGresult **slot = &o->pres[o->pi];
-			if (*slot && is_error(*slot)) {
-				PQclear(r);
-			} else {
-				PQclear(*slot);
-				*slot = r;
-			}
-		}
-		if (pgr__tls_pending(pg))
-			continue;
-		break;
-	}
-	if (arm_poll(l, o, POLLIN) < 0)
-		exec_finish(l, o, -EIO);
-}
-
-int pgr_loop_pipeline(pgr_loop *l, pgr_conn *c, int n, const char *const *sql, const int *nparams,
-                       const char *const *const *params, int64_t timeout_ms, pgr_loop_pipeline_cb cb,
-                       void *arg)
-{
-	if (!l || !c || !sql || !cb || n < 1 || n > PGR_PIPELINE_MAX || c->pool != l->pool)
+	if (!l || !h || !sql || !cb || n < 1 || n > PGR_PIPELINE_MAX)
 		return -EINVAL;
-	if (atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE)
-		return -EINVAL;
+	for (int i = 0; i < n; i++)
+		if (!sql[i] || (nparams && nparams[i] < 0) ||
+		    (nparams && nparams[i] > 0 && (!params || !params[i])))
+			return -EINVAL;
+	int rc = pgr__pool_usable(l->pool);
+	if (rc)
+		return rc;
 	if (l->destroying)
 		return -ESHUTDOWN;
-	if (io_uring_sq_space_left(l->ring) < 2)
-		return -EBUSY;
-	if (PQtransactionStatus(c->pg) == PQTRANS_ACTIVE || !PQenterPipelineMode(c->pg))
+	struct pgr_conn *c;
+	if ((rc = conn_check(l, h, "pgr_loop_pipeline", &c)) != 0)
+		return rc;
+	flush(l);
+	if (PQtransactionStatus(c->pg) == PQTRANS_ACTIVE)
 		return -EIO;
 	struct op *o = op_alloc(l, OP_QUERY);
-	if (!o) {
-		PQexitPipelineMode(c->pg);
+	if (!o)
 		return -EBUSY;
+	if (PQsetnonblocking(c->pg, 1) != 0 || !PQenterPipelineMode(c->pg)) {
+		op_free(l, o);
+		return -EIO;
 	}
 	for (int i = 0; i < n; i++) {
 		int np = nparams ? nparams[i] : 0;
@@ -616,125 +838,68 @@ int pgr_loop_pipeline(pgr_loop *l, pgr_conn *c, int n, const char *const *sql, c
 		op_free(l, o);
 		return -EIO;
 	}
+	atomic_store_explicit(&c->qbusy, 1, memory_order_relaxed);
 	o->conn = c;
 	o->pcb = cb;
 	o->arg = arg;
-	o->pn = (uint8_t)n;
 	o->phase = PH_PIPELINE;
-	set_deadline(o, timeout_ms);
-	query_step(l, o, 0);
+	o->deadline_ns =
+	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
+	o->phase_deadline_ns = o->deadline_ns;
+	o->pq = (struct pgr__pq){
+	    .pg = c->pg, .sink = result_sink, .pipeline = 1, .nstmt = (uint8_t)n};
+	drive(l, o, 0);
 	return 0;
 }
 
-/* ---- pings at checkout and rollbacks/resets at return, on the loop's ring ---- */
+/* ---- return: rollback / reset_sql on the loop's ring ---- */
 
-static void start_ping(pgr_loop *l, struct op *o, struct pgr_conn *c)
+static bool loop_reset(pgr_loop *l, struct pgr_conn *c, enum pgr__verdict v)
 {
-	o->conn = c;
-	if (exec_start(l, o, "", PH_PING, l->pool->cfg.ping_timeout_ms) != 0)
-		exec_finish(l, o, -EIO);
-}
-
-static void ping_done(pgr_loop *l, struct op *o, bool ok)
-{
-	pgr_pool *p = l->pool;
-	struct pgr_conn *c = o->conn;
-	o->conn = NULL;
-	PQclear(o->res);
-	o->res = NULL;
-	o->phase = PH_WAIT;
-	atomic_fetch_add_explicit(&p->c_pings, 1, memory_order_relaxed);
-	if (ok) {
-		int64_t now = pgr__mono_ns();
-		atomic_store_explicit(&c->idle_since_ms, now / 1000000, memory_order_relaxed);
-		pgr__checked_out(c, now - o->t0_ns, NULL, 0, NULL);
-		deliver_acquire(l, o, 0, c);
-		return;
-	}
-	atomic_fetch_add_explicit(&p->c_pings_failed, 1, memory_order_relaxed);
-	pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_PING_FAILED);
 	if (l->destroying)
-		deliver_acquire(l, o, -ECANCELED, NULL);
-	else
-		acquire_retry(l, o); /* the caller never sees the dead one */
-}
-
-static void reset_done(pgr_loop *l, struct op *o, bool ok)
-{
-	pgr_pool *p = l->pool;
-	struct pgr_conn *c = o->conn;
-	PQclear(o->res);
-	o->res = NULL;
-	if (ok && o->phase == PH_ROLLBACK) {
-		atomic_fetch_add_explicit(&p->c_rollbacks, 1, memory_order_relaxed);
-		if (p->cfg.reset_sql) {
-			if (exec_start(l, o, p->cfg.reset_sql, PH_RESET, p->cfg.reset_timeout_ms) !=
-			    0)
-				exec_finish(l, o, -EIO);
-			return;
-		}
-	} else if (ok) {
-		atomic_fetch_add_explicit(&p->c_resets, 1, memory_order_relaxed);
-	} else {
-		atomic_fetch_add_explicit(&p->c_resets_failed, 1, memory_order_relaxed);
-	}
-	o->conn = NULL;
-	o->done = 1;
-	if (o->inflight == 0)
-		op_free(l, o);
-	if (!ok)
-		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_RESET_FAILED);
-	else if (atomic_load_explicit(&p->closing, memory_order_relaxed))
-		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_POOL_CLOSING);
-	else
-		pgr__publish(p, c);
-}
-
-static void exec_finish(pgr_loop *l, struct op *o, int err)
-{
-	switch (o->phase) {
-	case PH_QUERY:
-		deliver_query(l, o, err);
-		return;
-	case PH_PIPELINE:
-		deliver_pipeline(l, o, err);
-		return;
-	case PH_PING:
-		ping_done(l, o, exec_ok(o, err));
-		return;
-	default:
-		reset_done(l, o, exec_ok(o, err));
-		return;
-	}
-}
-
-bool pgr__loop_reset(pgr_loop *l, struct pgr_conn *c, int req)
-{
-	if (!l || l->destroying || c->pool != l->pool || io_uring_sq_space_left(l->ring) < 2)
 		return false;
 	struct op *o = op_alloc(l, OP_RESET);
 	if (!o)
 		return false;
+	pgr__conn_move(c, PGR__LOOP);
 	o->conn = c;
-	bool rollback = req == PGR__REQ_ROLLBACK;
-	const char *sql = rollback ? "ROLLBACK" : l->pool->cfg.reset_sql;
-	int64_t timeout_ms = l->pool->cfg.reset_timeout_ms;
-	if (exec_start(l, o, sql, rollback ? PH_ROLLBACK : PH_RESET, timeout_ms) != 0)
-		exec_finish(l, o, -EIO);
+	bool rollback = v == PGR__V_ROLLBACK;
+	exec_start(l, o, rollback ? "ROLLBACK" : l->pool->cfg.reset_sql,
+	           rollback ? PH_ROLLBACK : PH_RESET, l->pool->cfg.reset_timeout_ms);
 	return true;
 }
 
-int pgr_loop_release(pgr_loop *l, pgr_conn *c)
+int pgr_loop_release(pgr_loop *l, pgr_conn *h)
 {
-	if (!l || !c)
+	if (!l || !h)
 		return -EINVAL;
-	return pgr__release(c, false, l);
+	struct pgr_conn *c = pgr__slot(h);
+	if (c->pool != l->pool)
+		return pgr__misuse(l->pool, PGR__NONE, -EINVAL,
+		                   "misuse: pgr_loop_release of a connection of another pool");
+	int rc = pgr__return_check(h, "release", &c);
+	if (rc)
+		return rc;
+	flush(l);
+	int reason = 0;
+	enum pgr__verdict v = pgr__return_verdict(c, false, &reason);
+	pgr_pool *p = l->pool;
+	if (v == PGR__V_PUBLISH)
+		pgr__publish(p, c);
+	else if (v == PGR__V_RETIRE)
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, reason);
+	else if (!loop_reset(l, c, v))
+		pgr__manager_push(p, c, v == PGR__V_ROLLBACK ? PGR__REQ_ROLLBACK : PGR__REQ_RESET,
+		                  0);
+	return 0;
 }
 
 /* ---- the loop ---- */
 
 int pgr_loop_handle_cqe(pgr_loop *l, const struct io_uring_cqe *cqe)
 {
+	if (!l || !cqe)
+		return 0;
 	uint64_t u = io_uring_cqe_get_data64(cqe);
 	if (!pgr_loop_owns(u))
 		return 0;
@@ -747,26 +912,53 @@ int pgr_loop_handle_cqe(pgr_loop *l, const struct io_uring_cqe *cqe)
 	if (o->kind == OP_FREE)
 		return 1;
 	o->inflight--;
-	if (o->done) {
-		if (o->inflight == 0)
-			op_free(l, o);
-		return 1;
+	bool current = gen == o->gen;
+	if (kind == K_FUTEX || kind == K_ALTO) {
+		if (current && o->futex_out)
+			acquire_cqe(l, o);
+	} else if (kind == K_POLL && current && o->armed && !o->done) {
+		poll_cqe(l, o, cqe->res);
 	}
-	if (o->kind == OP_ACQUIRE && o->phase == PH_WAIT)
-		acquire_cqe(l, o);
-	else
-		exec_cqe(l, o, kind, gen, cqe->res);
+	/* Linked timeouts, cancels and CQEs of earlier phases are only counted. */
+	if (o->kind != OP_FREE && o->done && o->inflight == 0 && o->want == W_NONE)
+		op_free(l, o);
+	flush(l);
 	return 1;
+}
+
+uint32_t pgr_loop_flush(pgr_loop *l)
+{
+	return l ? flush(l) : 0;
 }
 
 int pgr_loop_create(pgr_pool *p, struct io_uring *ring, uint32_t max_ops, pgr_loop **out)
 {
-	if (!p || !ring || !out)
+	if (!out)
 		return -EINVAL;
+	*out = NULL;
+	if (!ring)
+		return -EINVAL;
+	int rc = pgr__pool_usable(p);
+	if (rc)
+		return rc;
 	if (max_ops == 0)
 		max_ops = 1024;
 	if (max_ops > 0xffffff)
 		return -EINVAL;
+	/*
+	 * Probe once: without IORING_OP_FUTEX_WAIT (kernels before 6.7) every async wait would
+	 * fail at once and an acquire would spin until its deadline. Refuse clearly instead.
+	 */
+	struct io_uring_probe *probe = io_uring_get_probe_ring(ring);
+	bool futex_ok = probe && io_uring_opcode_supported(probe, IORING_OP_FUTEX_WAIT_);
+	if (probe)
+		io_uring_free_probe(probe);
+	if (!futex_ok) {
+		pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE,
+		           "pgr_loop_create: this kernel's io_uring has no FUTEX_WAIT (Linux 6.7+ "
+		           "needed for async waits)");
+		return -PGR_E_UNSUPPORTED;
+	}
 	pgr_loop *l = calloc(1, sizeof(*l));
 	if (!l)
 		return -ENOMEM;
@@ -781,6 +973,8 @@ int pgr_loop_create(pgr_pool *p, struct io_uring *ring, uint32_t max_ops, pgr_lo
 	for (uint32_t i = 0; i < max_ops; i++)
 		l->ops[i].next_free = i + 1 < max_ops ? i + 1 : PGR__NONE;
 	l->free_head = 0;
+	l->bl_head = l->bl_tail = PGR__NONE;
+	atomic_fetch_add_explicit(&p->nloops, 1, memory_order_relaxed);
 	*out = l;
 	return 0;
 }
@@ -790,32 +984,44 @@ uint32_t pgr_loop_pending(const pgr_loop *l)
 	return l ? l->pending : 0;
 }
 
+/*
+ * First call: mark the loop (for good), finish what waits in the backlog, send a cancel for
+ * every armed phase. Each call after: the cancels that found no SQE, then the count. Free once
+ * nothing is owed.
+ */
 int pgr_loop_destroy(pgr_loop *l)
 {
 	if (!l)
 		return 0;
-	if (!l->destroying) {
-		l->destroying = 1;
-		for (uint32_t i = 0; i < l->nops; i++) {
-			struct op *o = &l->ops[i];
-			if (o->kind == OP_FREE || !o->armed || o->done)
-				continue;
-			struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
-			if (!s) {
-				l->destroying =
-				    0; /* not every cancel is out: the next call tries again */
-				return -EBUSY;
-			}
-			bool futex = o->kind == OP_ACQUIRE && o->phase == PH_WAIT;
-			io_uring_prep_cancel64(s, ud(l, o, futex ? K_FUTEX : K_POLL), 0);
-			io_uring_sqe_set_data64(s, ud(l, o, K_CANCEL));
-			o->inflight++;
-			o->armed =
-			    0; /* its cancel is out; a retried destroy must not cancel it twice */
+	l->destroying = 1;
+	for (uint32_t i = 0; i < l->nops; i++) {
+		struct op *o = &l->ops[i];
+		if (o->kind == OP_FREE || o->done)
+			continue;
+		if (o->want != W_NONE) {
+			/* Nothing armed: finish it here. */
+			int want = o->want;
+			bl_remove(l, o);
+			if (want == W_FUTEX)
+				acquire_settle(l, o, NULL);
+			else
+				phase_cancelled(l, o);
+			continue;
 		}
+		if (!o->armed || o->cancel_sent)
+			continue;
+		struct io_uring_sqe *s = io_uring_get_sqe(l->ring);
+		if (!s)
+			return -EBUSY; /* the SQ is full: the next call sends the rest */
+		bool futex = o->phase == PH_WAIT;
+		io_uring_prep_cancel64(s, ud(l, o, futex ? K_FUTEX : K_POLL), 0);
+		io_uring_sqe_set_data64(s, ud(l, o, K_CANCEL));
+		o->inflight++;
+		o->cancel_sent = 1;
 	}
 	if (l->pending)
 		return -EBUSY;
+	atomic_fetch_sub_explicit(&l->pool->nloops, 1, memory_order_release);
 	free(l->ops);
 	free(l);
 	return 0;

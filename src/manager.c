@@ -43,8 +43,14 @@ void pgr__manager_wake(pgr_pool *p)
 
 void pgr__manager_push(pgr_pool *p, struct pgr_conn *c, enum pgr__req req, int reason)
 {
+	/* The state changes before the push gives the slot away: from here on the manager owns
+	 * it, and a second release by the old holder is refused by its state. */
+	pgr__conn_move(c, PGR__MANAGED);
 	c->req = (uint8_t)req;
-	c->close_reason = (uint8_t)reason;
+	if (req == PGR__REQ_FINISH)
+		c->req_arg = (uint8_t)reason; /* the request whose statement is in flight */
+	else
+		c->close_reason = (uint8_t)reason;
 	uint32_t head = atomic_load_explicit(&p->req_head, memory_order_relaxed);
 	do {
 		atomic_store_explicit(&c->req_next, head, memory_order_relaxed);
@@ -73,8 +79,13 @@ static void take_requests(pgr_pool *p)
 			pgr__mgr_start_exec(p, c, "", p->cfg.ping_timeout_ms, PGR__REQ_PING);
 			break;
 		case PGR__REQ_CHECK:
-			pgr__conn_move(c, PGR__MANAGED);
 			pgr__mgr_check(p, c);
+			break;
+		case PGR__REQ_FINISH:
+			pgr__mgr_start_exec(p, c, NULL,
+			                    c->req_arg == PGR__REQ_PING ? p->cfg.ping_timeout_ms
+			                                                : p->cfg.reset_timeout_ms,
+			                    c->req_arg);
 			break;
 		default:
 			pgr__mgr_close(p, c, c->close_reason);
@@ -225,12 +236,18 @@ static void grow(pgr_pool *p, int64_t now)
 	}
 }
 
+/*
+ * Everything the manager owns is closed. Slots that holders, waiters granted a connection or
+ * pgr_loops own are theirs: the manager cannot close them, and waiting for them would make a
+ * stop wait on an event loop that may never run again (destroy closes them at the end).
+ */
 static bool all_closed(pgr_pool *p)
 {
 	for (uint32_t i = 0; i < p->cap; i++) {
 		struct pgr_conn *c = &p->conns[i];
 		unsigned st = atomic_load_explicit(&c->state, memory_order_relaxed);
-		if ((st != PGR__FREE && st != PGR__IN_USE) || c->inflight)
+		bool others = st == PGR__IN_USE || st == PGR__GRANTED || st == PGR__LOOP;
+		if ((st != PGR__FREE && !others) || c->inflight)
 			return false;
 	}
 	return true;
@@ -329,14 +346,18 @@ static void arm_tick(pgr_pool *p)
 
 int pgr_pool_fd(pgr_pool *p)
 {
-	if (!p)
-		return -EINVAL;
+	int rc = pgr__pool_usable(p);
+	if (rc)
+		return rc;
 	return p->cfg.manager_thread ? -EINVAL : p->notify_fd;
 }
 
 int pgr_pool_run(pgr_pool *p)
 {
-	if (!p || p->cfg.manager_thread)
+	int rc = pgr__pool_usable(p);
+	if (rc)
+		return rc;
+	if (p->cfg.manager_thread)
 		return -EINVAL;
 	if (!p->mgr_started)
 		return -ESHUTDOWN;
@@ -400,6 +421,20 @@ void pgr__manager_poke(pgr_pool *p)
 {
 	if (!p->cfg.manager_thread && p->mgr_started)
 		manager_round(p, false);
+}
+
+/* A forked child's copy: no thread to join, and the ring must not be driven (sys.h). */
+void pgr__manager_forget(pgr_pool *p)
+{
+	if (!p->mgr_started)
+		return;
+	p->mgr_started = 0;
+	io_uring_queue_exit(&p->ring);
+	close(p->efd);
+	p->efd = -1;
+	if (p->notify_fd >= 0)
+		close(p->notify_fd);
+	p->notify_fd = -1;
 }
 
 void pgr__manager_stop(pgr_pool *p)

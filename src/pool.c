@@ -12,8 +12,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <openssl/ssl.h>
-
 #include "pool.h"
 #include "prom.h"
 
@@ -68,6 +66,11 @@ void pgr__set_last_error(pgr_pool *p, const char *msg)
 
 size_t pgr_pool_last_error(pgr_pool *p, char *buf, size_t len)
 {
+	if (!p || (!buf && len)) {
+		if (buf && len)
+			buf[0] = 0;
+		return 0;
+	}
 	pthread_mutex_lock(&p->err_lock);
 	int n = snprintf(buf, len, "%s", p->last_error);
 	pthread_mutex_unlock(&p->err_lock);
@@ -76,25 +79,19 @@ size_t pgr_pool_last_error(pgr_pool *p, char *buf, size_t len)
 
 void pgr__conn_bad_move(struct pgr_conn *c, unsigned from, unsigned to)
 {
-	static const char *names[] = {"FREE", "CONNECTING", "IDLE", "IN_USE", "MANAGED", "CLOSING"};
+	static const char *const state_names[PGR__STATES] = {
+	    [PGR__FREE] = "FREE",     [PGR__CONNECTING] = "CONNECTING", [PGR__IDLE] = "IDLE",
+	    [PGR__GRANTED] = "GRANTED", [PGR__IN_USE] = "IN_USE",     [PGR__LOOP] = "LOOP",
+	    [PGR__MANAGED] = "MANAGED", [PGR__CLOSING] = "CLOSING",
+	};
 	fprintf(stderr, "pgring: connection %u: illegal state move %s -> %s\n", c->id,
-	        from < PGR__STATES ? names[from] : "?", to < PGR__STATES ? names[to] : "?");
+	        from < PGR__STATES ? state_names[from] : "?", to < PGR__STATES ? state_names[to] : "?");
 	abort();
 }
 
-/*
- * True when OpenSSL already holds decrypted bytes of pg's socket: they would never make the
- * socket readable, so a poll armed now could wait forever (PITFALLS.md 2). Read again instead.
- */
-bool pgr__tls_pending(PGconn *pg)
-{
-	if (!PQsslInUse(pg))
-		return false;
-	SSL *ssl = PQsslStruct(pg, "OpenSSL");
-	return ssl && SSL_has_pending(ssl);
-}
-
 /* ---- create / drain / destroy ---- */
+
+static void pool_free_memory(pgr_pool *p);
 
 static void pool_free(pgr_pool *p)
 {
@@ -103,6 +100,27 @@ static void pool_free(pgr_pool *p)
 			if (p->conns[i].pg)
 				PQfinish(p->conns[i].pg);
 	}
+	pool_free_memory(p);
+}
+
+/*
+ * A forked child's copy of a pool: its sockets are the parent's sessions. PQfinish would send
+ * a Terminate on them, so the child only closes its own file descriptors and leaves the PGconn
+ * structures (a little copied memory) unreleased; no manager thread exists in the child.
+ */
+static void pool_free_forked(pgr_pool *p)
+{
+	for (uint32_t i = 0; p->conns && i < p->cap; i++) {
+		int fd = p->conns[i].pg ? PQsocket(p->conns[i].pg) : -1;
+		if (fd >= 0)
+			close(fd);
+	}
+	pgr__manager_forget(p);
+	pool_free_memory(p);
+}
+
+static void pool_free_memory(pgr_pool *p)
+{
 	free(p->conns);
 	free(p->bits);
 	free(p->waiters);
@@ -119,7 +137,7 @@ int pgr_pool_create(const pgr_config *cfg, pgr_pool **out)
 	return pool_create(cfg, true, out);
 }
 
-/* testing.c: a pool with no manager (no io_uring), for placeholder connections only. */
+/* A pool with no manager (no io_uring), for the core's placeholder connections (tests/). */
 int pgr__pool_create_nomgr(const pgr_config *cfg, pgr_pool **out)
 {
 	return pool_create(cfg, false, out);
@@ -141,6 +159,8 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	pthread_mutex_init(&p->err_lock, NULL);
 	p->efd = -1;
 	p->notify_fd = -1;
+	p->ops = &pgr__libpq_ops;
+	p->fork_epoch = pgr__fork_guard();
 	/* Events of a rejected config go to the caller's callback before anything is copied. */
 	p->cfg.on_event = cfg->on_event;
 	p->cfg.user_data = cfg->user_data;
@@ -174,6 +194,13 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 		return -ENOMEM;
 	}
 	memset(p->conns, 0, sizeof(struct pgr_conn) * p->cap);
+	/* Handles carry a lease number in the top 16 bits of the slot's address (pool.h). */
+	if (((uintptr_t)(p->conns + p->cap) & ~(uintptr_t)PGR__ADDR_MASK) != 0) {
+		pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE,
+		           "cannot create the pool: its memory lies above 2^48");
+		pool_free(p);
+		return -ENOMEM;
+	}
 	memset(p->bits, 0, sizeof(uint64_t) * p->shard_stride * p->nshards);
 	for (uint32_t i = 0; i < p->cap; i++) {
 		p->conns[i].pool = p;
@@ -210,8 +237,9 @@ static uint32_t count_state(pgr_pool *p, unsigned st)
 
 int pgr_pool_drain(pgr_pool *p, int64_t drain_ms)
 {
-	if (!p)
-		return -EINVAL;
+	int rc = pgr__pool_usable(p);
+	if (rc)
+		return rc;
 	if (p->drained)
 		return 0;
 	p->drained = 1;
@@ -220,15 +248,20 @@ int pgr_pool_drain(pgr_pool *p, int64_t drain_ms)
 	pthread_mutex_unlock(&p->wq_lock);
 	pgr__waiters_shutdown(p);
 	pgr__manager_wake(p);
-	int64_t deadline = pgr__mono_ns() + (drain_ms > 0 ? drain_ms : 0) * 1000000;
-	int rc = 0;
-	/* Wait for holders to return, and for rollbacks/resets in progress to end in a close. */
+	int64_t deadline = pgr__deadline_ns(drain_ms);
+	/*
+	 * Wait for holders to return, for waiters already granted a connection to take it, for
+	 * loops to finish their pings and rollbacks, and for the manager's requests to end in a
+	 * close. Connections a loop still holds at the deadline stay with it (the loop is not
+	 * being driven, or is this very thread): the loop's destroy hands them back.
+	 */
 	for (;;) {
-		uint32_t busy = count_state(p, PGR__IN_USE) + count_state(p, PGR__MANAGED);
-		if (busy == 0)
+		uint32_t out = count_state(p, PGR__IN_USE) + count_state(p, PGR__GRANTED) +
+		               count_state(p, PGR__LOOP);
+		if (out + count_state(p, PGR__MANAGED) == 0)
 			break;
 		if (pgr__mono_ns() >= deadline) {
-			rc = count_state(p, PGR__IN_USE) ? -ETIMEDOUT : 0;
+			rc = out ? -ETIMEDOUT : 0;
 			break;
 		}
 		pgr__manager_poke(p);
@@ -238,10 +271,19 @@ int pgr_pool_drain(pgr_pool *p, int64_t drain_ms)
 	return rc;
 }
 
-void pgr_pool_destroy(pgr_pool *p)
+int pgr_pool_destroy(pgr_pool *p)
 {
 	if (!p)
-		return;
+		return -EINVAL;
+	if (pgr__forked(p->fork_epoch)) {
+		pool_free_forked(p);
+		return 0;
+	}
+	if (atomic_load_explicit(&p->nloops, memory_order_acquire))
+		return pgr__misuse(p, PGR__NONE, -EBUSY,
+		                   "misuse: pgr_pool_destroy with %u pgr_loop(s) still bound; "
+		                   "destroy them first",
+		                   atomic_load_explicit(&p->nloops, memory_order_relaxed));
 	pgr_pool_drain(p, 0);
 	/* Waiters woken with -ESHUTDOWN may still be on their way out of pgr_acquire. */
 	while (atomic_load_explicit(&p->nblocked, memory_order_acquire))
@@ -260,13 +302,18 @@ void pgr_pool_destroy(pgr_pool *p)
 		}
 	}
 	pool_free(p);
+	return 0;
 }
 
 /* ---- stats ---- */
 
 void pgr_pool_stats(pgr_pool *p, pgr_stats *o)
 {
+	if (!o)
+		return;
 	memset(o, 0, sizeof(*o));
+	if (!p)
+		return;
 	for (uint32_t i = 0; i < p->cap; i++) {
 		struct pgr_conn *c = &p->conns[i];
 		switch (atomic_load_explicit(&c->state, memory_order_relaxed)) {
@@ -275,6 +322,8 @@ void pgr_pool_stats(pgr_pool *p, pgr_stats *o)
 			o->size++;
 			break;
 		case PGR__IDLE:
+		case PGR__GRANTED:
+		case PGR__LOOP:
 		case PGR__MANAGED:
 		case PGR__CLOSING:
 			o->size++;
@@ -332,6 +381,8 @@ static void hist_snap(pgr_pool *p, enum pgr_hist_kind kind, pgr__hist_snap *s)
 
 void pgr_pool_histogram(pgr_pool *p, enum pgr_hist_kind kind, pgr_hist_summary *out)
 {
+	if (!out)
+		return;
 	memset(out, 0, sizeof(*out));
 	if (!p || (unsigned)kind >= PGR_HIST_KINDS)
 		return;
@@ -342,6 +393,11 @@ void pgr_pool_histogram(pgr_pool *p, enum pgr_hist_kind kind, pgr_hist_summary *
 
 size_t pgr_pool_prometheus(pgr_pool *p, char *buf, size_t len)
 {
+	if (!p || (!buf && len)) {
+		if (buf && len)
+			buf[0] = 0;
+		return 0;
+	}
 	pgr_stats st;
 	pgr_pool_stats(p, &st);
 	pgr__hist_snap snaps[PGR_HIST_KINDS];

@@ -17,6 +17,7 @@
 #ifndef PGR_POOL_H
 #define PGR_POOL_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -27,6 +28,8 @@
 
 #include "hist.h"
 #include "pgring.h"
+#include "pq.h"
+#include "sys.h"
 
 #define PGR__CACHELINE  64
 #define PGR__ALIGNED    __attribute__((aligned(PGR__CACHELINE)))
@@ -39,15 +42,29 @@
 #define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
-/* A connection slot's life. Transitions are checked by pgr__conn_move. */
+/*
+ * A connection slot's life. One state, one owner: drain, maintenance and the misuse check read
+ * the state and know who may touch the slot. Transitions are checked by pgr__conn_move.
+ */
 enum pgr__state {
 	PGR__FREE = 0,   /* slot unused */
 	PGR__CONNECTING, /* manager: connect in progress */
-	PGR__IDLE,       /* in a shard, or granted to a waiter on its way out */
+	PGR__IDLE,       /* in a shard (its bit set); for an instant also the caller that cleared
+	                    the bit and is validating it */
+	PGR__GRANTED,    /* handed to a waiter by a release; the waiter owns it until checkout */
 	PGR__IN_USE,     /* a holder has it */
-	PGR__MANAGED,    /* manager: ping, check, rollback or reset in progress */
+	PGR__LOOP,       /* a pgr_loop owns it: pre-ping at checkout, rollback or reset at return */
+	PGR__MANAGED,    /* the manager owns it: a queued request, ping, check, rollback, reset */
 	PGR__CLOSING,    /* manager: io cancelled, waiting for CQEs before PQfinish */
 	PGR__STATES,
+};
+
+/* What the checkout core decides a returned connection needs; its callers carry it out. */
+enum pgr__verdict {
+	PGR__V_PUBLISH = 0, /* healthy and idle: to a waiter or a shard */
+	PGR__V_RETIRE,      /* close, with a reason */
+	PGR__V_ROLLBACK,    /* returned inside a transaction */
+	PGR__V_RESET,       /* reset_sql */
 };
 
 /* What the manager is asked to do with a slot handed to it. */
@@ -58,6 +75,7 @@ enum pgr__req {
 	PGR__REQ_PING,     /* pre-ping at checkout */
 	PGR__REQ_CHECK,    /* socket readable while idle: consume and re-check */
 	PGR__REQ_RETIRE,   /* close with c->close_reason */
+	PGR__REQ_FINISH,   /* a loop gave up mid-statement: read its results, then as req_arg */
 };
 
 /* The manager's current network operation on a slot. */
@@ -71,6 +89,10 @@ struct pgr_conn {
 	/* Read-mostly identity. */
 	pgr_pool *pool;
 	uint32_t id;
+	/* Checkout number (owner-written at checkout): its low 16 bits tag the handle a holder
+	 * gets, so a handle kept past its release is told apart from the next holder's. */
+	_Atomic uint32_t lease;
+	_Atomic uint8_t qbusy; /* a pgr_loop query or pipeline is in flight on it (holder's) */
 
 	/* Owner-written; others read relaxed (see the file comment). */
 	_Atomic uint32_t state;
@@ -102,6 +124,8 @@ struct pgr_conn {
 	uint8_t op_after; /* EXEC: enum pgr__req that started it */
 	uint8_t armed;    /* a POLL_ADD is in flight */
 	uint8_t exec_failed;
+	uint8_t req_arg; /* PGR__REQ_FINISH: the request whose statement is still being read */
+	struct pgr__pq pq;
 	uint16_t inflight;          /* SQEs submitted and not yet reaped */
 	uint32_t io_gen;            /* tags the current poll; stale CQEs are ignored */
 	uint64_t leak_seq_reported; /* checkout count at the last leak report + 1 */
@@ -112,6 +136,22 @@ struct pgr_conn {
 
 	pgr__hist hist[PGR_HIST_KINDS];
 } PGR__ALIGNED;
+
+/*
+ * What a returned connection looks like, as the core needs to know it. Behind an ops pointer so
+ * that the core's stress tests can run placeholder connections with no server (tests/).
+ */
+enum pgr__rstate {
+	PGR__RS_IDLE = 0, /* no transaction, nothing pending */
+	PGR__RS_INTRANS,  /* in a transaction block, or a failed one */
+	PGR__RS_ACTIVE,   /* a query or pipeline still running */
+	PGR__RS_BROKEN,   /* the connection is bad */
+	PGR__RS_PIPELINE, /* left in pipeline mode with nothing pending: leaving it resets it */
+};
+struct pgr__conn_ops {
+	enum pgr__rstate (*return_state)(struct pgr_conn *c);
+};
+extern const struct pgr__conn_ops pgr__libpq_ops;
 
 /* A parked caller. Lives in the pool's fixed waiter array, never on a stack. */
 enum pgr__wstate {
@@ -146,6 +186,7 @@ struct pgr_pool {
 	uint32_t spin_positions; /* waiters that far from the head or closer spin */
 	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
+	const struct pgr__conn_ops *ops;
 	_Atomic uint64_t *bits; /* nshards * shard_stride words */
 
 	/* Read on every checkout, written rarely (manager tick / drain). */
@@ -202,17 +243,11 @@ struct pgr_pool {
 	int64_t backoff_ms;
 	int64_t next_connect_ms;
 	int drained;
-	int fake; /* placeholder connections (testing.c): no libpq checks on return */
+	uint32_t fork_epoch;     /* see sys.h: a forked child must not use the pool */
+	_Atomic uint32_t nloops; /* pgr_loops bound to the pool: destroy refuses while any live */
 };
 
 /* ---- shared helpers ---- */
-
-static inline int64_t pgr__mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static inline int64_t pgr__now_ms(pgr_pool *p)
 {
@@ -231,23 +266,56 @@ static inline _Atomic uint64_t *pgr__shard_words(pgr_pool *p, uint32_t s)
 	return p->bits + (size_t)s * p->shard_stride;
 }
 
+/*
+ * Handles. A holder's pgr_conn * is the slot's address with the checkout's lease number in the
+ * top 16 bits (user-space addresses on x86-64 and arm64 leave them zero; pool_create checks).
+ * Every public entry point that takes a handle untags it and compares the tag with the slot's
+ * lease: a handle used after its release is refused even when the slot is checked out again.
+ */
+#define PGR__TAG_SHIFT 48
+#define PGR__ADDR_MASK ((UINT64_C(1) << PGR__TAG_SHIFT) - 1)
+static inline pgr_conn *pgr__handle(struct pgr_conn *c, uint32_t lease)
+{
+	return (pgr_conn *)((uintptr_t)c | ((uintptr_t)(lease & 0xffffu) << PGR__TAG_SHIFT));
+}
+static inline struct pgr_conn *pgr__slot(const pgr_conn *h)
+{
+	return (struct pgr_conn *)((uintptr_t)h & PGR__ADDR_MASK);
+}
+static inline bool pgr__handle_current(const pgr_conn *h, const struct pgr_conn *c)
+{
+	return ((uintptr_t)h >> PGR__TAG_SHIFT) ==
+	       (atomic_load_explicit(&c->lease, memory_order_relaxed) & 0xffffu);
+}
+
 /* Legal moves of enum pgr__state; anything else is a bug in the pool and aborts. */
-static const uint8_t pgr__legal[PGR__STATES] = {
-    [PGR__FREE] = 1u << PGR__CONNECTING,
-    [PGR__CONNECTING] = 1u << PGR__IDLE | 1u << PGR__FREE | 1u << PGR__CLOSING,
-    /* IDLE -> IDLE: a connection taken from a shard and granted to a waiter. */
-    [PGR__IDLE] = 1u << PGR__IN_USE | 1u << PGR__MANAGED | 1u << PGR__CLOSING | 1u << PGR__IDLE,
-    [PGR__IN_USE] = 1u << PGR__IDLE | 1u << PGR__MANAGED | 1u << PGR__CLOSING,
+#define PGR__B(s) (1u << (s))
+/* Where an owner hands a healthy connection on: a shard or a waiter (pgr__publish). */
+#define PGR__PUBLISHED (PGR__B(PGR__IDLE) | PGR__B(PGR__GRANTED))
+static const uint16_t pgr__legal[PGR__STATES] = {
+    [PGR__FREE] = PGR__B(PGR__CONNECTING),
+    [PGR__CONNECTING] = PGR__PUBLISHED | PGR__B(PGR__FREE) | PGR__B(PGR__CLOSING),
+    /* IDLE -> GRANTED: the pump takes a connection from a shard for a waiter. */
+    /* IDLE -> IDLE: a caller that took it puts it back untouched (drain began meanwhile). */
+    [PGR__IDLE] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
+                  PGR__B(PGR__MANAGED) | PGR__B(PGR__CLOSING),
+    /* GRANTED -> published: a waiter that found one itself gives the spare back. */
+    [PGR__GRANTED] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
+                     PGR__B(PGR__MANAGED),
+    [PGR__IN_USE] = PGR__PUBLISHED | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED),
+    /* LOOP -> IN_USE: a pre-ping on the loop passed and the connection goes to its caller. */
+    [PGR__LOOP] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
+                  PGR__B(PGR__MANAGED),
     /* MANAGED -> MANAGED: a rollback followed by reset_sql. */
-    [PGR__MANAGED] = 1u << PGR__IDLE | 1u << PGR__CLOSING | 1u << PGR__MANAGED,
-    [PGR__CLOSING] = 1u << PGR__FREE,
+    [PGR__MANAGED] = PGR__PUBLISHED | PGR__B(PGR__MANAGED) | PGR__B(PGR__CLOSING),
+    [PGR__CLOSING] = PGR__B(PGR__FREE),
 };
 void pgr__conn_bad_move(struct pgr_conn *c, unsigned from, unsigned to);
 /* The one transition function: only the slot's owner calls it. */
 static inline void pgr__conn_move(struct pgr_conn *c, unsigned to)
 {
 	unsigned cur = atomic_load_explicit(&c->state, memory_order_relaxed);
-	if (unlikely(cur >= PGR__STATES || !(pgr__legal[cur] & (1u << to))))
+	if (unlikely(cur >= PGR__STATES || !(pgr__legal[cur] & PGR__B(to))))
 		pgr__conn_bad_move(c, cur, to);
 	atomic_store_explicit(&c->state, to, memory_order_relaxed);
 }
@@ -264,7 +332,6 @@ void pgr__emitf(pgr_pool *p, enum pgr_event_type type, uint32_t conn_id, const c
     __attribute__((format(printf, 4, 5)));
 void pgr__set_last_error(pgr_pool *p, const char *msg);
 void pgr__scrub(const pgr_pool *p, char *msg);
-bool pgr__tls_pending(PGconn *pg);
 
 /* checkout.c */
 void pgr__publish(pgr_pool *p, struct pgr_conn *c);   /* owner hands an idle conn to the pool */
@@ -280,26 +347,36 @@ struct pgr_conn *pgr__wq_outcome(pgr_pool *p, unsigned s, struct pgr_conn *mine,
 struct pgr_conn *pgr__fast_take(pgr_pool *p);
 /* Like pgr__fast_take; a connection that needs a pre-ping comes back with *ping set. */
 struct pgr_conn *pgr__fast_take_ping(pgr_pool *p, bool *ping);
-/* Return a connection; loop (may be NULL) runs a rollback or reset_sql on its ring. */
-int pgr__release(pgr_conn *c, bool discard, pgr_loop *loop);
-/* waited_ns < 0: an immediate checkout. */
-void pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
-                      const char *func);
+/* A validated connection goes to its caller; returns the holder's handle. waited_ns < 0: an
+ * immediate checkout. */
+pgr_conn *pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
+                           const char *func);
+/* The misuse check of every call that gives a connection back: 0 and *out = the slot, or a
+ * negative error (reported as PGR_EV_MISUSE); what = "release", "discard". */
+int pgr__return_check(pgr_conn *h, const char *what, struct pgr_conn **out);
+/* What a returned connection needs (the caller carries it out). *reason for RETIRE. */
+enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *reason);
+/* Report a misuse (PGR_EV_MISUSE); returns err. */
+int pgr__misuse(pgr_pool *p, uint32_t conn_id, int err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 int pgr__timeout_error(pgr_pool *p, int64_t waited_ms);
+/* Cheap guard for public entry points: the pool exists in this process. */
+static inline int pgr__pool_usable(const pgr_pool *p)
+{
+	if (unlikely(!p))
+		return -EINVAL;
+	if (unlikely(pgr__forked(p->fork_epoch)))
+		return -PGR_E_FORKED;
+	return 0;
+}
 
-/* testing.c */
-int pgr__pool_add_fake(pgr_pool *p, uint32_t n);
+/* pool.c: a pool without a manager (no io_uring), for placeholder connections (tests/). */
 int pgr__pool_create_nomgr(const pgr_config *cfg, pgr_pool **out);
-void pgr__fake_config(pgr_config *cfg, uint32_t conns);
-int pgr__pool_create_fake(const pgr_config *cfg, pgr_pool **out);
-
-/* loop.c: run a rollback (req ROLLBACK) or reset_sql (RESET) of a returned connection on the
- * loop's ring; false when the loop cannot take it (the manager does it then). */
-bool pgr__loop_reset(pgr_loop *l, struct pgr_conn *c, int req);
 
 /* manager.c */
 int pgr__manager_start(pgr_pool *p);
 void pgr__manager_stop(pgr_pool *p);
+void pgr__manager_forget(pgr_pool *p);
 void pgr__manager_poke(pgr_pool *p);
 void pgr__manager_wake(pgr_pool *p);
 void pgr__manager_push(pgr_pool *p, struct pgr_conn *c, enum pgr__req req, int reason);

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "placeholder.h"
 #include "pool.h"
 
 static int64_t now_ms(void)

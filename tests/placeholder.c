@@ -1,18 +1,26 @@
 /*
- * Test and benchmark support, not part of the public API: fill a pool with placeholder
- * connections that have no server behind them, so the lock-free core (shards, stealing, the
- * waiter FIFO) can be measured and stressed where no PostgreSQL runs. A fake pool never
- * connects (its slots are all taken) and skips the libpq status checks on return.
+ * Placeholder connections (placeholder.h). A placeholder pool never connects (its slots are all
+ * taken), and its connections always come back "idle": the libpq status the core asks for on
+ * return is answered here instead.
  */
 #include <errno.h>
 
+#include "placeholder.h"
 #include "pool.h"
 
-int pgr__pool_add_fake(pgr_pool *p, uint32_t n)
+static enum pgr__rstate placeholder_return_state(struct pgr_conn *c)
+{
+	(void)c;
+	return PGR__RS_IDLE;
+}
+
+static const struct pgr__conn_ops placeholder_ops = {.return_state = placeholder_return_state};
+
+static int add_placeholders(pgr_pool *p, uint32_t n)
 {
 	if (n > p->cap - atomic_load_explicit(&p->nopen, memory_order_relaxed))
 		return -EINVAL;
-	p->fake = 1;
+	p->ops = &placeholder_ops;
 	int64_t now = pgr__now_ms(p);
 	for (uint32_t i = 0; i < p->cap && n > 0; i++) {
 		struct pgr_conn *c = &p->conns[i];
@@ -28,7 +36,6 @@ int pgr__pool_add_fake(pgr_pool *p, uint32_t n)
 	return 0;
 }
 
-/* A config for placeholder connections: no server, no socket to check, nothing expires. */
 void pgr__fake_config(pgr_config *cfg, uint32_t conns)
 {
 	pgr_config_init(cfg);
@@ -40,11 +47,10 @@ void pgr__fake_config(pgr_config *cfg, uint32_t conns)
 	cfg->idle_timeout_ms = 0;
 }
 
-/* A pool of cfg->max_size placeholders and no manager (no io_uring needed). */
 int pgr__pool_create_fake(const pgr_config *cfg, pgr_pool **out)
 {
 	int rc = pgr__pool_create_nomgr(cfg, out);
-	if (rc == 0 && (rc = pgr__pool_add_fake(*out, cfg->max_size)) != 0) {
+	if (rc == 0 && (rc = add_placeholders(*out, cfg->max_size)) != 0) {
 		pgr_pool_destroy(*out);
 		*out = NULL;
 	}

@@ -1,0 +1,79 @@
+/*
+ * The libpq engine (pq.h). Stateless beyond struct pgr__pq: the caller owns the waiting.
+ */
+#include <poll.h>
+
+#include <openssl/ssl.h>
+
+#include "pq.h"
+
+/*
+ * libpq reads at most one TLS record per call, and only its own waits look at what OpenSSL
+ * buffered. When OpenSSL already holds decrypted bytes the socket may never become readable
+ * again for them, so a poll armed now could wait forever: read again instead.
+ */
+bool pgr__tls_pending(PGconn *pg)
+{
+	if (!PQsslInUse(pg))
+		return false;
+	SSL *ssl = PQsslStruct(pg, "OpenSSL");
+	return ssl && SSL_has_pending(ssl);
+}
+
+bool pgr__pq_send_simple(PGconn *pg, const char *sql)
+{
+	/* A holder may have switched the connection to blocking mode; pgring's drivers never block. */
+	return PQsetnonblocking(pg, 1) == 0 && PQsendQuery(pg, sql) == 1;
+}
+
+short pgr__pq_events(enum pgr__pq_want w)
+{
+	return w == PGR__PQ_RW ? (POLLIN | POLLOUT) : POLLIN;
+}
+
+static enum pgr__pq_want read_results(struct pgr__pq *x)
+{
+	PGconn *pg = x->pg;
+	for (;;) {
+		if (!PQconsumeInput(pg))
+			return PGR__PQ_ERROR;
+		while (!PQisBusy(pg)) {
+			PGresult *r = PQgetResult(pg);
+			if (!r) {
+				if (!x->pipeline)
+					return PGR__PQ_DONE;
+				x->stmt++; /* end of one statement's results */
+				continue;
+			}
+			if (x->pipeline && PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+				/* The sync is not followed by NULL: it ends the pipeline. */
+				PQclear(r);
+				bool ok = x->stmt == x->nstmt && PQexitPipelineMode(pg) == 1;
+				return ok ? PGR__PQ_DONE : PGR__PQ_ERROR;
+			}
+			x->sink(x, x->pipeline ? x->stmt : 0, r);
+		}
+		if (!pgr__tls_pending(pg))
+			return PGR__PQ_READ;
+	}
+}
+
+enum pgr__pq_want pgr__pq_step(struct pgr__pq *x, int revents)
+{
+	if (revents & (POLLERR | POLLNVAL)) {
+		/* Let libpq see the error itself: a read reports it with the server's words. */
+		if (!PQconsumeInput(x->pg))
+			return PGR__PQ_ERROR;
+	}
+	int f = PQflush(x->pg);
+	if (f < 0)
+		return PGR__PQ_ERROR;
+	if (f == 1) {
+		/* Still sending. Read what came meanwhile: a server blocked on its own send
+		 * would otherwise never read ours (libpq's PQflush contract). */
+		if ((revents & POLLIN) && !PQconsumeInput(x->pg))
+			return PGR__PQ_ERROR;
+		return PGR__PQ_RW;
+	}
+	return read_results(x);
+}
