@@ -752,8 +752,15 @@ static enum pgr__rstate libpq_return_state(struct pgr_conn *c)
 {
 	/* A bad connection reports PQTRANS_UNKNOWN, so this one call answers both questions. */
 	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
-	if (likely(ts == PQTRANS_IDLE))
-		return PQpipelineStatus(c->pg) == PQ_PIPELINE_OFF ? PGR__RS_IDLE : PGR__RS_PIPELINE;
+	if (likely(ts == PQTRANS_IDLE)) {
+		if (unlikely(PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF))
+			return PGR__RS_PIPELINE;
+		/* Handed out nonblocking, as a fresh one: idle means no output is pending, so
+		 * switching back neither flushes nor blocks. */
+		if (unlikely(!PQisnonblocking(c->pg)))
+			PQsetnonblocking(c->pg, 1);
+		return PGR__RS_IDLE;
+	}
 	if (ts == PQTRANS_UNKNOWN || PQstatus(c->pg) != CONNECTION_OK)
 		return PGR__RS_BROKEN;
 	if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)

@@ -7,6 +7,7 @@
  * server is otherwise noticed only after two hours) unless the conninfo sets them.
  */
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,8 +39,8 @@ void pgr_config_init(pgr_config *cfg)
 	cfg->backoff_min_ms = 100;
 	cfg->backoff_max_ms = 10000;
 	cfg->tcp_user_timeout_ms = 30000;
-	cfg->metrics = 1;
-	cfg->manager_thread = 1;
+	cfg->metrics = true;
+	cfg->manager_thread = true;
 }
 
 static int reject(pgr_pool *p, const char *field, const char *why)
@@ -96,6 +97,9 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 		return reject(p, "backoff_max_ms", "must not be below backoff_min_ms");
 	if (c->tcp_user_timeout_ms < 0)
 		return reject(p, "tcp_user_timeout_ms", "must not be negative (0 = off)");
+	/* libpq parses tcp_user_timeout as an int of milliseconds. */
+	if (c->tcp_user_timeout_ms > INT_MAX)
+		return reject(p, "tcp_user_timeout_ms", "must be at most 2147483647 (libpq's limit)");
 	if (c->reset_sql && !c->reset_sql[0])
 		return reject(p, "reset_sql", "must be NULL or a statement");
 	return 0;
@@ -127,6 +131,7 @@ static int build_params(pgr_pool *p)
 		size_t n = strlen(msg);
 		while (n && msg[n - 1] == '\n')
 			msg[--n] = 0;
+		pgr__scrub(p, msg);
 		pgr__emit(p, PGR_EV_CONFIG_ERROR, msg, NULL, "conninfo", PGR__NONE);
 		pgr__set_last_error(p, msg);
 		return -EINVAL;

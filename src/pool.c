@@ -22,8 +22,11 @@ void pgr__emit(pgr_pool *p, enum pgr_event_type type, const char *msg, const cha
 {
 	if (!p->cfg.on_event)
 		return;
+	char clean[640];
+	snprintf(clean, sizeof(clean), "%s", msg ? msg : "");
+	pgr__scrub(p, clean);
 	pgr_event ev = {.type = type,
-	                .message = msg ? msg : "",
+	                .message = clean,
 	                .reason = reason,
 	                .field = field,
 	                .conn_id = conn_id,
@@ -46,21 +49,68 @@ void pgr__emitf(pgr_pool *p, enum pgr_event_type type, uint32_t conn_id, const c
 	pgr__emit(p, type, msg, reason, NULL, conn_id);
 }
 
-/* libpq does not echo passwords, but a conninfo error could; never let one out. */
+static void mask(char *from, char *to)
+{
+	for (char *q = from; q < to; q++)
+		*q = '*';
+}
+
+/*
+ * Never let a secret out. libpq echoes a whole URI in some parse errors ("end of string reached
+ * when looking for matching "]"... in URI: "postgresql://user:secret@[::1"), and a conninfo
+ * fragment can carry password=...; the pool's own password is masked wherever it appears. Runs
+ * on every event message and every last-error text, so no caller has to remember it.
+ */
 void pgr__scrub(const pgr_pool *p, char *msg)
 {
-	if (!p->password)
-		return;
-	size_t n = strlen(p->password);
-	char *hit;
-	while ((hit = strstr(msg, p->password)) != NULL)
-		memset(hit, '*', n);
+	if (p && p->password && p->password[0]) {
+		size_t n = strlen(p->password);
+		char *hit;
+		while ((hit = strstr(msg, p->password)) != NULL)
+			memset(hit, '*', n);
+	}
+	/* URI userinfo: scheme://user:SECRET@host */
+	for (char *q = strstr(msg, "://"); q; q = strstr(q, "://")) {
+		q += 3;
+		char *end = q + strcspn(q, "@/ \"\'?#");
+		if (*end != '@')
+			continue;
+		char *colon = memchr(q, ':', (size_t)(end - q));
+		if (colon)
+			mask(colon + 1, end);
+	}
+	/* keyword=value forms of every secret libpq takes. */
+	static const char *const keys[] = {"password", "sslpassword"};
+	for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
+		size_t kl = strlen(keys[k]);
+		for (char *q = strstr(msg, keys[k]); q; q = strstr(q + 1, keys[k])) {
+			char *v = q + kl;
+			while (*v == ' ')
+				v++;
+			if (*v != '=')
+				continue;
+			v++;
+			while (*v == ' ')
+				v++;
+			char *end;
+			if (*v == '\'') {
+				v++;
+				end = v;
+				while (*end && *end != '\'')
+					end += (*end == '\\' && end[1]) ? 2 : 1;
+			} else {
+				end = v + strcspn(v, " \"");
+			}
+			mask(v, end);
+		}
+	}
 }
 
 void pgr__set_last_error(pgr_pool *p, const char *msg)
 {
 	pthread_mutex_lock(&p->err_lock);
 	snprintf(p->last_error, sizeof(p->last_error), "%s", msg);
+	pgr__scrub(p, p->last_error);
 	pthread_mutex_unlock(&p->err_lock);
 }
 
