@@ -4,7 +4,7 @@
 #   ./run.sh test             build, then run the whole test suite against a
 #                             throwaway PostgreSQL cluster, then the stress
 #                             tests under ThreadSanitizer and the whole suite
-#                             under AddressSanitizer
+#                             under AddressSanitizer + UndefinedBehaviorSanitizer
 #   ./run.sh bench [ARGS...]  Release build, cluster + pgbouncer, then
 #                             build-bench/bench/pgr_bench ARGS...
 #   ./run.sh demo             build, start a cluster and run scripts/demo.sh:
@@ -277,11 +277,14 @@ stage_tsan() {
         --no-tests=error -j1 --timeout 600
 }
 
+# AddressSanitizer and UndefinedBehaviorSanitizer share one build and one pass over the whole
+# suite: UBSan aborts on the first finding (-fno-sanitize-recover), so a finding fails a test.
 stage_asan() {
-    build_tree build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_ASAN=ON \
+    build_tree build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_ASAN=ON -DPGR_UBSAN=ON \
         -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=OFF || return 1
     ensure_server_up || return 1
     ASAN_OPTIONS="detect_leaks=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}" \
         ctest --test-dir "$ROOT/build-asan" --output-on-failure --no-tests=error -j1 --timeout 300
 }
 
@@ -305,8 +308,8 @@ cmd_test() {
     else
         pgr_log "=== stage: stress tests under ThreadSanitizer (build-tsan) ==="
         stage_tsan || failed+=("tsan stress")
-        pgr_log "=== stage: test suite under AddressSanitizer (build-asan) ==="
-        stage_asan || failed+=("asan suite")
+        pgr_log "=== stage: test suite under AddressSanitizer + UBSan (build-asan) ==="
+        stage_asan || failed+=("asan+ubsan suite")
     fi
 
     if ((${#failed[@]})); then

@@ -17,6 +17,8 @@
 
 void pgr_config_init(pgr_config *cfg)
 {
+	if (!cfg)
+		return;
 	memset(cfg, 0, sizeof(*cfg));
 	cfg->name = "default";
 	cfg->min_idle = 0;

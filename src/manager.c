@@ -430,11 +430,6 @@ void pgr__manager_forget(pgr_pool *p)
 		return;
 	p->mgr_started = 0;
 	io_uring_queue_exit(&p->ring);
-	close(p->efd);
-	p->efd = -1;
-	if (p->notify_fd >= 0)
-		close(p->notify_fd);
-	p->notify_fd = -1;
 }
 
 void pgr__manager_stop(pgr_pool *p)
@@ -450,11 +445,12 @@ void pgr__manager_stop(pgr_pool *p)
 		int64_t deadline = pgr__mono_ns() + 5000000000LL;
 		while (!manager_round(p, false) && pgr__mono_ns() < deadline)
 			usleep(200);
-		close(p->notify_fd);
-		p->notify_fd = -1;
 	}
 	p->mgr_started = 0;
+	/*
+	 * The eventfds stay open until the pool's memory goes (pool.c): callers of a drained
+	 * pool (a loop handing back a connection, a release) may still poke the manager, and a
+	 * closed descriptor number can be reused by then for some other file.
+	 */
 	io_uring_queue_exit(&p->ring);
-	close(p->efd);
-	p->efd = -1;
 }

@@ -171,6 +171,10 @@ static void pool_free_forked(pgr_pool *p)
 
 static void pool_free_memory(pgr_pool *p)
 {
+	if (p->efd >= 0)
+		close(p->efd);
+	if (p->notify_fd >= 0)
+		close(p->notify_fd);
 	free(p->conns);
 	free(p->bits);
 	free(p->waiters);

@@ -59,22 +59,53 @@ static void put_seconds(struct out *o, uint64_t ns)
 	put(o, tmp, (size_t)n);
 }
 
-/* A label value: the exposition format escapes exactly backslash, double quote and newline. */
+/* Length of the valid UTF-8 sequence at s, or 0 when s does not start one. */
+static size_t utf8_len(const unsigned char *s)
+{
+	if (s[0] < 0x80)
+		return 1;
+	size_t n = s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 ? 2 : 0;
+	if (n == 0 || s[0] >= 0xf5)
+		return 0;
+	for (size_t i = 1; i < n; i++)
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+	/* Overlong 3/4-byte forms, surrogates and code points past U+10FFFF. */
+	if ((s[0] == 0xe0 && s[1] < 0xa0) || (s[0] == 0xed && s[1] >= 0xa0) ||
+	    (s[0] == 0xf0 && s[1] < 0x90) || (s[0] == 0xf4 && s[1] >= 0x90))
+		return 0;
+	return n;
+}
+
+/*
+ * A label value: the exposition format escapes exactly backslash, double quote and newline,
+ * and must be UTF-8. Any pool name a user passes stays valid text: a byte that does not start
+ * a valid UTF-8 sequence becomes U+FFFD.
+ */
 static void put_label_value(struct out *o, const char *s)
 {
-	for (; *s; s++) {
+	while (*s) {
 		switch (*s) {
 		case '\\':
 			put(o, "\\\\", 2);
-			break;
+			s++;
+			continue;
 		case '"':
 			put(o, "\\\"", 2);
-			break;
+			s++;
+			continue;
 		case '\n':
 			put(o, "\\n", 2);
-			break;
-		default:
-			put(o, s, 1);
+			s++;
+			continue;
+		}
+		size_t n = utf8_len((const unsigned char *)s);
+		if (n == 0) {
+			put(o, "\xef\xbf\xbd", 3);
+			s++;
+		} else {
+			put(o, s, n);
+			s += n;
 		}
 	}
 }

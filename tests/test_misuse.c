@@ -300,3 +300,31 @@ Test(misuse, a_conninfo_that_fails_to_parse_never_leaks_its_password, .timeout =
 	cr_assert_not_null(strstr(err, "Sup3rS3cret"), "libpq no longer echoes it: %s", err);
 	PQfreemem(err);
 }
+
+/* The exposition stays valid text for any name a user can pass: quotes, backslashes, newlines
+ * and bytes that are not UTF-8. promtool is the judge. */
+Test(misuse, any_pool_name_gives_a_valid_exposition, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.max_size = 1;
+	cfg.name = "we\"ird\\na\nme \xff\xc3\x28 \xe2\x82\xac";
+	pgr_pool *p = tu_pool(&cfg);
+	static char text[65536];
+	size_t n = pgr_pool_prometheus(p, text, sizeof(text));
+	cr_assert_lt(n, sizeof(text));
+	cr_assert_null(strchr(text, '\xff'), "a raw non-UTF-8 byte reached the exposition");
+	cr_assert_not_null(strstr(text, "\xe2\x82\xac"), "valid UTF-8 must pass unchanged");
+	char path[] = "/tmp/pgring-prom-name-XXXXXX";
+	int fd = mkstemp(path);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(write(fd, text, n), (ssize_t)n);
+	close(fd);
+	char cmd[256];
+	snprintf(cmd, sizeof(cmd), "promtool check metrics < %s >/dev/null 2>&1", path);
+	int st = system(cmd);
+	unlink(path);
+	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "promtool rejected the exposition");
+	pgr_pool_destroy(p);
+}
