@@ -46,6 +46,7 @@ extern "C" {
 
 typedef struct pgr_pool pgr_pool;
 typedef struct pgr_conn pgr_conn;
+typedef struct pgr_runtime pgr_runtime;
 
 /* pgring's own error codes, reserved range far above errno values; returned negated. */
 enum {
@@ -134,7 +135,10 @@ typedef struct pgr_config {
 	                       whenever pgr_pool_fd() is readable (see below) */
 	pgr_connect_fn on_connect;
 	pgr_event_fn on_event;
-	void *user_data; /* passed to on_connect and on_event */
+	void *user_data;      /* passed to on_connect and on_event */
+	pgr_runtime *runtime; /* NULL (default): the pool runs its own manager (a thread, or the
+	                         caller's loop per manager_thread). Set: the pool's manager runs on
+	                         this shared runtime, and manager_thread is ignored */
 } pgr_config;
 
 typedef struct pgr_stats {
@@ -306,6 +310,27 @@ PGR_API size_t pgr_pool_last_error(pgr_pool *pool, char *buf, size_t len);
  */
 PGR_API int pgr_pool_fd(pgr_pool *pool);
 PGR_API int pgr_pool_run(pgr_pool *pool);
+
+/*
+ * ---- Runtimes: one manager for many pools ----
+ *
+ * A runtime is one io_uring ring, one eventfd and (with manager_thread) one thread that run the
+ * manager of every pool created with cfg.runtime pointing at it: a thousand tenant pools cost
+ * one thread. Pools on one runtime stay independent (one's failing server, backoff or drain does
+ * not delay another's connects or pings; name resolution is the exception: give hostaddr=). The
+ * manager is tickless: it sleeps until something is due (a lifetime, an idle timeout, a
+ * keepalive, a leak threshold, a backoff) or a caller needs it.
+ *
+ * pgr_runtime_create: manager_thread true starts the thread; false: the caller's loop polls
+ * pgr_runtime_fd and calls pgr_runtime_run from one thread (then pgr_pool_drain/destroy of its
+ * pools must be called from that thread). Returns 0, -EINVAL, -ENOMEM or io_uring's error.
+ * pgr_runtime_destroy: -EBUSY while pools are attached (destroy them first), 0 once freed.
+ * Thread-safe; attach and detach happen in pgr_pool_create / pgr_pool_drain.
+ */
+PGR_API int pgr_runtime_create(bool manager_thread, pgr_runtime **out);
+PGR_API int pgr_runtime_destroy(pgr_runtime *rt);
+PGR_API int pgr_runtime_fd(pgr_runtime *rt);
+PGR_API int pgr_runtime_run(pgr_runtime *rt);
 
 /* Name of an error code returned by pgring (negative errno or a PGR_E_* code). */
 PGR_API const char *pgr_strerror(int err);

@@ -23,9 +23,10 @@
 struct io_uring_sqe *pgr__mgr_get_sqe(pgr_pool *p, unsigned need)
 {
 	/* Never split a linked pair across a submit. */
-	if (io_uring_sq_space_left(&p->ring) < need)
-		io_uring_submit(&p->ring);
-	return io_uring_get_sqe(&p->ring);
+	struct io_uring *ring = &p->rt->ring;
+	if (io_uring_sq_space_left(ring) < need)
+		io_uring_submit(ring);
+	return io_uring_get_sqe(ring);
 }
 
 /* Arm the one poll of c, bounded by its operation's deadline. */
@@ -38,11 +39,11 @@ static int arm(pgr_pool *p, struct pgr_conn *c, unsigned events)
 	io_uring_prep_poll_add(s, fd, events);
 	s->flags |= IOSQE_IO_LINK;
 	c->io_gen++;
-	io_uring_sqe_set_data64(s, pgr__mgr_tag(c->id, c->io_gen, TAG_POLL));
+	io_uring_sqe_set_data64(s, pgr__mgr_tag(p, c->id, c->io_gen, TAG_POLL));
 	pgr__ns_to_kts(c->op_deadline_ns, &c->ts);
-	s = io_uring_get_sqe(&p->ring);
+	s = io_uring_get_sqe(&p->rt->ring);
 	io_uring_prep_link_timeout(s, &c->ts, IORING_TIMEOUT_ABS);
-	io_uring_sqe_set_data64(s, pgr__mgr_tag(c->id, c->io_gen, TAG_LTO));
+	io_uring_sqe_set_data64(s, pgr__mgr_tag(p, c->id, c->io_gen, TAG_LTO));
 	c->inflight += 2;
 	c->armed = 1;
 	return 0;
@@ -51,8 +52,8 @@ static int arm(pgr_pool *p, struct pgr_conn *c, unsigned events)
 void pgr__mgr_cancel_poll(pgr_pool *p, struct pgr_conn *c)
 {
 	struct io_uring_sqe *s = pgr__mgr_get_sqe(p, 1);
-	io_uring_prep_cancel64(s, pgr__mgr_tag(c->id, c->io_gen, TAG_POLL), 0);
-	io_uring_sqe_set_data64(s, pgr__mgr_tag(c->id, c->io_gen, TAG_CANCEL));
+	io_uring_prep_cancel64(s, pgr__mgr_tag(p, c->id, c->io_gen, TAG_POLL), 0);
+	io_uring_sqe_set_data64(s, pgr__mgr_tag(p, c->id, c->io_gen, TAG_CANCEL));
 	c->inflight++;
 }
 

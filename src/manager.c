@@ -1,16 +1,18 @@
 /*
- * The manager: one thread per pool with its own io_uring ring. It owns every network step of
- * a connection except the caller's own queries: connect, ping, rollback, reset, liveness check
- * and close; it keeps min_idle, opens connections for waiters, retires connections past their
- * lifetime or idle timeout, pings idle ones in the background and reports leaks.
+ * The manager of one pool. It owns every network step of a connection except the caller's own
+ * queries: connect, ping, rollback, reset, liveness check and close; it keeps min_idle, opens
+ * connections for waiters, retires connections past their lifetime or idle timeout, pings idle
+ * ones in the background and reports leaks. It runs on its runtime (runtime.c): the pool's own
+ * (one thread and ring per pool, the default) or one shared by many pools.
  *
  * Concurrency: callers hand slots to the manager through a lock-free stack (push by CAS, the
- * manager takes the whole stack with one exchange, so there is no ABA) and wake it with an
- * eventfd that a READ on the ring completes. Everything below that is manager-only state.
+ * manager takes the whole stack with one exchange, so there is no ABA) and poke the runtime.
+ * Everything below that is manager-only state, touched only inside the runtime's rounds.
  *
- * This file is the manager's loop, its requests, completions and periodic work; the network
- * operations of one connection (connect, exec, check, close) are in conn_io.c. user_data
- * carries (slot, generation, tag), never a pointer.
+ * Tickless: each round returns the next time this pool has something due (pgr__mgr_round),
+ * and the runtime sleeps until the earliest of its pools'. Network operations of one
+ * connection (connect, exec, check, close) are in conn_io.c. user_data carries (generation,
+ * pool index, slot, tag), never a pointer.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -23,22 +25,13 @@
 
 #include "manager.h"
 
-static void arm_tick(pgr_pool *p);
-
-static void arm_eventfd(pgr_pool *p)
-{
-	struct io_uring_sqe *s = pgr__mgr_get_sqe(p, 1);
-	io_uring_prep_read(s, p->efd, &p->efd_buf, sizeof(p->efd_buf), 0);
-	io_uring_sqe_set_data64(s, pgr__mgr_tag(0, 0, TAG_EVENTFD));
-}
-
 /* ---- requests from callers ---- */
 
+/* Mark the pool for the runtime's next round and wake the runtime, once per round. */
 void pgr__manager_wake(pgr_pool *p)
 {
-	uint64_t one = 1;
-	ssize_t r = write(p->efd, &one, sizeof(one));
-	(void)r; /* EAGAIN means the counter is already non-zero: the manager will wake anyway. */
+	if (!atomic_exchange_explicit(&p->mgr_poke, 1, memory_order_acq_rel) && p->rt)
+		pgr__runtime_wake(p->rt);
 }
 
 void pgr__manager_push(pgr_pool *p, struct pgr_conn *c, enum pgr__req req, int reason)
@@ -96,110 +89,150 @@ static void take_requests(pgr_pool *p)
 
 /* ---- completions ---- */
 
-static void on_cqe(pgr_pool *p, struct io_uring_cqe *cqe)
+/* A CQE of one of this pool's connections (the runtime dispatches on the pool index). */
+void pgr__mgr_cqe(pgr_pool *p, uint64_t ud, int res)
 {
-	uint64_t ud = io_uring_cqe_get_data64(cqe);
 	unsigned t = ud & 0xff;
-	if (t == TAG_TICK) {
-		if (!atomic_load_explicit(&p->mgr_stop, memory_order_relaxed))
-			arm_tick(p);
-		return;
-	}
-	if (t == TAG_EVENTFD) {
-		if (!atomic_load_explicit(&p->mgr_stop, memory_order_relaxed))
-			arm_eventfd(p);
-		else
-			p->efd_buf = UINT64_MAX; /* marks the read as reaped */
-		return;
-	}
 	uint32_t id = (uint32_t)(ud >> 8) & 0xffffff;
-	uint32_t gen = (uint32_t)(ud >> 32);
+	uint16_t gen = (uint16_t)(ud >> 48);
 	if (id >= p->cap)
 		return;
 	struct pgr_conn *c = &p->conns[id];
 	c->inflight--;
-	if (t != TAG_POLL || gen != c->io_gen)
+	p->mgr_dirty = true;
+	if (t != TAG_POLL || gen != (uint16_t)c->io_gen)
 		return; /* link timeouts and cancels only balance inflight */
 	c->armed = 0;
-	pgr__mgr_poll_done(p, c, cqe->res);
+	pgr__mgr_poll_done(p, c, res);
 }
 
 /* ---- periodic work ---- */
 
-static void maintain(pgr_pool *p, int64_t now)
+static inline int64_t earliest(int64_t a, int64_t b)
+{
+	return a < b ? a : b;
+}
+
+static void report_leak(pgr_pool *p, struct pgr_conn *c, int64_t held)
+{
+	const pgr_config *cfg = &p->cfg;
+	atomic_fetch_add_explicit(&p->c_leaks, 1, memory_order_relaxed);
+	if (!cfg->on_event)
+		return;
+	char msg[512];
+	const char *file = atomic_load_explicit(&c->acq_file, memory_order_relaxed);
+	const char *func = atomic_load_explicit(&c->acq_func, memory_order_relaxed);
+	int line = atomic_load_explicit(&c->acq_line, memory_order_relaxed);
+	snprintf(msg, sizeof(msg),
+	         "connection %u held for %lld ms (leak_threshold_ms %lld), acquired at %s:%d (%s)",
+	         c->id, (long long)held, (long long)cfg->leak_threshold_ms, file ? file : "?", line,
+	         func ? func : "?");
+	pgr_event ev = {.type = PGR_EV_LEAK_SUSPECTED,
+	                .message = msg,
+	                .conn_id = c->id,
+	                .held_ms = held,
+	                .file = file,
+	                .line = line,
+	                .func = func,
+	                .pool = cfg->name};
+	cfg->on_event(&ev, cfg->user_data);
+}
+
+/*
+ * Retire, ping and report what is due now, and return when the next thing will be. For an idle
+ * connection that is its own deadlines; for one a caller holds, the earliest moment its return
+ * could make something due (its lifetime, now + idle_timeout, now + keepalive: a release does
+ * not wake the manager) and its leak threshold.
+ */
+static int64_t maintain(pgr_pool *p, int64_t now)
 {
 	bool closing = atomic_load_explicit(&p->closing, memory_order_relaxed);
 	uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
 	const pgr_config *cfg = &p->cfg;
+	int64_t due = INT64_MAX;
+	bool idle_timeout = cfg->idle_timeout_ms > 0;
 	for (uint32_t i = 0; i < p->cap; i++) {
 		struct pgr_conn *c = &p->conns[i];
 		unsigned st = atomic_load_explicit(&c->state, memory_order_relaxed);
 		if (st == PGR__IDLE) {
 			int64_t idle_since =
 			    atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);
+			int64_t expire = atomic_load_explicit(&c->expire_ms, memory_order_relaxed);
+			int64_t idle_due = idle_timeout && open > cfg->min_idle
+			                       ? pgr__sat_add(idle_since, cfg->idle_timeout_ms)
+			                       : INT64_MAX;
+			int64_t last_ka =
+			    idle_since > c->last_keepalive_ms ? idle_since : c->last_keepalive_ms;
+			int64_t ka_due = cfg->keepalive_interval_ms > 0
+			                     ? pgr__sat_add(last_ka, cfg->keepalive_interval_ms)
+			                     : INT64_MAX;
 			int reason = -1;
 			bool ping = false;
 			if (closing)
 				reason = PGR_CLOSE_POOL_CLOSING;
-			else if (now >= atomic_load_explicit(&c->expire_ms, memory_order_relaxed))
+			else if (now >= expire)
 				reason = PGR_CLOSE_MAX_LIFETIME;
-			else if (cfg->idle_timeout_ms > 0 && open > cfg->min_idle &&
-			         now - idle_since >= cfg->idle_timeout_ms)
+			else if (now >= idle_due)
 				reason = PGR_CLOSE_IDLE_TIMEOUT;
-			else if (cfg->keepalive_interval_ms > 0 &&
-			         now - (idle_since > c->last_keepalive_ms ? idle_since
-			                                                  : c->last_keepalive_ms) >=
-			             cfg->keepalive_interval_ms)
+			else if (now >= ka_due)
 				ping = true;
-			if ((reason < 0 && !ping) || !pgr__claim_idle(p, c))
+			if (reason < 0 && !ping) {
+				due = earliest(due, earliest(expire, earliest(idle_due, ka_due)));
+				/* A caller may take it any moment: its leak report could be due
+				 * a threshold from now. */
+				if (cfg->leak_threshold_ms > 0)
+					due = earliest(due,
+					               pgr__sat_add(now, cfg->leak_threshold_ms));
 				continue;
+			}
+			if (!pgr__claim_idle(p, c)) {
+				/* A caller took it meanwhile: look again soon. */
+				due = earliest(due, now + PGR__TICK_MS);
+				continue;
+			}
+			pgr__conn_move(c, PGR__MANAGED);
 			if (ping) {
-				pgr__mgr_start_exec(p, c, "", cfg->ping_timeout_ms,
-				                    AFTER_KEEPALIVE);
+				pgr__mgr_start_exec(p, c, "", cfg->ping_timeout_ms, AFTER_KEEPALIVE);
 			} else {
 				if (reason == PGR_CLOSE_IDLE_TIMEOUT)
 					open--;
 				pgr__mgr_close(p, c, reason);
 			}
-		} else if (st == PGR__IN_USE && cfg->leak_threshold_ms > 0) {
+		} else if (st == PGR__IN_USE || st == PGR__GRANTED || st == PGR__LOOP) {
+			/* Returned before it expires, it expires idle: be awake for that. */
+			due = earliest(due, atomic_load_explicit(&c->expire_ms, memory_order_relaxed));
+			if (idle_timeout)
+				due = earliest(due, pgr__sat_add(now, cfg->idle_timeout_ms));
+			if (cfg->keepalive_interval_ms > 0)
+				due = earliest(due, pgr__sat_add(now, cfg->keepalive_interval_ms));
+			if (st != PGR__IN_USE || cfg->leak_threshold_ms <= 0)
+				continue;
 			/* Checkouts so far, + 1 so that 0 means "never reported". */
 			uint64_t seq = atomic_load_explicit(&c->n_immediate, memory_order_relaxed) +
 			               atomic_load_explicit(&c->n_waits, memory_order_relaxed) + 1;
-			int64_t held =
-			    now - atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
-			if (held < cfg->leak_threshold_ms || seq == c->leak_seq_reported)
+			if (seq == c->leak_seq_reported)
 				continue;
+			int64_t acquired = atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
+			int64_t held = now - acquired;
+			if (held < cfg->leak_threshold_ms) {
+				due = earliest(due, pgr__sat_add(acquired, cfg->leak_threshold_ms));
+				continue;
+			}
 			c->leak_seq_reported = seq;
-			atomic_fetch_add_explicit(&p->c_leaks, 1, memory_order_relaxed);
-			if (!cfg->on_event)
-				continue;
-			char msg[512];
-			const char *file = atomic_load_explicit(&c->acq_file, memory_order_relaxed);
-			const char *func = atomic_load_explicit(&c->acq_func, memory_order_relaxed);
-			int line = atomic_load_explicit(&c->acq_line, memory_order_relaxed);
-			snprintf(
-			    msg, sizeof(msg),
-			    "connection %u held for %lld ms (leak_threshold_ms %lld), acquired at "
-			    "%s:%d (%s)",
-			    c->id, (long long)held, (long long)cfg->leak_threshold_ms,
-			    file ? file : "?", line, func ? func : "?");
-			pgr_event ev = {.type = PGR_EV_LEAK_SUSPECTED,
-			                .message = msg,
-			                .conn_id = c->id,
-			                .held_ms = held,
-			                .file = file,
-			                .line = line,
-			                .func = func};
-			cfg->on_event(&ev, cfg->user_data);
+			report_leak(p, c, held);
 		}
 	}
+	return due;
 }
 
-/* Open connections for waiters, for min_idle and for try_acquire callers, within limits. */
-static void grow(pgr_pool *p, int64_t now)
+/*
+ * Open connections for waiters, for min_idle and for try_acquire callers, within limits.
+ * Returns when to try again if a backoff holds back a connect that is wanted.
+ */
+static int64_t grow(pgr_pool *p, int64_t now)
 {
-	if (atomic_load_explicit(&p->closing, memory_order_relaxed) || now < p->next_connect_ms)
-		return;
+	if (atomic_load_explicit(&p->closing, memory_order_relaxed))
+		return INT64_MAX;
 	/* While the server fails, probe with one connect at a time: no storm. */
 	uint32_t limit = p->consecutive_failures ? 1 : p->cfg.max_connecting;
 	uint32_t idle = pgr__idle_count(p);
@@ -217,22 +250,24 @@ static void grow(pgr_pool *p, int64_t now)
 		uint32_t connecting = atomic_load_explicit(&p->nconnecting, memory_order_relaxed);
 		uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
 		uint32_t waiting = atomic_load_explicit(&p->nwaiters, memory_order_relaxed);
-		if (connecting >= limit)
-			return;
 		bool for_waiters = waiting > connecting && open < p->cap;
 		bool for_min = idle + connecting < p->cfg.min_idle && open < p->cfg.max_size;
 		bool for_try = atomic_load_explicit(&p->demand, memory_order_relaxed) > 0 &&
 		               open < p->cfg.max_size;
 		if (!for_waiters && !for_min && !for_try)
-			return;
+			return INT64_MAX;
+		if (connecting >= limit)
+			return INT64_MAX; /* a connect's completion makes the pool dirty */
+		if (now < p->next_connect_ms)
+			return p->next_connect_ms;
 		if (for_try && !for_waiters && !for_min)
 			atomic_store_explicit(&p->demand, 0, memory_order_relaxed);
 		struct pgr_conn *c = pgr__mgr_free_slot(p);
 		if (!c)
-			return;
+			return INT64_MAX;
 		pgr__mgr_start_connect(p, c);
 		if (p->consecutive_failures)
-			return;
+			return INT64_MAX;
 	}
 }
 
@@ -276,80 +311,38 @@ static void shutdown_all(pgr_pool *p)
 }
 
 /*
- * One round of the manager's work: publish the clock, take requests, maintain, grow, submit,
- * and handle what completed. wait: block in the ring up to one tick (the manager thread);
- * otherwise return at once (pgr_pool_run, on a caller's event loop). Returns true once a stop
- * has closed everything the manager can reach.
+ * This pool's part of a runtime round. Returns the next time it has something due (INT64_MAX:
+ * nothing until a poke or a completion), or -1 once a stop has closed everything the manager
+ * can reach (the runtime then detaches the pool).
  */
-static bool manager_round(pgr_pool *p, bool wait)
+int64_t pgr__mgr_round(pgr_pool *p, int64_t now)
 {
-	int64_t now = pgr__mono_ns() / 1000000;
-	atomic_store_explicit(&p->now_ms, now, memory_order_relaxed);
-	take_requests(p);
-	bool stop = atomic_load_explicit(&p->mgr_stop, memory_order_acquire);
-	if (stop) {
+	bool poked = atomic_exchange_explicit(&p->mgr_poke, 0, memory_order_acq_rel);
+	if (poked)
+		take_requests(p);
+	if (atomic_load_explicit(&p->mgr_stop, memory_order_acquire)) {
 		shutdown_all(p);
-		io_uring_submit(&p->ring);
-		if (all_closed(p))
-			return true;
-	} else {
-		if (now - p->last_tick_ms >= PGR__TICK_MS) {
-			p->last_tick_ms = now;
-			maintain(p, now);
-		}
-		grow(p, now);
+		return all_closed(p) ? -1 : now + PGR__TICK_MS;
 	}
-	struct io_uring_cqe *cqe;
-	if (wait) {
-		struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = PGR__TICK_MS * 1000000};
-		int r = io_uring_submit_and_wait_timeout(&p->ring, &cqe, 1, &ts, NULL);
-		if (r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
-			pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE,
-			           "manager: io_uring wait failed: %s", strerror(-r));
-			usleep(1000);
-		}
-	} else {
-		io_uring_submit(&p->ring);
-	}
-	unsigned head, n = 0;
-	io_uring_for_each_cqe (&p->ring, head, cqe) {
-		on_cqe(p, cqe);
-		n++;
-	}
-	io_uring_cq_advance(&p->ring, n);
-	if (!wait && n)
-		io_uring_submit(&p->ring); /* what the completions armed goes out now */
-	return false;
+	if (!poked && !p->mgr_dirty && now < p->next_due_ms)
+		return p->next_due_ms;
+	p->mgr_dirty = false;
+	int64_t due = maintain(p, now);
+	due = earliest(due, grow(p, now));
+	p->next_due_ms = due;
+	return due;
 }
 
-static void *manager_main(void *arg)
-{
-	pgr_pool *p = arg;
-	arm_eventfd(p);
-	while (!manager_round(p, true))
-		;
-	return NULL;
-}
-
-/*
- * Without a manager thread the ring's own clock is a timeout SQE, re-armed on every CQE, and
- * an eventfd registered with the ring tells the caller's loop that pgr_pool_run has work.
- */
-static void arm_tick(pgr_pool *p)
-{
-	static const struct __kernel_timespec tick = {.tv_sec = 0,
-	                                              .tv_nsec = PGR__TICK_MS * 1000000};
-	struct io_uring_sqe *s = pgr__mgr_get_sqe(p, 1);
-	io_uring_prep_timeout(s, (struct __kernel_timespec *)&tick, 0, 0);
-	io_uring_sqe_set_data64(s, pgr__mgr_tag(0, 0, TAG_TICK));
-}
+/* ---- the pool's side of the runtime ---- */
 
 int pgr_pool_fd(pgr_pool *p)
 {
 	int rc = pgr__pool_usable(p);
 	if (rc)
 		return rc;
-	return p->cfg.manager_thread ? -EINVAL : p->notify_fd;
+	if (!p->rt || p->rt->threaded)
+		return -EINVAL;
+	return p->rt->notify_fd;
 }
 
 int pgr_pool_run(pgr_pool *p)
@@ -357,100 +350,89 @@ int pgr_pool_run(pgr_pool *p)
 	int rc = pgr__pool_usable(p);
 	if (rc)
 		return rc;
-	if (p->cfg.manager_thread)
-		return -EINVAL;
-	if (!p->mgr_started)
+	if (!p->rt)
 		return -ESHUTDOWN;
-	uint64_t v;
-	/* Reset the notification first: CQEs posted from here on signal it again. */
-	ssize_t r = read(p->notify_fd, &v, sizeof(v));
-	(void)r;
-	manager_round(p, false);
-	return 0;
+	if (p->rt->threaded)
+		return -EINVAL;
+	return pgr_runtime_run(p->rt);
 }
 
 int pgr__manager_start(pgr_pool *p)
 {
-	p->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (p->efd < 0)
-		return -errno;
-	unsigned entries = 64;
-	while (entries < 2 * p->cap + 16 && entries < 4096)
-		entries <<= 1;
-	int r = io_uring_queue_init(entries, &p->ring, 0);
-	if (r < 0) {
-		close(p->efd);
-		p->efd = -1;
+	p->rng = (uint64_t)pgr__mono_ns() ^ (uint64_t)(uintptr_t)p ^ 0x9e3779b97f4a7c15ull;
+	pgr_runtime *rt = p->cfg.runtime;
+	if (!rt) {
+		unsigned entries = 64;
+		while (entries < 2 * p->cap + 16 && entries < 4096)
+			entries <<= 1;
+		int r = pgr__runtime_new(p->cfg.manager_thread, true, entries, &rt);
+		if (r)
+			return r;
+	}
+	p->clock = &rt->clock;
+	int r = pgr__runtime_attach(rt, p);
+	if (r) {
+		if (!p->cfg.runtime)
+			pgr__runtime_free(rt);
+		p->clock = &p->own_clock;
 		return r;
 	}
-	p->rng = (uint64_t)pgr__mono_ns() ^ (uint64_t)(uintptr_t)p ^ 0x9e3779b97f4a7c15ull;
-	atomic_store_explicit(&p->now_ms, pgr__mono_ns() / 1000000, memory_order_relaxed);
-	if (!p->cfg.manager_thread) {
-		p->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-		if (p->notify_fd < 0 || io_uring_register_eventfd(&p->ring, p->notify_fd) < 0) {
-			r = -errno;
-			if (p->notify_fd >= 0)
-				close(p->notify_fd);
-			p->notify_fd = -1;
-			io_uring_queue_exit(&p->ring);
-			close(p->efd);
-			p->efd = -1;
-			return r ? r : -EIO;
-		}
-		arm_eventfd(p);
-		arm_tick(p);
-		io_uring_submit(&p->ring);
-		/* The first round, so min_idle connects start without waiting for the loop. */
-		manager_round(p, false);
-		p->mgr_started = 1;
-		return 0;
-	}
-	r = pthread_create(&p->mgr_thread, NULL, manager_main, p);
-	if (r != 0) {
-		io_uring_queue_exit(&p->ring);
-		close(p->efd);
-		p->efd = -1;
-		return -r;
-	}
-	p->mgr_started = 1;
 	return 0;
 }
 
 /* External mode: the caller's thread (drain/destroy run there) turns the crank meanwhile. */
 void pgr__manager_poke(pgr_pool *p)
 {
-	if (!p->cfg.manager_thread && p->mgr_started)
-		manager_round(p, false);
+	if (p->rt && !p->rt->threaded)
+		pgr__runtime_round(p->rt, false);
+}
+
+/*
+ * Close what the manager holds and detach the pool from its runtime. Bounded: every close
+ * waits at most for its poll's cancel CQE; 5 s is far beyond that and keeps a wedged kernel
+ * from hanging the caller.
+ */
+void pgr__manager_stop(pgr_pool *p)
+{
+	pgr_runtime *rt = p->rt;
+	if (!rt)
+		return;
+	atomic_store_explicit(&p->mgr_stop, 1, memory_order_release);
+	pgr__manager_wake(p);
+	int64_t deadline = pgr__mono_ns() + 5 * PGR__NS_PER_S;
+	while (!atomic_load_explicit(&p->mgr_detached, memory_order_acquire) &&
+	       pgr__mono_ns() < deadline) {
+		if (rt->threaded)
+			usleep(200);
+		else
+			pgr__runtime_round(rt, false);
+	}
+	if (!atomic_load_explicit(&p->mgr_detached, memory_order_acquire))
+		pgr__runtime_detach(rt, p); /* given up on: its slots are freed by destroy */
+	/*
+	 * The runtime itself stays until the pool's memory goes (pgr__manager_release): callers of
+	 * a drained pool still read its clock and may poke it, and neither may touch freed memory.
+	 */
+}
+
+/* The pool's memory is about to go: let go of the runtime (freeing a private one). */
+void pgr__manager_release(pgr_pool *p)
+{
+	pgr_runtime *rt = p->rt;
+	if (!rt)
+		return;
+	p->rt = NULL;
+	p->clock = &p->own_clock;
+	atomic_fetch_sub_explicit(&rt->nattached, 1, memory_order_release);
+	if (rt->owned)
+		pgr__runtime_free(rt);
 }
 
 /* A forked child's copy: no thread to join, and the ring must not be driven (sys.h). */
 void pgr__manager_forget(pgr_pool *p)
 {
-	if (!p->mgr_started)
-		return;
-	p->mgr_started = 0;
-	io_uring_queue_exit(&p->ring);
-}
-
-void pgr__manager_stop(pgr_pool *p)
-{
-	if (!p->mgr_started)
-		return;
-	atomic_store_explicit(&p->mgr_stop, 1, memory_order_release);
-	if (p->cfg.manager_thread) {
-		pgr__manager_wake(p);
-		pthread_join(p->mgr_thread, NULL);
-	} else {
-		/* Bounded: every close waits at most for its poll's cancel CQE. */
-		int64_t deadline = pgr__mono_ns() + 5000000000LL;
-		while (!manager_round(p, false) && pgr__mono_ns() < deadline)
-			usleep(200);
-	}
-	p->mgr_started = 0;
-	/*
-	 * The eventfds stay open until the pool's memory goes (pool.c): callers of a drained
-	 * pool (a loop handing back a connection, a release) may still poke the manager, and a
-	 * closed descriptor number can be reused by then for some other file.
-	 */
-	io_uring_queue_exit(&p->ring);
+	pgr_runtime *rt = p->rt;
+	p->rt = NULL;
+	if (rt && rt->owned)
+		pgr__runtime_free(rt);
 }

@@ -8,13 +8,12 @@
 
 #include "pool.h"
 
-/* user_data of the manager's SQEs: (generation << 32) | (slot << 8) | tag. */
+/* user_data of a pool's SQEs on its runtime's ring:
+ * (generation & 0xffff) << 48 | pool index << 32 | slot << 8 | tag. */
 enum {
 	TAG_POLL = 1, /* the one poll of a connection */
 	TAG_LTO,      /* its linked timeout */
 	TAG_CANCEL,   /* an ASYNC_CANCEL of it */
-	TAG_EVENTFD,  /* the wake-up eventfd read */
-	TAG_TICK      /* the ring's own clock (no manager thread) */
 };
 
 /* op_after of a background keepalive ping (the other values are enum pgr__req). */
@@ -22,9 +21,10 @@ enum {
 	AFTER_KEEPALIVE = 100
 };
 
-static inline uint64_t pgr__mgr_tag(uint32_t id, uint32_t gen, unsigned t)
+static inline uint64_t pgr__mgr_tag(const pgr_pool *p, uint32_t id, uint32_t gen, unsigned t)
 {
-	return ((uint64_t)gen << 32) | ((uint64_t)id << 8) | t;
+	return ((uint64_t)(gen & 0xffff) << 48) | ((uint64_t)p->rt_index << 32) |
+	       ((uint64_t)id << 8) | t;
 }
 
 /* An SQE, with at least need free (a linked pair is never split across a submit). */

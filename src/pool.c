@@ -150,6 +150,7 @@ static void pool_free(pgr_pool *p)
 			if (p->conns[i].pg)
 				PQfinish(p->conns[i].pg);
 	}
+	pgr__manager_release(p);
 	pool_free_memory(p);
 }
 
@@ -171,10 +172,6 @@ static void pool_free_forked(pgr_pool *p)
 
 static void pool_free_memory(pgr_pool *p)
 {
-	if (p->efd >= 0)
-		close(p->efd);
-	if (p->notify_fd >= 0)
-		close(p->notify_fd);
 	free(p->conns);
 	free(p->bits);
 	free(p->waiters);
@@ -211,8 +208,9 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	memset(p, 0, sizeof(*p));
 	pthread_mutex_init(&p->wq_lock, NULL);
 	pthread_mutex_init(&p->err_lock, NULL);
-	p->efd = -1;
-	p->notify_fd = -1;
+	p->own_clock.efd = -1;
+	atomic_store_explicit(&p->own_clock.now_ms, pgr__coarse_ms(), memory_order_relaxed);
+	p->clock = &p->own_clock;
 	p->ops = &pgr__libpq_ops;
 	p->fork_epoch = pgr__fork_guard();
 	/* Events of a rejected config go to the caller's callback before anything is copied. */
@@ -269,7 +267,6 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 		p->waiters[i].prev = PGR__NONE;
 	}
 	p->req_head = PGR__NONE;
-	atomic_store_explicit(&p->now_ms, pgr__mono_ns() / 1000000, memory_order_relaxed);
 	rc = manager ? pgr__manager_start(p) : 0;
 	if (rc != 0) {
 		pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE, "cannot start the manager: %s",

@@ -29,6 +29,7 @@
 #include "hist.h"
 #include "pgring.h"
 #include "pq.h"
+#include "runtime.h"
 #include "sys.h"
 
 #define PGR__CACHELINE  64
@@ -37,7 +38,6 @@
 #define PGR__MAX_SHARDS 64u
 #define PGR__MAX_CPUS   1024u /* cpu -> shard table; larger ids fall back to a modulo */
 #define PGR__NONE       UINT32_MAX
-#define PGR__TICK_MS    10
 
 #define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
@@ -189,8 +189,8 @@ struct pgr_pool {
 	const struct pgr__conn_ops *ops;
 	_Atomic uint64_t *bits; /* nshards * shard_stride words */
 
-	/* Read on every checkout, written rarely (manager tick / drain). */
-	_Atomic int64_t now_ms PGR__ALIGNED;
+	/* Read on every checkout, written rarely (drain). */
+	struct pgr__clock *clock PGR__ALIGNED; /* the runtime's; own_clock once detached */
 	_Atomic int closing;
 
 	/* Written by waiters and releasers; its own line. */
@@ -229,15 +229,15 @@ struct pgr_pool {
 	pthread_mutex_t err_lock;
 	char last_error[512];
 
-	/* Manager. */
-	pthread_t mgr_thread;
-	int mgr_started;
-	int efd;
-	int notify_fd; /* external manager: signalled when the ring has CQEs */
-	int64_t last_tick_ms;
-	_Atomic int mgr_stop;
-	struct io_uring ring;
-	uint64_t efd_buf;
+	/* Manager: its runtime, and state only the runtime's rounds touch. */
+	pgr_runtime *rt;
+	uint16_t rt_index;            /* the pool's index in its runtime (in user_data) */
+	_Atomic uint32_t mgr_poke;    /* requests or waiters arrived: take a turn */
+	_Atomic int mgr_stop;         /* drain: close what the manager holds, then detach */
+	_Atomic int mgr_detached;     /* the runtime let the pool go */
+	bool mgr_dirty;               /* a completion changed something: recompute what is due */
+	int64_t next_due_ms;
+	struct pgr__clock own_clock;  /* before attach and after detach: always read directly */
 	uint64_t rng;
 	uint32_t consecutive_failures;
 	int64_t backoff_ms;
@@ -251,7 +251,7 @@ struct pgr_pool {
 
 static inline int64_t pgr__now_ms(pgr_pool *p)
 {
-	return atomic_load_explicit(&p->now_ms, memory_order_relaxed);
+	return pgr__clock_now(p->clock);
 }
 
 /* Owner-only increment of a slot counter (see the file comment). */
@@ -377,6 +377,11 @@ int pgr__pool_create_nomgr(const pgr_config *cfg, pgr_pool **out);
 int pgr__manager_start(pgr_pool *p);
 void pgr__manager_stop(pgr_pool *p);
 void pgr__manager_forget(pgr_pool *p);
+void pgr__manager_release(pgr_pool *p);
+/* runtime.c / manager.c: the runtime's side of one pool */
+int64_t pgr__mgr_round(pgr_pool *p, int64_t now);
+void pgr__mgr_cqe(pgr_pool *p, uint64_t ud, int res);
+void pgr__runtime_detach(pgr_runtime *rt, pgr_pool *p);
 void pgr__manager_poke(pgr_pool *p);
 void pgr__manager_wake(pgr_pool *p);
 void pgr__manager_push(pgr_pool *p, struct pgr_conn *c, enum pgr__req req, int reason);

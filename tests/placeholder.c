@@ -21,6 +21,9 @@ static int add_placeholders(pgr_pool *p, uint32_t n)
 	if (n > p->cap - atomic_load_explicit(&p->nopen, memory_order_relaxed))
 		return -EINVAL;
 	p->ops = &placeholder_ops;
+	/* No runtime ticks for a placeholder pool: its clock reads as a live one that stands
+	 * still, which costs the checkout path what a ticking clock does. */
+	atomic_store_explicit(&p->own_clock.live, 1, memory_order_relaxed);
 	int64_t now = pgr__now_ms(p);
 	for (uint32_t i = 0; i < p->cap && n > 0; i++) {
 		struct pgr_conn *c = &p->conns[i];
