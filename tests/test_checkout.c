@@ -103,6 +103,9 @@ Test(checkout, acquire_times_out_within_deadline_when_exhausted, .timeout = 30)
 	char err[512];
 	pgr_pool_last_error(p, err, sizeof(err));
 	cr_assert(strstr(err, "timed out"), "last error: %s", err);
+	/* ... with the pool's state at that moment. */
+	cr_assert(strstr(err, "size=1/1") && strstr(err, "in_use=1") && strstr(err, "idle=0"),
+	          "last error lacks the pool state: %s", err);
 	pgr_release(a);
 	pgr_pool_destroy(p);
 }
