@@ -13,14 +13,16 @@
 # unique: re-target it), or does not compile.
 #
 # Environment: PGR_MUTANTS_KEEP=1 keeps the temporary directory; PGR_MUTANTS_TEST_TIMEOUT
-# (seconds, default 180) bounds each test command.
+# (seconds, default 180) bounds each test command; PGR_MUTANTS_LIST names another list;
+# PGR_MUTANTS_ALL_TESTS=1 runs every listed test of a mutant instead of stopping at the first
+# that kills it (to see which tests catch it).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/common.sh
 . "$ROOT/scripts/common.sh"
 PGR_LOG_TAG=mutants.sh
-LIST=$ROOT/scripts/mutants.txt
+LIST=${PGR_MUTANTS_LIST:-$ROOT/scripts/mutants.txt}
 TEST_TIMEOUT=${PGR_MUTANTS_TEST_TIMEOUT:-180}
 
 [[ -n ${PGR_TEST_CONNINFO:-} ]] ||
@@ -177,11 +179,12 @@ main() {
             killed_by=
             while IFS= read -r c; do
                 [[ -n $c ]] || continue
-                if ! run_test "$c"; then
-                    killed_by=$c
-                    break
+                if ! run_test "$c" 2>/dev/null; then
+                    killed_by+=${killed_by:+; }$c
+                    [[ ${PGR_MUTANTS_ALL_TESTS:-0} == 1 ]] || break
                 fi
             done <<<"${M_TESTS[i]}"
+            pgr_log "$name: ${killed_by:+killed by $killed_by}${killed_by:-SURVIVED}"
             if [[ -n $killed_by ]]; then
                 results+=("$name|killed|$killed_by|$((SECONDS - t0))")
             else
