@@ -184,7 +184,7 @@ int main(void)
 		int seconds;
 		bool liveness;
 	} cases[] = {{16, 4, 3, false}, {8, 8, 2, false}, {4, 1, 2, false}, {32, 70, 2, false},
-	             {16, 4, 2, true},  {4, 1, 1, true},  {9, 8, 1, true}};
+	             {16, 4, 2, true},  {4, 1, 1, true},  {8, 2, 1, true}};
 	int n = (int)(sizeof(cases) / sizeof(cases[0])), failed = 0;
 	for (int i = 0; i < n; i++)
 		failed +=
