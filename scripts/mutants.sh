@@ -184,7 +184,7 @@ main() {
                     [[ ${PGR_MUTANTS_ALL_TESTS:-0} == 1 ]] || break
                 fi
             done <<<"${M_TESTS[i]}"
-            pgr_log "$name: ${killed_by:+killed by $killed_by}${killed_by:-SURVIVED}"
+            if [[ -n $killed_by ]]; then pgr_log "$name: killed by $killed_by"; else pgr_log "$name: SURVIVED"; fi
             if [[ -n $killed_by ]]; then
                 results+=("$name|killed|$killed_by|$((SECONDS - t0))")
             else
