@@ -166,7 +166,7 @@ Test(core, release_that_raced_a_waiter_rechecks_and_serves_it, .timeout = 30)
 	pgr_pool_destroy(p);
 }
 
-Test(core, waiters_time_out_at_their_deadline_not_before_and_not_long_after, .timeout = 30)
+Test(core, waiters_time_out_at_their_deadline_not_before_and_not_long_after, .timeout = 10)
 {
 	pgr_pool *p = fake_pool(1);
 	pgr_conn *c;
