@@ -10,6 +10,10 @@
 #   ./run.sh demo             build, start a cluster and run scripts/demo.sh:
 #                             examples/pgr_http_server driven by wrk, on the
 #                             pool and then with a connection per request
+#   ./run.sh mutants [NAME...]
+#                             start a cluster and run scripts/mutants.sh: each
+#                             deliberate breakage in scripts/mutants.txt must
+#                             make one of its tests fail (about 10 minutes)
 #
 # Missing Debian packages are installed when running as root; otherwise the
 # apt-get command to run is printed.
@@ -32,11 +36,13 @@ DEMO_PKGS=(wrk)
 
 usage() {
     cat >&2 <<'EOF'
-usage: ./run.sh test | bench [pgr_bench args...] | demo
+usage: ./run.sh test | bench [pgr_bench args...] | demo | mutants [name...]
   test   build and run all test suites (plain, TSan stress, ASan)
   bench  build in Release mode and run the benchmarks
   demo   build and run the demo (HTTP server on the pool vs a connection
          per request, driven by wrk; about 15 s)
+  mutants  apply each breakage of scripts/mutants.txt to a copy of the
+         sources and check that its tests catch it
 EOF
     exit 2
 }
@@ -357,6 +363,13 @@ cmd_demo() {
     bash "$ROOT/scripts/demo.sh" "$PGR_DEMO_BUILD_DIR"
 }
 
+cmd_mutants() {
+    ensure_deps test
+    install_traps
+    start_cluster
+    bash "$ROOT/scripts/mutants.sh" "$@"
+}
+
 main() {
     (($# >= 1)) || usage
     local sub=$1
@@ -366,6 +379,7 @@ main() {
         test) (($# == 0)) || usage; cmd_test ;;
         bench) cmd_bench "$@" ;;
         demo) (($# == 0)) || usage; cmd_demo ;;
+        mutants) cmd_mutants "$@" ;;
         -h | --help | help) usage ;;
         *) usage ;;
     esac

@@ -1,8 +1,14 @@
 /*
- * Stress of the lock-free core alone: placeholder connections (no server), many threads,
- * short deadlines, for seconds. Checks the invariant everything rests on: a connection is
- * never held by two callers at once, and none is lost. Plain program (runs under
- * ThreadSanitizer, where Criterion cannot start); prints "N passed, N failed".
+ * Stress of the lock-free core alone: placeholder connections (no server), many threads, for
+ * seconds. Checks the invariant everything rests on: a connection is never held by two callers
+ * at once, and none is lost.
+ *
+ * Two kinds of phase. Churn: short deadlines (0-2 ms) and try-acquires, so waiters cancel all
+ * the time. Liveness: deadlines of seconds and short holds, where ANY timeout is a failure: a
+ * lost wake-up (a waiter left asleep while a connection is idle) cannot hide as an ordinary
+ * timeout there. Every contended case must show waits and hand-offs, and the longest wait is
+ * bounded. Plain program (runs under ThreadSanitizer, where Criterion cannot start); prints
+ * "N passed, N failed".
  */
 #include <errno.h>
 #include <pthread.h>
@@ -23,12 +29,25 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 struct shared {
 	pgr_pool *p;
 	_Atomic int holder[PGR__MAX_CONNS]; /* 0 = free, else thread id + 1 */
-	_Atomic uint64_t double_holds, acquires, timeouts, errors;
+	_Atomic uint64_t double_holds, acquires, timeouts, errors, release_errors;
+	_Atomic int64_t max_wait_ns;
 	int64_t until_ms;
+	bool liveness; /* long deadlines: a timeout is a failure */
 };
+
+/* Deadline of a liveness phase: far beyond any fair wait, so a timeout means a lost wake-up. */
+#define LIVENESS_DEADLINE_MS 5000
+#define MAX_WAIT_MS          1000
 
 struct worker {
 	struct shared *s;
@@ -42,8 +61,15 @@ static void *worker_main(void *a)
 	unsigned seed = (unsigned)w->id * 7919u + 1;
 	while (now_ms() < s->until_ms) {
 		pgr_conn *c;
-		int64_t timeout = rand_r(&seed) % 4 == 0 ? 0 : rand_r(&seed) % 3; /* 0-2 ms, try */
+		int64_t timeout = s->liveness              ? LIVENESS_DEADLINE_MS
+		                  : rand_r(&seed) % 4 == 0 ? 0
+		                                           : rand_r(&seed) % 3; /* 0-2 ms, try */
+		int64_t t0 = now_ns();
 		int rc = timeout == 0 ? pgr_try_acquire(s->p, &c) : pgr_acquire(s->p, timeout, &c);
+		int64_t waited = now_ns() - t0, seen = atomic_load(&s->max_wait_ns);
+		while (waited > seen &&
+		       !atomic_compare_exchange_weak(&s->max_wait_ns, &seen, waited))
+			;
 		if (rc == -ETIMEDOUT || rc == -EAGAIN) {
 			atomic_fetch_add(&s->timeouts, 1);
 			continue;
@@ -60,15 +86,17 @@ static void *worker_main(void *a)
 		for (volatile int i = rand_r(&seed) % 200; i > 0; i--)
 			;
 		atomic_store(&s->holder[id], 0);
-		pgr_release(c);
+		if (pgr_release(c) != 0)
+			atomic_fetch_add(&s->release_errors, 1);
 	}
 	return NULL;
 }
 
-static int run(int threads, uint32_t conns, int seconds)
+static int run(int threads, uint32_t conns, int seconds, bool liveness)
 {
 	static struct shared s;
 	memset(&s, 0, sizeof(s));
+	s.liveness = liveness;
 	pgr_config cfg;
 	pgr__fake_config(&cfg, conns);
 	cfg.shards = 4; /* more shards than CPUs here: stealing is exercised too */
@@ -87,12 +115,42 @@ static int run(int threads, uint32_t conns, int seconds)
 		pthread_join(th[i], NULL);
 	pgr_stats st;
 	pgr_pool_stats(s.p, &st);
-	printf("%d threads, %u connections, %d s: %llu checkouts, %llu timeouts, %llu steals, %llu "
-	       "handoffs\n",
-	       threads, conns, seconds, (unsigned long long)s.acquires,
-	       (unsigned long long)s.timeouts, (unsigned long long)st.steals,
-	       (unsigned long long)st.handoffs);
+	int64_t max_wait_ms = atomic_load(&s.max_wait_ns) / 1000000;
+	printf("%s: %d threads, %u connections, %d s: %llu checkouts, %llu timeouts, %llu waits, "
+	       "%llu steals, %llu handoffs, longest wait %lld ms\n",
+	       liveness ? "liveness" : "churn", threads, conns, seconds,
+	       (unsigned long long)s.acquires, (unsigned long long)s.timeouts,
+	       (unsigned long long)st.waits, (unsigned long long)st.steals,
+	       (unsigned long long)st.handoffs, (long long)max_wait_ms);
 	int bad = 0;
+	if (liveness && s.timeouts) {
+		fprintf(stderr, "FAIL: %llu timeouts with %d ms deadlines: a lost wake-up\n",
+		        (unsigned long long)s.timeouts, LIVENESS_DEADLINE_MS);
+		bad = 1;
+	}
+	/* More threads than connections: callers must have queued and been handed connections. */
+	if ((uint32_t)threads > conns && (st.waits == 0 || st.handoffs == 0)) {
+		fprintf(stderr, "FAIL: contended, yet %llu waits and %llu handoffs\n",
+		        (unsigned long long)st.waits, (unsigned long long)st.handoffs);
+		bad = 1;
+	}
+	/*
+	 * FIFO hand-off bounds a wait by the holds queued ahead of it. A hold is a few hundred
+	 * loop iterations, but its holder can lose its CPU for a scheduler quantum (about 4 ms on
+	 * this 2-CPU class of machine, longer under TSan) while other runnable threads take
+	 * turns: threads/CPUs such quanta, for each of the threads/conns holds ahead. 1 s is
+	 * far above that for these cases and far below the 5 s deadline a lost wake-up costs.
+	 */
+	if (liveness && max_wait_ms >= MAX_WAIT_MS) {
+		fprintf(stderr, "FAIL: a caller waited %lld ms (bound %d ms)\n",
+		        (long long)max_wait_ms, MAX_WAIT_MS);
+		bad = 1;
+	}
+	if (s.release_errors) {
+		fprintf(stderr, "FAIL: %llu releases failed\n",
+		        (unsigned long long)s.release_errors);
+		bad = 1;
+	}
 	if (s.double_holds) {
 		fprintf(stderr, "FAIL: %llu double holds\n", (unsigned long long)s.double_holds);
 		bad = 1;
@@ -125,10 +183,13 @@ int main(void)
 		int threads;
 		uint32_t conns;
 		int seconds;
-	} cases[] = {{16, 4, 3}, {8, 8, 2}, {4, 1, 2}, {32, 70, 2}};
+		bool liveness;
+	} cases[] = {{16, 4, 3, false}, {8, 8, 2, false}, {4, 1, 2, false}, {32, 70, 2, false},
+	             {16, 4, 2, true},  {4, 1, 1, true},  {8, 2, 1, true}};
 	int n = (int)(sizeof(cases) / sizeof(cases[0])), failed = 0;
 	for (int i = 0; i < n; i++)
-		failed += run(cases[i].threads, cases[i].conns, cases[i].seconds);
+		failed +=
+		    run(cases[i].threads, cases[i].conns, cases[i].seconds, cases[i].liveness);
 	printf("%d passed, %d failed\n", n - failed, failed);
 	return failed ? 1 : 0;
 }

@@ -2,8 +2,11 @@
  * Stress: many threads through acquire/query/release for seconds on a small pool, against the
  * real server. Built as a plain program (not Criterion) because Criterion's sandbox cannot
  * start under ThreadSanitizer (Snaipe/Criterion#274); ./run.sh test runs it in the TSan build
- * (CTest label "stress") and in the normal build. Asserts no error, no lost connection, and
- * that every checkout was accounted for. Prints "N passed, N failed".
+ * (CTest label "stress") and in the normal build. Acquires wait up to 10 s, so any timeout is
+ * a failure (a lost wake-up cannot pass for an ordinary timeout). Asserts no connection held
+ * by two callers at once, no error, no lost connection, that every checkout was accounted for,
+ * that the contended pool queued callers and handed them connections, and that the longest
+ * wait is bounded. Prints "N passed, N failed".
  */
 #include <errno.h>
 #include <pthread.h>
@@ -15,6 +18,8 @@
 #include <time.h>
 
 #include "pgring.h"
+
+#define PGR__MAX_CONNS_ 4096 /* slot ids are below the pool's capacity, at most this */
 
 static int failures;
 #define CHECK(cond, ...)                                                                           \
@@ -28,12 +33,31 @@ static int failures;
 		}                                                                                  \
 	} while (0)
 
-static int64_t now_ms(void)
+static int64_t now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
+
+static int64_t now_ms(void)
+{
+	return now_ns() / 1000000;
+}
+
+/*
+ * Longest wait allowed. A hold is at most one query round trip (tens of microseconds) or a
+ * return that needs a rollback (the manager's round trip), but the holder can lose its CPU
+ * for a scheduler quantum (about 4 ms here, several times that under TSan) to each of the
+ * other runnable threads, the server's backends included, for each of threads/pool holds
+ * queued ahead. 2 s is far above that and far below the 10 s deadline.
+ */
+#define MAX_WAIT_MS 2000
+
+/* Who holds each connection (by pgr_conn_id): 0 = nobody, else a worker's id + 1. */
+static _Atomic int holder[PGR__MAX_CONNS_];
+static _Atomic uint64_t double_holds, release_errors;
+static _Atomic int64_t max_wait_ns;
 
 static pgr_stats stats(pgr_pool *p)
 {
@@ -55,6 +79,7 @@ static bool wait_idle(pgr_pool *p, uint32_t n, int64_t ms)
 }
 
 struct worker {
+	int id;
 	pgr_pool *p;
 	int64_t until_ms;
 	uint64_t ok, errors;
@@ -67,13 +92,20 @@ static void *worker_main(void *a)
 	unsigned seed = (unsigned)(uintptr_t)w;
 	while (now_ms() < w->until_ms) {
 		pgr_conn *c;
+		int64_t t0 = now_ns();
 		int rc = pgr_acquire(w->p, 10000, &c);
+		int64_t waited = now_ns() - t0, seen = atomic_load(&max_wait_ns);
+		while (waited > seen && !atomic_compare_exchange_weak(&max_wait_ns, &seen, waited))
+			;
 		if (rc != 0) {
 			fprintf(stderr, "acquire: %s\n", pgr_strerror(rc));
 			w->errors++;
 			continue;
 		}
 		w->ok++;
+		uint32_t id = pgr_conn_id(c);
+		if (id >= PGR__MAX_CONNS_ || atomic_exchange(&holder[id], w->id + 1) != 0)
+			atomic_fetch_add(&double_holds, 1);
 		int r = rand_r(&seed) % 16;
 		if (w->mode == 1 || r == 0) {
 			PGresult *res = PQexec(pgr_conn_pg(c), "select 1");
@@ -86,10 +118,21 @@ static void *worker_main(void *a)
 		if (r == 2) {
 			/* a short timeout that may expire: exercises waiter cancellation */
 			pgr_conn *c2;
-			if (pgr_acquire(w->p, 1, &c2) == 0)
-				pgr_release(c2);
+			if (pgr_acquire(w->p, 1, &c2) == 0) {
+				uint32_t id2 = pgr_conn_id(c2);
+				if (id2 >= PGR__MAX_CONNS_ ||
+				    atomic_exchange(&holder[id2], w->id + 1) != 0)
+					atomic_fetch_add(&double_holds, 1);
+				else
+					atomic_store(&holder[id2], 0);
+				if (pgr_release(c2) != 0)
+					atomic_fetch_add(&release_errors, 1);
+			}
 		}
-		pgr_release(c);
+		if (id < PGR__MAX_CONNS_)
+			atomic_store(&holder[id], 0);
+		if (pgr_release(c) != 0)
+			atomic_fetch_add(&release_errors, 1);
 	}
 	return NULL;
 }
@@ -106,11 +149,14 @@ static void run(const char *conninfo, int threads, int pool_size, int seconds, i
 	CHECK(rc == 0, "create: %s", pgr_strerror(rc));
 	CHECK(wait_idle(p, (uint32_t)pool_size, 10000), "pool never filled");
 	pgr_stats before = stats(p);
+	atomic_store(&max_wait_ns, 0);
+	atomic_store(&double_holds, 0);
+	atomic_store(&release_errors, 0);
 	pthread_t th[64];
 	struct worker w[64];
 	int64_t until = now_ms() + seconds * 1000;
 	for (int i = 0; i < threads; i++) {
-		w[i] = (struct worker){.p = p, .until_ms = until, .mode = mode};
+		w[i] = (struct worker){.id = i, .p = p, .until_ms = until, .mode = mode};
 		pthread_create(&th[i], NULL, worker_main, &w[i]);
 	}
 	uint64_t ok = 0, errors = 0;
@@ -121,13 +167,27 @@ static void run(const char *conninfo, int threads, int pool_size, int seconds, i
 	}
 	bool back = wait_idle(p, (uint32_t)pool_size, 5000);
 	pgr_stats after = stats(p);
-	printf("%d threads, pool %d, %d s: %llu checkouts, %llu steals, %llu handoffs, %llu "
-	       "rollbacks, %llu timeouts\n",
+	int64_t max_wait_ms = atomic_load(&max_wait_ns) / 1000000;
+	printf("%d threads, pool %d, %d s: %llu checkouts, %llu waits, %llu steals, %llu handoffs, "
+	       "%llu rollbacks, %llu timeouts, longest wait %lld ms\n",
 	       threads, pool_size, seconds, (unsigned long long)ok,
+	       (unsigned long long)(after.waits - before.waits),
 	       (unsigned long long)(after.steals - before.steals),
 	       (unsigned long long)(after.handoffs - before.handoffs),
-	       (unsigned long long)after.rollbacks, (unsigned long long)after.timeouts);
+	       (unsigned long long)after.rollbacks, (unsigned long long)after.timeouts,
+	       (long long)max_wait_ms);
+	CHECK(atomic_load(&double_holds) == 0, "%llu connections handed to a second caller",
+	      (unsigned long long)atomic_load(&double_holds));
+	CHECK(atomic_load(&release_errors) == 0, "%llu releases failed",
+	      (unsigned long long)atomic_load(&release_errors));
 	CHECK(errors == 0, "%llu errors", (unsigned long long)errors);
+	/* More threads than connections: callers queued and were handed connections. */
+	CHECK(after.waits > before.waits && after.handoffs > before.handoffs,
+	      "contended, yet %llu waits and %llu handoffs",
+	      (unsigned long long)(after.waits - before.waits),
+	      (unsigned long long)(after.handoffs - before.handoffs));
+	CHECK(max_wait_ms < MAX_WAIT_MS, "a caller waited %lld ms (bound %d ms)",
+	      (long long)max_wait_ms, MAX_WAIT_MS);
 	CHECK(ok > (uint64_t)threads * 10, "only %llu checkouts", (unsigned long long)ok);
 	CHECK(back, "lost connections: idle=%u size=%u in_use=%u", after.idle, after.size,
 	      after.in_use);

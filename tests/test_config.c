@@ -34,16 +34,35 @@ Test(config, defaults_are_filled_in)
 	pgr_config c;
 	memset(&c, 0x5a, sizeof(c));
 	pgr_config_init(&c);
+	/* Every default the README's configuration table documents. */
 	cr_assert_null(c.conninfo);
-	cr_assert_eq(c.max_size, 10);
+	cr_assert_str_eq(c.name, "default");
 	cr_assert_eq(c.min_idle, 0);
+	cr_assert_eq(c.max_size, 10);
 	cr_assert_eq(c.max_overflow, 0);
-	cr_assert_gt(c.max_waiters, 0);
-	cr_assert_gt(c.acquire_timeout_ms, 0);
-	cr_assert_gt(c.connect_timeout_ms, 0);
+	cr_assert_eq(c.max_waiters, 1024);
+	cr_assert_eq(c.max_connecting, 4);
+	cr_assert_eq(c.shards, 0, "0 = one shard per CPU");
+	cr_assert_eq(c.acquire_timeout_ms, 30000);
+	cr_assert_eq(c.connect_timeout_ms, 10000);
+	cr_assert_eq(c.max_lifetime_ms, 1800000);
+	cr_assert_eq(c.lifetime_jitter_ms, 0);
+	cr_assert_eq(c.idle_timeout_ms, 600000);
+	cr_assert_eq(c.ping_after_idle_ms, 30000);
+	cr_assert_eq(c.check_after_idle_ms, 1);
+	cr_assert_eq(c.ping_timeout_ms, 5000);
+	cr_assert_eq(c.reset_timeout_ms, 5000);
+	cr_assert_eq(c.keepalive_interval_ms, 0);
+	cr_assert_eq(c.leak_threshold_ms, 0);
+	cr_assert_eq(c.backoff_min_ms, 100);
+	cr_assert_eq(c.backoff_max_ms, 10000);
+	cr_assert_eq(c.tcp_user_timeout_ms, 30000);
 	cr_assert_null(c.reset_sql);
-	cr_assert_null(c.on_event);
+	cr_assert(c.metrics);
+	cr_assert(c.manager_thread);
 	cr_assert_null(c.on_connect);
+	cr_assert_null(c.on_event);
+	cr_assert_null(c.user_data);
 }
 
 Test(config, null_conninfo_rejected)
@@ -221,4 +240,39 @@ Test(config, strerror_names_every_code)
 	                  pgr_strerror(-PGR_E_CONNECT_FAILED));
 	for (int e = PGR_E_BASE; e <= PGR_E_LAST; e++)
 		cr_assert_null(strstr(pgr_strerror(-e), "unknown"), "code %d unnamed", e);
+}
+
+Test(config, negative_lifetime_jitter_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	c.lifetime_jitter_ms = -1;
+	expect_rejected(&c, "lifetime_jitter_ms");
+}
+
+Test(config, negative_check_after_idle_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	c.check_after_idle_ms = -1;
+	expect_rejected(&c, "check_after_idle_ms");
+}
+
+Test(config, zero_reset_timeout_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	c.reset_timeout_ms = 0;
+	expect_rejected(&c, "reset_timeout_ms");
+}
+
+Test(config, zero_backoff_min_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	c.backoff_min_ms = 0;
+	expect_rejected(&c, "backoff_min_ms");
+}
+
+Test(config, negative_tcp_user_timeout_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	c.tcp_user_timeout_ms = -1;
+	expect_rejected(&c, "tcp_user_timeout_ms");
 }

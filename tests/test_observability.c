@@ -34,6 +34,13 @@ Test(observability, leak_is_reported_once_with_acquiring_file_and_line, .timeout
 	cr_assert(strstr(ev.file[i], "test_observability.c"), "file=%s", ev.file[i]);
 	cr_assert_eq(ev.line[i], line);
 	cr_assert(strstr(ev.msg[i], "leak_is_reported_once"), "function missing: %s", ev.msg[i]);
+	/* The held time: at least the threshold; the manager looks once per 10 ms tick with a
+	 * coarse clock that lags by up to a tick, and may itself be a few 4 ms quanta late. */
+	const char *h = strstr(ev.msg[i], "held for ");
+	cr_assert(h, "no held time in the report: %s", ev.msg[i]);
+	long long held = atoll(h + strlen("held for "));
+	cr_assert(held >= 100 && held <= 100 + 2 * 10 + 40, "reported held %lld ms: %s", held,
+	          ev.msg[i]);
 	/* Once per checkout, however long it is held. */
 	tu_sleep_ms(300);
 	cr_assert_eq(tu_events_count(&ev, PGR_EV_LEAK_SUSPECTED), 1);
