@@ -36,12 +36,13 @@ int main(int argc, char **argv)
 		pgr_conn *c;
 		rc = pgr_try_acquire(pool, &c);
 		if (rc == 0) {
-			/* A transaction left open: the release hands it to the manager to roll back,
-			 * which happens in the pgr_pool_run calls below, on this thread. */
+			/* A transaction left open: the release hands it to the manager to roll
+			 * back, which happens in the pgr_pool_run calls below, on this thread. */
 			PQclear(PQexec(pgr_conn_pg(c), "begin"));
 			PGresult *r = PQexec(pgr_conn_pg(c), "select txid_current()");
 			if (PQresultStatus(r) == PGRES_TUPLES_OK)
-				printf("query %d in transaction %s\n", ++queries, PQgetvalue(r, 0, 0));
+				printf("query %d in transaction %s\n", ++queries,
+				       PQgetvalue(r, 0, 0));
 			PQclear(r);
 			pgr_release(c);
 		} else if (rc != -EAGAIN) {

@@ -28,8 +28,8 @@ static void *worker(void *arg)
 			return (void *)-1L;
 		}
 		const char *params[1] = {"1"};
-		PGresult *r = PQexecParams(pgr_conn_pg(c), "select $1::int", 1, NULL, params, NULL,
-		                           NULL, 0);
+		PGresult *r =
+		    PQexecParams(pgr_conn_pg(c), "select $1::int", 1, NULL, params, NULL, NULL, 0);
 		if (PQresultStatus(r) == PGRES_TUPLES_OK)
 			sum += atol(PQgetvalue(r, 0, 0));
 		PQclear(r);

@@ -164,11 +164,11 @@ typedef struct pgr_config {
 	int64_t backoff_max_ms;        /* cap of the exponential backoff; default 10000 */
 	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
 	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
-	bool metrics;       /* record acquire-wait and hold histograms; default 1 (counters and the
-	                       connect histogram are always kept) */
-	bool manager_thread; /* 1 (default): the pool runs its manager on a thread of its own.
-	                       0: no thread; the caller's event loop calls pgr_pool_run()
-	                       whenever pgr_pool_fd() is readable (see below) */
+	bool metrics;        /* record acquire-wait and hold histograms; default true (counters
+	                        and the connect histogram are always kept) */
+	bool manager_thread; /* true (default): the pool runs its manager on a thread of its
+	                        own. false: no thread; the caller's event loop calls
+	                        pgr_pool_run() whenever pgr_pool_fd() is readable (see below) */
 	pgr_connect_fn on_connect;
 	pgr_event_fn on_event;
 	void *user_data; /* passed to on_connect and on_event */
@@ -498,8 +498,8 @@ typedef void (*pgr_loop_pipeline_cb)(pgr_loop *loop, int err, PGresult **results
  * Returns 0, or a negative error with cb not called.
  */
 PGR_API int pgr_loop_pipeline(pgr_loop *loop, pgr_conn *conn, int n, const char *const *sql,
-                               const int *nparams, const char *const *const *params,
-                               int64_t timeout_ms, pgr_loop_pipeline_cb cb, void *arg);
+                              const int *nparams, const char *const *const *params,
+                              int64_t timeout_ms, pgr_loop_pipeline_cb cb, void *arg);
 
 /*
  * Return a connection from the loop's thread. Like pgr_release (same errors), except that a
@@ -520,8 +520,8 @@ typedef void (*pgr_loop_query_cb)(pgr_loop *loop, int err, PGresult *res, void *
  * One query at a time per connection.
  */
 PGR_API int pgr_loop_query(pgr_loop *loop, pgr_conn *conn, const char *sql, int nparams,
-                            const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb,
-                            void *arg);
+                           const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb,
+                           void *arg);
 
 /*
  * Scoped checkout: the connection is released when the variable leaves scope (GCC and Clang:
