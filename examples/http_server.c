@@ -357,8 +357,8 @@ static void on_acquire(pgr_loop *loop, int err, pgr_conn *pg, void *arg)
 	}
 	c->pg = pg;
 	const char *params[1] = {c->param};
-	int rc = pgr_loop_query(loop, pg, USER_SQL, 1, params, c->w->srv->query_timeout_ms,
-	                         on_query, c);
+	int rc =
+	    pgr_loop_query(loop, pg, USER_SQL, 1, params, c->w->srv->query_timeout_ms, on_query, c);
 	if (rc) {
 		pgr_loop_release(loop, pg);
 		c->pg = NULL;

@@ -652,7 +652,6 @@ static __attribute__((noinline)) int acquire_wait(pgr_pool *p, int64_t timeout_m
 	return rc;
 }
 
-
 int pgr_acquire(pgr_pool *p, int64_t timeout_ms, pgr_conn **out)
 {
 	return pgr_acquire_at(p, timeout_ms, out, NULL, 0, NULL);

@@ -443,7 +443,7 @@ static void cancel_in_background(PGconn *pg)
 }
 
 int pgr_loop_query(pgr_loop *l, pgr_conn *c, const char *sql, int nparams,
-                    const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb, void *arg)
+                   const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb, void *arg)
 {
 	if (!l || !c || !sql || !cb || nparams < 0 || c->pool != l->pool)
 		return -EINVAL;
@@ -583,8 +583,8 @@ static void pipeline_read(pgr_loop *l, struct op *o)
 }
 
 int pgr_loop_pipeline(pgr_loop *l, pgr_conn *c, int n, const char *const *sql, const int *nparams,
-                       const char *const *const *params, int64_t timeout_ms, pgr_loop_pipeline_cb cb,
-                       void *arg)
+                      const char *const *const *params, int64_t timeout_ms, pgr_loop_pipeline_cb cb,
+                      void *arg)
 {
 	if (!l || !c || !sql || !cb || n < 1 || n > PGR_PIPELINE_MAX || c->pool != l->pool)
 		return -EINVAL;

@@ -120,8 +120,8 @@ static void on_acquire(pgr_loop *l, int err, pgr_conn *conn, void *arg)
 	c->conn = conn;
 	snprintf(c->param, sizeof(c->param), "%d", c->value);
 	const char *params[1] = {c->param};
-	int rc = pgr_loop_query(l, conn, "select $1::int * 2 from pg_sleep(0.001)", 1, params,
-	                         5000, on_query, c);
+	int rc = pgr_loop_query(l, conn, "select $1::int * 2 from pg_sleep(0.001)", 1, params, 5000,
+	                        on_query, c);
 	if (rc) {
 		(*c->errors)++;
 		pgr_release(conn);
@@ -517,7 +517,7 @@ Test(async, rollback_on_return_runs_on_the_loop_ring, .timeout = 60)
 		turn(&e);
 	q = (struct qres){0};
 	cr_assert_eq(pgr_loop_query(e.loop, a.conn, "insert into pgr_async_rb values (1)", 0, NULL,
-	                             5000, on_q, &q),
+	                            5000, on_q, &q),
 	             0);
 	while (!q.done)
 		turn(&e);
