@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: PostgreSQL
 # pgring developer entry point.
 #
 #   ./run.sh test             build, then run the whole test suite against a

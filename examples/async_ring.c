@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The async API on the caller's own io_uring ring: ten requests, each an acquire, a query and
  * a release, all in flight at once on one thread over two connections. pgring prepares its

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgr_http_server: an HTTP/1.1 server on io_uring that answers GET /user/<id> from a
  * PostgreSQL table through pgring's async API, and GET /metrics with the pool's Prometheus text.

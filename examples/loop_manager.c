@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The manager on the caller's loop, no pool thread (cfg.manager_thread = false): the pool's
  * connects, rollbacks and maintenance run inside pgr_pool_run, called whenever pgr_pool_fd

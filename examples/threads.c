@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Blocking checkout from threads: eight threads share a pool of four connections; each checks
  * one out, runs a query and returns it, 100 times. The pool parks the threads that find it

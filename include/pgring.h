@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgring: a lock-free, io_uring-driven PostgreSQL connection pool.
  *

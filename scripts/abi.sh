@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: PostgreSQL
 # ABI check of the shared library against the baseline committed in abi/.
 #
 #   scripts/abi.sh check  LIB   compare LIB (build/libpgring.so) with abi/libpgring.abi;

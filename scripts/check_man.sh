@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: PostgreSQL
 # Every exported symbol of the shared library and every public type of pgring.h has a man page
 # in man/man3 that names it, and every page renders without a groff warning.
 #

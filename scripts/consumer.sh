@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: PostgreSQL
 # Install a built tree the way a user or a distribution package would, then build and run
 # small programs against the installed files only.
 #

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Configuration: defaults, validation and the private copy a pool keeps.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Async checkout and queries on a ring the caller owns (pgr_loop).
  *

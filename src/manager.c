@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The manager: one thread per pool with its own io_uring ring. It owns every network step of
  * a connection except the caller's own queries: connect, ping, rollback, reset, liveness check

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Pool lifetime (create, drain, destroy), events, the last-error buffer and the read side of
  * observability (stats, histograms, Prometheus).

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Test and benchmark support, not part of the public API: fill a pool with placeholder
  * connections that have no server behind them, so the lock-free core (shards, stealing, the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The library's version at run time. The header's PGRING_VERSION_* macros say which version a
  * program was compiled against; these say which one it is running against, which may be a

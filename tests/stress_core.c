@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Stress of the lock-free core alone: placeholder connections (no server), many threads,
  * short deadlines, for seconds. Checks the invariant everything rests on: a connection is

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The ABI growth rules: pgr_config and pgr_stats carry the caller's struct size, so a program
  * built against another pgring.h (smaller or larger structs) is neither overrun nor silently

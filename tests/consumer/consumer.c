@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Built against the installed pgring (CMake package or pkg-config) and run with a conninfo:
  * checks that the library it runs against is at least the header's version, then checks out a

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 // The public header from C++17: it must compile warning-free and link through extern "C".
 #include <pgring.h>
 
