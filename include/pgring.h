@@ -525,8 +525,8 @@ PGR_API int pgr_loop_query(pgr_loop *loop, pgr_conn *conn, const char *sql, int 
                            void *arg);
 
 /*
- * Scoped checkout: the connection is released when the variable leaves scope (GCC and Clang:
- * the cleanup attribute; not available in C++, where a destructor does the same).
+ * Scoped checkout: the connection is released when the variable leaves scope (the cleanup
+ * attribute of GCC and Clang, in C and C++).
  *
  *   PGR_SCOPED_CONN(c);
  *   if (pgr_acquire(pool, 100, &c) == 0) { ... PQexec(pgr_conn_pg(c), ...) ... }
