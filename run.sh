@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: PostgreSQL
 # pgring developer entry point.
 #
 #   ./run.sh test             build, then run the whole test suite against a
@@ -14,6 +15,9 @@
 #                             start a cluster and run scripts/mutants.sh: each
 #                             deliberate breakage in scripts/mutants.txt must
 #                             make one of its tests fail (about 10 minutes)
+#   ./run.sh abi-update       build, then rewrite the ABI baseline
+#                             abi/libpgring.abi from build/libpgring.so (a
+#                             deliberate ABI change: commit it, see NEWS)
 #
 # Missing Debian packages are installed when running as root; otherwise the
 # apt-get command to run is printed.
@@ -30,19 +34,23 @@ PGR_LOG_TAG=run.sh
 PG_CLUSTER=$ROOT/scripts/pg_cluster.sh
 
 BASE_PKGS=(build-essential cmake pkg-config liburing-dev libpq-dev libck-dev
-    libcriterion-dev postgresql postgresql-contrib openssl iproute2)
+    libcriterion-dev postgresql postgresql-contrib openssl iproute2
+    abigail-tools clang-format shellcheck groff-base man-db)
 BENCH_PKGS=(libzdb-dev pgbouncer)
 DEMO_PKGS=(wrk)
 
 usage() {
     cat >&2 <<'EOF'
-usage: ./run.sh test | bench [pgr_bench args...] | demo | mutants [name...]
-  test   build and run all test suites (plain, TSan stress, ASan)
-  bench  build in Release mode and run the benchmarks
-  demo   build and run the demo (HTTP server on the pool vs a connection
-         per request, driven by wrk; about 15 s)
-  mutants  apply each breakage of scripts/mutants.txt to a copy of the
-         sources and check that its tests catch it
+usage: ./run.sh test | bench [pgr_bench args...] | demo | mutants [name...] | abi-update
+  test        build and run all test suites (plain, TSan stress, ASan+UBSan)
+              and the checks: format, shellcheck, ABI, man pages, install
+  bench       build in Release mode and run the benchmarks
+  demo        build and run the demo (HTTP server on the pool vs a
+              connection per request, driven by wrk; about 15 s)
+  mutants     apply each breakage of scripts/mutants.txt to a copy of the
+              sources and check that its tests catch it
+  abi-update  rewrite abi/libpgring.abi from a fresh build (deliberate
+              ABI changes only; commit the result)
 EOF
     exit 2
 }
@@ -272,6 +280,41 @@ stage_main() {
     ctest --test-dir "$ROOT/build" --output-on-failure --no-tests=error -j1 --timeout 300
 }
 
+# The sources follow .clang-format, and the scripts pass shellcheck.
+stage_hygiene() {
+    local rc=0
+    local -a sources scripts
+    mapfile -t sources < <(cd "$ROOT" && git ls-files -- 'src/*.[ch]' 'include/*.h' \
+        'tests/*.[ch]' 'tests/*.cpp' 'bench/*.[ch]' 'examples/*.[ch]')
+    mapfile -t scripts < <(cd "$ROOT" && git ls-files -- '*.sh' .ci/run)
+    ((${#sources[@]})) || {
+        pgr_warn "no sources found (not a git checkout?)"
+        return 1
+    }
+    if ! (cd "$ROOT" && clang-format --dry-run --Werror "${sources[@]}"); then
+        pgr_warn "clang-format: the files above are not formatted (clang-format -i FILE)"
+        rc=1
+    fi
+    # -x: follow the scripts' `. scripts/common.sh`.
+    (cd "$ROOT" && shellcheck -x "${scripts[@]}") || rc=1
+    if ((rc == 0)); then
+        pgr_log "clang-format: ${#sources[@]} files clean; shellcheck: ${#scripts[@]} scripts clean"
+    fi
+    return "$rc"
+}
+
+# The library against the committed ABI baseline, the man pages against the exported symbols,
+# and an install used the way a user would (find_package and pkg-config, shared and static,
+# C11 and C++17).
+stage_adopt() {
+    local rc=0
+    "$ROOT/scripts/abi.sh" check "$ROOT/build/libpgring.so" || rc=1
+    "$ROOT/scripts/check_man.sh" "$ROOT/build/libpgring.so" || rc=1
+    ensure_server_up || return 1
+    "$ROOT/scripts/consumer.sh" "$ROOT/build" "$PGR_TEST_CONNINFO" || rc=1
+    return "$rc"
+}
+
 stage_tsan() {
     build_tree build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_TSAN=ON \
         -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=OFF || return 1
@@ -299,8 +342,10 @@ cmd_test() {
     ensure_deps test
     # A compile error would break the sanitizer builds the same way, so a
     # failed main build ends the run; failed tests do not.
-    build_tree build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=ON ||
-        pgr_die "build failed"
+    # -Werror here (not in the sanitizer builds, whose instrumentation may add warnings of its
+    # own): a warning fails the run.
+    build_tree build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=ON \
+        -DPGR_WERROR=ON || pgr_die "build failed"
 
     install_traps
     start_cluster
@@ -309,6 +354,10 @@ cmd_test() {
     # report failure through their return status.
     pgr_log "=== stage: test suite (build) ==="
     stage_main || failed+=("test suite")
+    pgr_log "=== stage: format and shellcheck ==="
+    stage_hygiene || failed+=("hygiene")
+    pgr_log "=== stage: ABI, man pages, install and consumers ==="
+    stage_adopt || failed+=("adoption")
     if [[ ${PGR_SKIP_SANITIZERS:-0} == 1 ]]; then
         pgr_warn "PGR_SKIP_SANITIZERS=1: skipping the ThreadSanitizer and AddressSanitizer stages"
     else
@@ -354,7 +403,7 @@ cmd_demo() {
     ensure_deps demo
     # Same configuration as `test`, so the two share ./build without reconfiguring.
     build_tree build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=ON \
-        -DPGR_BUILD_EXAMPLES=ON || pgr_die "build failed"
+        -DPGR_WERROR=ON -DPGR_BUILD_EXAMPLES=ON || pgr_die "build failed"
     [[ -x $ROOT/build/examples/pgr_http_server ]] ||
         pgr_die "build/examples/pgr_http_server was not built"
     install_traps
@@ -370,6 +419,14 @@ cmd_mutants() {
     bash "$ROOT/scripts/mutants.sh" "$@"
 }
 
+cmd_abi_update() {
+    ensure_deps test
+    # The same configuration as `test`, whose ABI check compares this build.
+    build_tree build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=ON \
+        -DPGR_WERROR=ON || pgr_die "build failed"
+    "$ROOT/scripts/abi.sh" update "$ROOT/build/libpgring.so"
+}
+
 main() {
     (($# >= 1)) || usage
     local sub=$1
@@ -380,6 +437,7 @@ main() {
         bench) cmd_bench "$@" ;;
         demo) (($# == 0)) || usage; cmd_demo ;;
         mutants) cmd_mutants "$@" ;;
+        abi-update) (($# == 0)) || usage; cmd_abi_update ;;
         -h | --help | help) usage ;;
         *) usage ;;
     esac

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgr_bench internals: the pool-driver interface the harness measures through.
  *

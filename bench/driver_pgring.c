@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The pgring driver: the pool under test, through its public API only.
  *

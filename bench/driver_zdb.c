@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * BASELINE: libzdb's ConnectionPool (Debian libzdb-dev), the established C pool.
  * Built only when pkg-config finds zdb (PGR_HAVE_ZDB).

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * BASELINE: the textbook mutex + condition variable pool (see mutex_pool.h).
  */

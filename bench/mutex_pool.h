@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * BASELINE, not part of pgring: the textbook connection pool that pgr_bench compares against.
  *

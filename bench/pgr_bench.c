@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgr_bench: pgring beside its baselines, same harness, same threads, same run.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgr_core_bench: scaling of the checkout core alone, with placeholder connections and no
  * server, so it runs on any machine (a many-core box without PostgreSQL included).

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* HTTP/1.1 helpers of the example server: see http.h. */
 #include "http.h"
 

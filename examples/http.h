@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Just enough HTTP/1.1 for the example server: a request-head parser that works on a buffer
  * holding zero or more (possibly partial, possibly pipelined) requests, a growable output

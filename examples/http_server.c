@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgr_http_server: an HTTP/1.1 server on io_uring that answers GET /user/<id> from a
  * PostgreSQL table through pgring's async API, and GET /metrics with the pool's Prometheus text.
@@ -357,8 +358,8 @@ static void on_acquire(pgr_loop *loop, int err, pgr_conn *pg, void *arg)
 	}
 	c->pg = pg;
 	const char *params[1] = {c->param};
-	int rc = pgr_loop_query(loop, pg, USER_SQL, 1, params, c->w->srv->query_timeout_ms,
-	                         on_query, c);
+	int rc =
+	    pgr_loop_query(loop, pg, USER_SQL, 1, params, c->w->srv->query_timeout_ms, on_query, c);
 	if (rc) {
 		pgr_loop_release(loop, pg);
 		c->pg = NULL;

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgring: a lock-free, io_uring-driven PostgreSQL connection pool.
  *
@@ -11,15 +12,31 @@
  *   the network inside the pool.
  *
  * API
- *   pgr_config_init / pgr_pool_create / pgr_pool_destroy   pool lifetime
- *   pgr_acquire / pgr_try_acquire / pgr_release / pgr_discard   checkout
+ *   pgr_config_init / pgr_pool_create / pgr_pool_drain / pgr_pool_destroy   pool lifetime
+ *   pgr_acquire / PGR_ACQUIRE / pgr_try_acquire / pgr_release / pgr_discard   checkout
  *   PGR_SCOPED_CONN                                         checkout released at block end
  *   pgr_pool_stats / pgr_pool_prometheus / pgr_pool_histogram   observability
- *   pgr_strerror                                            error names
+ *   pgr_pool_fd / pgr_pool_run                              the manager on the caller's loop
+ *   pgr_loop_*                                              async calls on the caller's ring
+ *   pgr_strerror / pgr_version                              error names, library version
+ *   Each has a man page in section 3 (man pgr_acquire); man 3 pgring is the overview.
  *
- * Errors are negative: -errno values, or pgring's own codes negated (-PGR_E_*), so that
- * `rc < 0` catches every failure.
- * Every function documents whether it is thread-safe and whether it blocks.
+ * Conventions
+ *   Errors are negative: -errno values, or pgring's own codes negated (-PGR_E_*), so that
+ *   `rc < 0` catches every failure.
+ *   NULL: a function that returns int returns -EINVAL for a NULL handle or a NULL pointer
+ *   argument it needs. The others say what they do with NULL; where they do not, passing
+ *   NULL is undefined.
+ *   Every function documents its errors, which threads may call it, whether it blocks, and
+ *   the version that introduced it ("Since").
+ *
+ * ABI
+ *   From 0.2 on, a program built against 0.N runs against any later 0.M (M >= N) with the
+ *   same SONAME (libpgring.so.0) without being rebuilt: symbols are only added (each release
+ *   in its own version node), existing functions keep their signatures, and the two structs
+ *   a caller allocates, pgr_config and pgr_stats, only grow at their end. Their first member
+ *   is their size as the caller's program saw it, so the library knows which fields exist.
+ *   A field added later treats 0 as "the behaviour before this field existed".
  */
 #ifndef PGRING_H
 #define PGRING_H
@@ -40,9 +57,22 @@ extern "C" {
 #define PGR_API
 #endif
 
-#define PGRING_VERSION_MAJOR 0
-#define PGRING_VERSION_MINOR 1
-#define PGRING_VERSION_PATCH 0
+/* The version of this header. pgr_version() gives the library's, which may be newer. */
+#define PGRING_VERSION_MAJOR  0
+#define PGRING_VERSION_MINOR  2
+#define PGRING_VERSION_PATCH  0
+#define PGRING_VERSION_STRING "0.2.0"
+/* One number that orders versions: 0xMMmmpp (0.2.0 is 0x000200). */
+#define PGRING_VERSION_NUMBER                                                                      \
+	((PGRING_VERSION_MAJOR << 16) | (PGRING_VERSION_MINOR << 8) | PGRING_VERSION_PATCH)
+
+/*
+ * The version of the library the program runs against, as PGRING_VERSION_NUMBER encodes it,
+ * and as a "major.minor.patch" string (static, never NULL). A program may compare it with the
+ * header's to require a newer library at run time. Threads: any. Blocks: no. Since 0.2.
+ */
+PGR_API unsigned pgr_version(void);
+PGR_API const char *pgr_version_string(void);
 
 typedef struct pgr_pool pgr_pool;
 typedef struct pgr_conn pgr_conn;
@@ -53,7 +83,8 @@ enum {
 	PGR_E_BASE = 10000,
 	PGR_E_TOO_MANY_WAITERS = PGR_E_BASE, /* max_waiters callers already wait */
 	PGR_E_CONNECT_FAILED,                /* the server refused or failed the connect */
-	PGR_E_NOT_OWNED,   /* the handle is not a connection checked out now (released, stale) */
+	PGR_E_NOT_OWNED,   /* the handle is not a connection the caller has checked out now
+	                      (released or discarded already, or from an earlier checkout) */
 	PGR_E_FORKED,      /* the pool was created by the parent of this forked process */
 	PGR_E_UNSUPPORTED, /* the kernel lacks an io_uring operation pgring needs */
 	PGR_E_LAST = PGR_E_UNSUPPORTED,
@@ -86,23 +117,34 @@ typedef struct pgr_event {
 } pgr_event;
 
 /*
- * Event callback. Runs on the pool's manager thread for connection events and on the calling
- * thread for acquire events (exhausted, rejected, timeout) and config errors. It must not call
- * back into the pool with a blocking call, and must be quick.
+ * Event callback. Runs on the pool's manager thread for connection events (on the thread that
+ * calls pgr_pool_run when manager_thread is false) and on the calling thread for acquire
+ * events (exhausted, rejected, timeout) and config errors. It must not call back into the pool
+ * with a blocking call, and must be quick. ev and its strings are valid during the call only.
+ * Since 0.1.
  */
 typedef void (*pgr_event_fn)(const pgr_event *ev, void *user_data);
 
 /*
  * Called on the manager thread right after a connection opens, before it is handed out.
  * Return 0 to accept the connection, anything else to close it (counted as a failed connect).
- * It may run short blocking statements (SET ...); the manager waits for it.
+ * It may run short blocking statements (SET ...); the manager waits for it. Since 0.1.
  */
 typedef int (*pgr_connect_fn)(PGconn *pg, void *user_data);
 
-/* A ready-made pgr_event_fn that prints one line per event to stderr. Thread-safe. */
+/*
+ * A ready-made pgr_event_fn that prints one line per event to stderr (user_data unused; a NULL
+ * ev prints nothing). Threads: any. Blocks: on the write to stderr only. Since 0.1.
+ */
 PGR_API void pgr_event_log_stderr(const pgr_event *ev, void *user_data);
 
+/*
+ * Pool configuration: fill it with pgr_config_init, then set fields. New fields are only ever
+ * appended. Since 0.1; struct_size since 0.2.
+ */
 typedef struct pgr_config {
+	size_t struct_size;          /* sizeof(pgr_config) as the caller's program was built;
+	                                set by pgr_config_init, never by hand */
 	const char *conninfo;        /* libpq conninfo string or URI; required */
 	const char *name;            /* pool label in metrics and logs; default "default" */
 	uint32_t min_idle;           /* connections kept open when unused; default 0 */
@@ -128,11 +170,11 @@ typedef struct pgr_config {
 	int64_t backoff_max_ms;        /* cap of the exponential backoff; default 10000 */
 	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
 	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
-	bool metrics;       /* record acquire-wait and hold histograms; default 1 (counters and the
-	                       connect histogram are always kept) */
-	bool manager_thread; /* 1 (default): the pool runs its manager on a thread of its own.
-	                       0: no thread; the caller's event loop calls pgr_pool_run()
-	                       whenever pgr_pool_fd() is readable (see below) */
+	bool metrics;        /* record acquire-wait and hold histograms; default true (counters
+	                        and the connect histogram are always kept) */
+	bool manager_thread; /* true (default): the pool runs its manager on a thread of its
+	                        own. false: no thread; the caller's event loop calls
+	                        pgr_pool_run() whenever pgr_pool_fd() is readable (see below) */
 	pgr_connect_fn on_connect;
 	pgr_event_fn on_event;
 	void *user_data;      /* passed to on_connect and on_event */
@@ -141,7 +183,14 @@ typedef struct pgr_config {
 	                         this shared runtime, and manager_thread is ignored */
 } pgr_config;
 
+/*
+ * A snapshot of a pool (pgr_pool_stats). New fields are only ever appended. Since 0.1;
+ * struct_size since 0.2.
+ */
 typedef struct pgr_stats {
+	size_t struct_size; /* set by pgr_pool_stats: the bytes of this struct the library filled
+	                       (a newer program on an older library sees the older size, and
+	                       the fields past it read 0) */
 	/* gauges */
 	uint32_t size; /* open connections (idle + in use + being checked/reset) */
 	uint32_t idle;
@@ -172,7 +221,7 @@ typedef struct pgr_stats {
 	uint64_t closes_by_reason[16]; /* index: enum pgr_close_reason */
 } pgr_stats;
 
-/* Why a connection was closed; names from pgr_close_reason_name(). */
+/* Why a connection was closed; names from pgr_close_reason_name(). Since 0.1. */
 enum pgr_close_reason {
 	PGR_CLOSE_MAX_LIFETIME = 0,
 	PGR_CLOSE_IDLE_TIMEOUT,
@@ -187,9 +236,13 @@ enum pgr_close_reason {
 	PGR_CLOSE_CONNECT_FAILED, /* on_connect refused or setup failed after connect */
 	PGR_CLOSE_REASONS,
 };
+/*
+ * The reason's name as in events and the Prometheus reason label ("max_lifetime", ...), static;
+ * "unknown" for a value outside the enum. Threads: any. Blocks: no. Since 0.1.
+ */
 PGR_API const char *pgr_close_reason_name(enum pgr_close_reason reason);
 
-/* Latency histograms kept by the pool. */
+/* Latency histograms kept by the pool. Since 0.1. */
 enum pgr_hist_kind {
 	PGR_HIST_ACQUIRE_WAIT = 0, /* time a checkout waited (0 for an immediate checkout) */
 	PGR_HIST_CONNECT,          /* connect attempt, start to ready */
@@ -203,14 +256,32 @@ typedef struct pgr_hist_summary {
 	uint64_t p50_ns, p90_ns, p99_ns, p999_ns, max_ns;
 } pgr_hist_summary;
 
-/* Fill cfg with every default. conninfo must still be set. Thread-safe, never blocks. */
-PGR_API void pgr_config_init(pgr_config *cfg);
+/*
+ * Fill cfg with every default and set cfg->struct_size; conninfo must still be set.
+ * pgr_config_init is inline so that the size is the caller's sizeof(pgr_config): a program
+ * built against this header and run against a later library, whose pgr_config is larger,
+ * passes its own size, and the library writes only that many bytes. pgr_config_init_size is
+ * the call for bindings that cannot use the inline (pass the size of the struct they
+ * allocated). Threads: any. Blocks: no. Since 0.2 (0.1 had pgr_config_init as a function).
+ */
+PGR_API void pgr_config_init_size(pgr_config *cfg, size_t size);
+static inline void pgr_config_init(pgr_config *cfg)
+{
+	pgr_config_init_size(cfg, sizeof(*cfg));
+}
 
 /*
- * Validate and copy cfg (strings are copied), start the manager thread and begin opening
- * min_idle connections in the background. Returns 0 and sets *out, or -EINVAL (a bad field,
- * also reported as a PGR_EV_CONFIG_ERROR event naming it), -ENOMEM, or the error of
- * io_uring setup. Does not wait for connections to open. Thread-safe.
+ * Validate and copy cfg (strings are copied; cfg may be freed afterwards), start the manager
+ * thread (unless cfg->manager_thread is false) and begin opening min_idle connections in the
+ * background. Only the first cfg->struct_size bytes of cfg are read; fields past them (a
+ * program built against an older header) keep their defaults.
+ * Returns 0 and sets *out, or: -EINVAL for a NULL argument, a struct_size that pgr_config_init
+ * did not set, fields this library does not know set to non-zero (a program built against a
+ * newer header), or a bad field (each also reported as a PGR_EV_CONFIG_ERROR event naming the
+ * field);
+ * -ENOMEM; or the error of io_uring setup or thread creation.
+ * Threads: any. Blocks: no network wait (the conninfo is parsed, nothing is connected).
+ * Since 0.1.
  */
 PGR_API int pgr_pool_create(const pgr_config *cfg, pgr_pool **out);
 
@@ -218,11 +289,13 @@ PGR_API int pgr_pool_create(const pgr_config *cfg, pgr_pool **out);
  * Stop handing out connections, wake every waiter with -ESHUTDOWN, wait up to drain_ms for
  * checked-out connections to come back, then close every connection (in-flight io_uring
  * operations are cancelled first). Connections still checked out after the deadline are
- * closed under their holders' feet only at pgr_pool_destroy. Returns 0, or -ETIMEDOUT when
- * some were still out at the deadline (checked out, or held by a pgr_loop that was not driven
- * meanwhile), -PGR_E_FORKED in a forked child. Blocks up to drain_ms (saturating: INT64_MAX is
- * "until they are back") plus the time the manager takes to close what it holds (one io_uring
- * cancel round trip per connection). Call once, from one thread.
+ * closed under their holders' feet only at pgr_pool_destroy. Returns 0 (also for a second
+ * call), -ETIMEDOUT when some were still out at the deadline (checked out, or held by a
+ * pgr_loop that was not driven meanwhile), -PGR_E_FORKED in a forked child, -EINVAL for a NULL
+ * pool. Threads: one thread; the thread that drives the runtime when it has no manager thread.
+ * Blocks: up to drain_ms (saturating: INT64_MAX is "until they are back") plus the time the
+ * manager takes to close what it holds (one io_uring cancel round trip per connection, at most
+ * 5 s in all). Since 0.1.
  */
 PGR_API int pgr_pool_drain(pgr_pool *pool, int64_t drain_ms);
 
@@ -230,9 +303,11 @@ PGR_API int pgr_pool_drain(pgr_pool *pool, int64_t drain_ms);
  * pgr_pool_drain(pool, 0) if not drained yet, then free everything. Connections still checked
  * out are closed; using them afterwards is undefined. Callers already blocked in pgr_acquire
  * are woken with -ESHUTDOWN and destroy waits for them to leave; calls that start after destroy
- * has begun are undefined. Returns 0; -EBUSY (nothing done, a PGR_EV_MISUSE event says so) while
- * a pgr_loop is still bound to the pool: destroy the loops first; -EINVAL for NULL. In a forked
- * child it frees the child's copy without sending anything on the parent's connections.
+ * has begun are undefined. Returns 0; -EBUSY (nothing done, a PGR_EV_MISUSE event says so)
+ * while a pgr_loop is still bound to the pool: destroy the loops first; -EINVAL for NULL. In a
+ * forked child it frees the child's copy without sending anything on the parent's connections.
+ * Threads: one thread, as pgr_pool_drain. Blocks: as pgr_pool_drain(pool, 0), then until woken
+ * waiters have left (no network wait). Since 0.1 (returns int since 0.2).
  */
 PGR_API int pgr_pool_destroy(pgr_pool *pool);
 
@@ -240,59 +315,99 @@ PGR_API int pgr_pool_destroy(pgr_pool *pool);
  * Check out a connection, waiting up to timeout_ms (negative: the configured
  * acquire_timeout_ms; 0: do not wait). Returns 0 and sets *out; -ETIMEDOUT (when the server is
  * failing the error is -PGR_E_CONNECT_FAILED instead, and pgr_pool_last_error() explains);
- * -PGR_E_TOO_MANY_WAITERS; -ESHUTDOWN once the pool is draining; -EINVAL for NULL arguments.
- * Thread-safe. Blocks up to the deadline; never blocks on the network.
+ * -EAGAIN (timeout_ms 0 and nothing idle); -PGR_E_TOO_MANY_WAITERS; -ESHUTDOWN once the pool
+ * is draining; -EINVAL for a NULL pool or out.
+ * Threads: any (not from an event callback). Blocks: up to the deadline when no connection is
+ * idle; never on the network. Since 0.1.
+ */
+PGR_API int pgr_acquire(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out);
+/*
+ * pgr_acquire that also records where the connection was acquired (file, line, func; static
+ * strings, not copied): leak reports (leak_threshold_ms) name it. Use it through PGR_ACQUIRE,
+ * which passes the call site at no cost. Same errors, threads and blocking as pgr_acquire.
+ * Since 0.1.
  */
 PGR_API int pgr_acquire_at(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out, const char *file,
                            int line, const char *func);
-PGR_API int pgr_acquire(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out);
-/* pgr_acquire that records where the connection was acquired (leak reports name it), at no cost. */
 #define PGR_ACQUIRE(pool, timeout_ms, out)                                                         \
 	pgr_acquire_at((pool), (timeout_ms), (out), __FILE__, __LINE__, __func__)
 
-/* Like pgr_acquire with a zero timeout: returns -EAGAIN at once when none is idle. */
+/*
+ * pgr_acquire with a zero timeout: -EAGAIN at once when none is idle (the manager is asked to
+ * open one if the pool is below max_size). Same other errors and threads as pgr_acquire.
+ * Blocks: no. Since 0.1.
+ */
 PGR_API int pgr_try_acquire(pgr_pool *pool, pgr_conn **out);
 
 /*
  * Return a connection. An idle, healthy connection goes to the oldest waiter or back to an
  * idle shard with no system call and no lock; one left in a transaction is rolled back by the
  * manager first; one left in pipeline mode with nothing pending leaves it; one with a query
- * running or a broken socket is closed. Thread-safe, never blocks.
+ * running or a broken socket is closed.
  * Returns 0, or (nothing changed, a PGR_EV_MISUSE event reports it) -PGR_E_NOT_OWNED when conn
  * is not checked out by this handle (released or discarded already, or a handle kept from an
  * earlier checkout), -EBUSY while a pgr_loop_query / pgr_loop_pipeline is in flight on it,
  * -PGR_E_FORKED in a forked child, -EINVAL for NULL. Every build type checks; releasing one
  * handle from two threads at the same instant is a race the pool cannot see.
+ * Threads: any (a connection may be released by another thread than the one that acquired
+ * it). Blocks: no. Since 0.1 (returns int since 0.2).
  */
 PGR_API int pgr_release(pgr_conn *conn);
 
-/* Return a connection the caller knows is unusable: it is closed, never reused. Returns as
- * pgr_release. */
+/*
+ * Return a connection the caller knows is unusable: it is closed (reason "discarded"), never
+ * reused. Errors, threads and blocking as pgr_release. Since 0.1 (returns int since 0.2).
+ */
 PGR_API int pgr_discard(pgr_conn *conn);
 
-/* The libpq connection; valid until pgr_release/pgr_discard. NULL for NULL or a handle that is
- * no longer checked out. */
+/*
+ * The libpq connection of a checked-out connection; valid until pgr_release/pgr_discard. NULL
+ * for NULL or a handle that is no longer checked out. The caller may use it with libpq's
+ * blocking or nonblocking calls but must not PQfinish or PQreset it.
+ * Threads: the holder's. Blocks: no. Since 0.1.
+ */
 PGR_API PGconn *pgr_conn_pg(pgr_conn *conn);
-/* Stable slot number of a connection, as in events. */
+/*
+ * Stable slot number of a connection, as in events (conn_id); UINT32_MAX for a NULL conn.
+ * Threads: the holder's. Blocks: no. Since 0.1.
+ */
 PGR_API uint32_t pgr_conn_id(const pgr_conn *conn);
 
-/* Snapshot of the pool's gauges and counters. Thread-safe, never blocks, no lock. */
-PGR_API void pgr_pool_stats(pgr_pool *pool, pgr_stats *out);
+/*
+ * Snapshot of the pool's gauges and counters into *out (each value read atomically, the set
+ * not as one). pgr_pool_stats is inline so that the size is the caller's sizeof(pgr_stats):
+ * the library fills at most that many bytes, zeroes any it does not know, and sets
+ * out->struct_size to the bytes it filled. The size travels as an argument rather than as a
+ * field the caller sets, because a caller that forgot to set it would pass stack garbage as
+ * the size of the buffer the library writes. pgr_pool_stats_size is the call for bindings.
+ * Returns 0, or -EINVAL for a NULL pool or out, or a size below that of 0.2's pgr_stats.
+ * Threads: any. Blocks: no (no lock). Since 0.2 (0.1 had pgr_pool_stats as a function).
+ */
+PGR_API int pgr_pool_stats_size(pgr_pool *pool, pgr_stats *out, size_t size);
+static inline int pgr_pool_stats(pgr_pool *pool, pgr_stats *out)
+{
+	return pgr_pool_stats_size(pool, out, sizeof(*out));
+}
 
-/* Summary of one latency histogram. Thread-safe, never blocks. */
+/*
+ * Summary of one latency histogram; all zero for a NULL pool or a kind outside the enum.
+ * out must not be NULL. Threads: any. Blocks: no (no lock). Since 0.1.
+ */
 PGR_API void pgr_pool_histogram(pgr_pool *pool, enum pgr_hist_kind kind, pgr_hist_summary *out);
 
 /*
  * Prometheus text exposition of stats and histograms, names pgring_*, label pool="<name>".
  * Like snprintf: writes at most len bytes (NUL included) and returns the length the whole
- * text needs, excluding the NUL. Thread-safe, never blocks.
+ * text needs, excluding the NUL; buf may be NULL when len is 0. A NULL pool gives "" (0).
+ * Threads: any. Blocks: no (no lock). Since 0.1.
  */
 PGR_API size_t pgr_pool_prometheus(pgr_pool *pool, char *buf, size_t len);
 
 /*
  * Copy into buf (snprintf-like, returns the needed length) the reason of the most recent
- * failure the pool saw: the last connect error with libpq's text, or the state at the last
- * acquire timeout. Thread-safe.
+ * failure the pool saw: the last connect error with libpq's text (never the password), or the
+ * state at the last acquire timeout; "" when none. A NULL pool gives "" (0). Threads: any.
+ * Blocks: only on a mutex held for the copy of at most 512 bytes. Since 0.1.
  */
 PGR_API size_t pgr_pool_last_error(pgr_pool *pool, char *buf, size_t len);
 
@@ -307,6 +422,11 @@ PGR_API size_t pgr_pool_last_error(pgr_pool *pool, char *buf, size_t len);
  * nonblocking round and re-arms the notification. Call both from one thread. -EINVAL when the
  * pool has a manager thread. pgr_pool_drain / pgr_pool_destroy must then be called from that
  * same thread: they run the manager themselves while they wait.
+ */
+/*
+ * pgr_pool_fd: the eventfd (owned by the pool; do not close it), or -EINVAL for a NULL pool or
+ * a pool with a manager thread. pgr_pool_run: 0, -EINVAL likewise, or -ESHUTDOWN once
+ * pgr_pool_drain has stopped the manager. Threads: the loop's thread. Blocks: no. Since 0.1.
  */
 PGR_API int pgr_pool_fd(pgr_pool *pool);
 PGR_API int pgr_pool_run(pgr_pool *pool);
@@ -324,15 +444,22 @@ PGR_API int pgr_pool_run(pgr_pool *pool);
  * pgr_runtime_create: manager_thread true starts the thread; false: the caller's loop polls
  * pgr_runtime_fd and calls pgr_runtime_run from one thread (then pgr_pool_drain/destroy of its
  * pools must be called from that thread). Returns 0, -EINVAL, -ENOMEM or io_uring's error.
- * pgr_runtime_destroy: -EBUSY while pools are attached (destroy them first), 0 once freed.
- * Thread-safe; attach and detach happen in pgr_pool_create / pgr_pool_drain.
+ * pgr_runtime_destroy: -EBUSY while pools created on it are not destroyed yet, 0 once freed,
+ * -EINVAL for NULL. pgr_runtime_fd: the eventfd to poll (-EINVAL with a thread). pgr_runtime_run:
+ * one nonblocking round (-EINVAL with a thread). All: -PGR_E_FORKED in a forked child (destroy
+ * frees the child's copy). Threads: create/destroy any; fd/run the one driving thread. Blocks:
+ * destroy joins the thread; nothing else blocks. Since 0.2.
  */
 PGR_API int pgr_runtime_create(bool manager_thread, pgr_runtime **out);
 PGR_API int pgr_runtime_destroy(pgr_runtime *rt);
 PGR_API int pgr_runtime_fd(pgr_runtime *rt);
 PGR_API int pgr_runtime_run(pgr_runtime *rt);
 
-/* Name of an error code returned by pgring (negative errno or a PGR_E_* code). */
+/*
+ * Name of an error code returned by pgring: a negative errno or a negated PGR_E_* code
+ * (positive values are accepted too). Static text, never NULL. Threads: any (unlike
+ * strerror). Blocks: no. Since 0.1.
+ */
 PGR_API const char *pgr_strerror(int err);
 
 /*
@@ -340,7 +467,7 @@ PGR_API const char *pgr_strerror(int err);
  *
  * A pgr_loop binds a pool to one io_uring ring that the caller owns and drives from one thread
  * (an event loop). pgring prepares SQEs on that ring, only from the loop's thread and only
- * inside the pgr_loop_* / pgr_*_async calls; it never submits, never waits on the ring and
+ * inside the pgr_loop_* calls; it never submits, never waits on the ring and
  * never reads a CQE it did not produce. The caller:
  *   - submits as it normally does (pgring's SQEs ride along with the caller's),
  *   - hands every CQE whose user_data satisfies pgr_loop_owns(user_data) to
@@ -352,6 +479,9 @@ PGR_API const char *pgr_strerror(int err);
  * Callbacks run on the loop's thread, from pgr_loop_handle_cqe, or from the async call itself
  * when the result is known at once (an idle connection was there). They may call any pgring
  * function that does not block (release, discard, more async calls).
+ *
+ * Every pgr_loop_* function is called from the loop's thread only and never blocks; all are
+ * since 0.1 (the pgr_loop_ names since 0.2). pgr_loop_owns is inline: any thread, NULL-free.
  */
 typedef struct pgr_loop pgr_loop;
 struct io_uring;
@@ -365,8 +495,8 @@ static inline int pgr_loop_owns(uint64_t user_data)
 
 /*
  * Bind pool to ring for async calls, with room for max_ops operations in flight (acquires
- * waiting plus queries running; 0 = 1024). Returns 0 or -EINVAL / -ENOMEM. Call from the loop's
- * thread; the ring must outlive the loop.
+ * waiting plus queries running; 0 = 1024). Returns 0, or -EINVAL for a NULL argument, or
+ * -ENOMEM. The ring must outlive the loop; the loop must be destroyed before the pool.
  */
 PGR_API int pgr_loop_create(pgr_pool *pool, struct io_uring *ring, uint32_t max_ops,
                             pgr_loop **out);
@@ -377,9 +507,12 @@ PGR_API int pgr_loop_create(pgr_pool *pool, struct io_uring *ring, uint32_t max_
  * calls on the loop return -ESHUTDOWN.
  */
 PGR_API int pgr_loop_destroy(pgr_loop *loop);
-/* Handle one of pgring's CQEs. Returns 1 when it was pgring's, 0 when not (left untouched). */
+/*
+ * Handle one of pgring's CQEs (callbacks may run from here). Returns 1 when it was pgring's,
+ * 0 when not (left untouched). The caller still marks the CQE seen.
+ */
 PGR_API int pgr_loop_handle_cqe(pgr_loop *loop, const struct io_uring_cqe *cqe);
-/* Operations in flight on the loop (acquires waiting, queries running, CQEs owed). */
+/* Operations in flight on the loop (acquires waiting, queries running, CQEs owed); 0 for NULL. */
 PGR_API uint32_t pgr_loop_pending(const pgr_loop *loop);
 /*
  * Prepare the SQEs that found the SQ ring full. pgring never fails an operation because the
@@ -415,13 +548,13 @@ typedef void (*pgr_loop_pipeline_cb)(pgr_loop *loop, int err, PGresult **results
  * Returns 0, or a negative error with cb not called.
  */
 PGR_API int pgr_loop_pipeline(pgr_loop *loop, pgr_conn *conn, int n, const char *const *sql,
-                               const int *nparams, const char *const *const *params,
-                               int64_t timeout_ms, pgr_loop_pipeline_cb cb, void *arg);
+                              const int *nparams, const char *const *const *params,
+                              int64_t timeout_ms, pgr_loop_pipeline_cb cb, void *arg);
 
 /*
- * Return a connection from the loop's thread. Like pgr_release, except that a rollback (it was
- * returned inside a transaction) or reset_sql runs on the loop's ring instead of the manager's.
- * Never blocks.
+ * Return a connection from the loop's thread. Like pgr_release (same errors), except that a
+ * rollback (it was returned inside a transaction) or reset_sql runs on the loop's ring instead
+ * of the manager's.
  */
 PGR_API int pgr_loop_release(pgr_loop *loop, pgr_conn *conn);
 
@@ -437,15 +570,19 @@ typedef void (*pgr_loop_query_cb)(pgr_loop *loop, int err, PGresult *res, void *
  * One query at a time per connection.
  */
 PGR_API int pgr_loop_query(pgr_loop *loop, pgr_conn *conn, const char *sql, int nparams,
-                            const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb,
-                            void *arg);
+                           const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb,
+                           void *arg);
 
 /*
- * Scoped checkout: the connection is released when the variable leaves scope.
+ * Scoped checkout: the connection is released when the variable leaves scope (the cleanup
+ * attribute of GCC and Clang, in C and C++).
  *
  *   PGR_SCOPED_CONN(c);
  *   if (pgr_acquire(pool, 100, &c) == 0) { ... PQexec(pgr_conn_pg(c), ...) ... }
  *   // released here, on every path out of the block
+ *
+ * pgr__conn_cleanup is the cleanup function the macro names: it releases *conn when it is not
+ * NULL and sets it to NULL; not for direct use. Threads and blocking as pgr_release. Since 0.1.
  */
 PGR_API void pgr__conn_cleanup(pgr_conn **conn);
 #define PGR_SCOPED_CONN(var) pgr_conn *var __attribute__((cleanup(pgr__conn_cleanup))) = NULL

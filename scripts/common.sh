@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: PostgreSQL
 # shellcheck shell=bash
 # Helpers shared by run.sh and scripts/pg_cluster.sh. Source it, don't run it.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: PostgreSQL
 # The pgring demo: examples/pgr_http_server answering GET /user/<id> from PostgreSQL, driven by
 # wrk, first on the pool (pgring's async API on each worker's io_uring ring), then with a new
 # PostgreSQL connection per request, for contrast.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: PostgreSQL
 # A throwaway PostgreSQL cluster on loopback for the test suite and benchmarks.
 #
 #   scripts/pg_cluster.sh start DIR         create + start a cluster under DIR,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The checkout path: idle shards, work stealing, the waiter FIFO.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Configuration: defaults, validation and the private copy a pool keeps.
  *
@@ -8,6 +9,7 @@
  */
 #include <errno.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,11 +17,19 @@
 
 #include "pool.h"
 
-void pgr_config_init(pgr_config *cfg)
+/*
+ * The size of the first pgr_config with a struct_size (0.2): every program that can call
+ * pgr_pool_create has at least these bytes, so they are always safe to read. Fields added
+ * later lie past it.
+ */
+#define CONFIG_SIZE_0_2 (offsetof(pgr_config, runtime) + sizeof(void *))
+
+static void config_defaults(pgr_config *cfg)
 {
 	if (!cfg)
 		return;
 	memset(cfg, 0, sizeof(*cfg));
+	cfg->struct_size = sizeof(*cfg);
 	cfg->name = "default";
 	cfg->min_idle = 0;
 	cfg->max_size = 10;
@@ -43,6 +53,50 @@ void pgr_config_init(pgr_config *cfg)
 	cfg->tcp_user_timeout_ms = 30000;
 	cfg->metrics = true;
 	cfg->manager_thread = true;
+}
+
+void pgr_config_init_size(pgr_config *cfg, size_t size)
+{
+	if (!cfg || size < CONFIG_SIZE_0_2)
+		return;
+	pgr_config full;
+	config_defaults(&full);
+	/*
+	 * Write exactly the caller's bytes: a program built against an older header has a smaller
+	 * struct, and one built against a newer header gets 0 in the fields this library does not
+	 * know, which is what such a field means when unset. struct_size keeps the caller's size
+	 * so that pgr_pool_create knows which bytes it may read.
+	 */
+	size_t known = size;
+	if (size > sizeof(full)) {
+		memset((char *)cfg + sizeof(full), 0, size - sizeof(full));
+		known = sizeof(full);
+	}
+	full.struct_size = size;
+	memcpy(cfg, &full, known);
+}
+
+static int reject(pgr_pool *p, const char *field, const char *why);
+
+int pgr__config_import(pgr_pool *p, const pgr_config *cfg, pgr_config *out)
+{
+	size_t size = cfg->struct_size;
+	config_defaults(out);
+	if (size < CONFIG_SIZE_0_2)
+		return reject(p, "struct_size", "is not set: fill the config with pgr_config_init");
+	if (size > sizeof(*out)) {
+		/* Fields of a newer pgring.h: refused when set, rather than silently ignored. */
+		for (const char *b = (const char *)cfg + sizeof(*out); b < (const char *)cfg + size;
+		     b++)
+			if (*b)
+				return reject(p, "struct_size",
+				              "holds fields this pgring version does not know "
+				              "(built against a newer pgring.h)");
+		size = sizeof(*out);
+	}
+	memcpy(out, cfg, size);
+	out->struct_size = sizeof(*out);
+	return 0;
 }
 
 static int reject(pgr_pool *p, const char *field, const char *why)

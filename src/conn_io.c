@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The network operations of one connection, run by the manager on its io_uring ring: connect
  * (PQconnectStartParams / PQconnectPoll), exec (ping, ROLLBACK, reset_sql), the liveness check

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Error names, close-reason names, event-type names and the stderr event logger.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The manager of one pool. It owns every network step of a connection except the caller's own
  * queries: connect, ping, rollback, reset, liveness check and close; it keeps min_idle, opens

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Internal interface between the manager's loop (manager.c) and the network operations of one
  * connection (conn_io.c). Manager-only: called on the manager's thread, or by pgr_pool_run's

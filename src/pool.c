@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Pool lifetime (create, drain, destroy), events, the last-error buffer and the read side of
  * observability (stats, histograms, Prometheus).
@@ -217,9 +218,12 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	p->cfg.on_event = cfg->on_event;
 	p->cfg.user_data = cfg->user_data;
 	p->cfg.name = cfg->name ? cfg->name : "default";
-	int rc = pgr__config_validate(p, cfg);
+	pgr_config full; /* the caller's fields over the defaults, whatever its header's version */
+	int rc = pgr__config_import(p, cfg, &full);
 	if (rc == 0)
-		rc = pgr__config_copy(p, cfg);
+		rc = pgr__config_validate(p, &full);
+	if (rc == 0)
+		rc = pgr__config_copy(p, &full);
 	if (rc != 0) {
 		pool_free(p);
 		return rc;
@@ -358,11 +362,12 @@ int pgr_pool_destroy(pgr_pool *p)
 
 /* ---- stats ---- */
 
-void pgr_pool_stats(pgr_pool *p, pgr_stats *o)
+static void stats_fill(pgr_pool *p, pgr_stats *o)
 {
 	if (!o)
 		return;
 	memset(o, 0, sizeof(*o));
+	o->struct_size = sizeof(*o);
 	if (!p)
 		return;
 	for (uint32_t i = 0; i < p->cap; i++) {
@@ -415,6 +420,26 @@ void pgr_pool_stats(pgr_pool *p, pgr_stats *o)
 	}
 }
 
+/* 0.2's pgr_stats ends with closes_by_reason; later fields lie past it. */
+#define STATS_SIZE_0_2                                                                             \
+	(offsetof(pgr_stats, closes_by_reason) + sizeof(((pgr_stats *)0)->closes_by_reason))
+
+int pgr_pool_stats_size(pgr_pool *p, pgr_stats *out, size_t size)
+{
+	if (!p || !out || size < STATS_SIZE_0_2)
+		return -EINVAL;
+	pgr_stats full;
+	stats_fill(p, &full);
+	/* The caller's struct may be smaller (older header) or larger (newer header) than ours. */
+	if (size > sizeof(full)) {
+		memset((char *)out + sizeof(full), 0, size - sizeof(full));
+		size = sizeof(full);
+	}
+	full.struct_size = size;
+	memcpy(out, &full, size);
+	return 0;
+}
+
 static void hist_snap(pgr_pool *p, enum pgr_hist_kind kind, pgr__hist_snap *s)
 {
 	pgr__hist_snap_clear(s);
@@ -450,7 +475,7 @@ size_t pgr_pool_prometheus(pgr_pool *p, char *buf, size_t len)
 		return 0;
 	}
 	pgr_stats st;
-	pgr_pool_stats(p, &st);
+	stats_fill(p, &st);
 	pgr__hist_snap snaps[PGR_HIST_KINDS];
 	for (int k = 0; k < PGR_HIST_KINDS; k++)
 		hist_snap(p, (enum pgr_hist_kind)k, &snaps[k]);

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Internal structures of a pool.
  *
@@ -321,6 +322,7 @@ static inline void pgr__conn_move(struct pgr_conn *c, unsigned to)
 }
 
 /* config.c */
+int pgr__config_import(pgr_pool *p, const pgr_config *cfg, pgr_config *out);
 int pgr__config_validate(pgr_pool *p, const pgr_config *cfg);
 int pgr__config_copy(pgr_pool *p, const pgr_config *cfg);
 void pgr__config_free(pgr_pool *p);

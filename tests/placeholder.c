@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Placeholder connections (placeholder.h). A placeholder pool never connects (its slots are all
  * taken), and its connections always come back "idle": the libpq status the core asks for on

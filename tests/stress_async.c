@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Stress of the waiter FIFO with both kinds of waiters: io_uring loops (pgr_loop_acquire,
  * IORING_OP_FUTEX_WAIT) and blocking threads (pgr_acquire) competing for a few placeholder

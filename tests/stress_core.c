@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Stress of the lock-free core alone: placeholder connections (no server), many threads, for
  * seconds. Checks the invariant everything rests on: a connection is never held by two callers

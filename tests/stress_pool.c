@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Stress: many threads through acquire/query/release for seconds on a small pool, against the
  * real server. Built as a plain program (not Criterion) because Criterion's sandbox cannot

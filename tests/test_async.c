@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* Async checkout and queries on a caller-owned io_uring ring, against the real server. */
 #include <errno.h>
 #include <liburing.h>

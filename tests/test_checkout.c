@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* The checkout core against a real server: round trip, exhaustion, deadlines, FIFO, waiters. */
 #include <errno.h>
 #include <stdatomic.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* Config validation: each bad field is refused with -EINVAL and an event that names it. */
 #include <errno.h>
 #include <string.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* Connect failures and authentication, against a real server and a dead port. */
 #include <errno.h>
 #include <string.h>

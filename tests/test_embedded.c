@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The manager driven by the caller's event loop (cfg.manager_thread = 0): no pool thread, the
  * pool's network work runs inside pgr_pool_run on the loop's thread, woken through

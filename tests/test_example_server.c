@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The example HTTP server (examples/http_server.c) against the real database: correct rows
  * under concurrent keep-alive load (plain, pipelined, fragmented and reconnecting clients),

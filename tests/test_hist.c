@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Log-linear histogram: bucket bounds, quantiles, merging and exact counts at bucket edges.
  */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * A connection's health across checkouts, against the real server: backends killed while
  * their connections sat idle, connections returned inside a (failed) transaction, reset_sql on

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Helpers shared by the test_lifecycle*.c suites: an event recorder that keeps what the
  * lifecycle tests need (slot, close reason, when), pools tagged with an application_name so

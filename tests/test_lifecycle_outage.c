@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Server outages, against the real server: a stop and restart under load (bounded acquires,
  * backoff, recovery, no stale connection afterwards) and a server that accepts TCP and never

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Retirement by time, against the real server: max_lifetime with jitter (idle connections
  * retired by the manager, busy ones at release), idle_timeout down to min_idle, min_idle kept

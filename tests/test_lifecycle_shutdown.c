@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The end of a pool, against the real server: waiters blocked in pgr_acquire get -ESHUTDOWN
  * promptly, pgr_pool_drain waits for checked-out connections up to its deadline, connections

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * TLS (sslmode=verify-full against the test CA), against the real server: connects go through
  * the manager's io_uring path, and the manager's own statements (pre-ping, ROLLBACK on return)

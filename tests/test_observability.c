@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* Observability against the real server: leaks, events, histograms, Prometheus. */
 #include <errno.h>
 #include <stdio.h>

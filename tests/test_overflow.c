@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* max_overflow with SQLAlchemy's semantics, checked on the server's side too. */
 #include <errno.h>
 

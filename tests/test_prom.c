@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Prometheus exposition: values, labels, exact histogram buckets, the snprintf contract, and
  * promtool's own verdict on the output.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 #include "testutil.h"
 
 #include <arpa/inet.h>

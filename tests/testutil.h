@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Test helpers: the throwaway server's conninfo (from ./run.sh test), a direct admin
  * connection for looking at the server's side (pg_stat_activity), an event recorder, and
