@@ -18,6 +18,7 @@
 
 #include <libpq-events.h>
 
+#include "exec.h"
 #include "manager.h"
 
 struct io_uring_sqe *pgr__mgr_get_sqe(pgr_pool *p, unsigned need)
@@ -74,6 +75,7 @@ static void finish_close(pgr_pool *p, struct pgr_conn *c)
 		PQfinish(c->pg);
 		c->pg = NULL;
 	}
+	pgr__pcache_free(c); /* its prepared statements died with the session */
 	c->op = PGR__OP_NONE;
 	atomic_fetch_add_explicit(&p->c_closes[reason], 1, memory_order_relaxed);
 	pgr__emitf(p, PGR_EV_CONN_CLOSED, c->id, "connection %u closed: %s", c->id,
@@ -124,8 +126,7 @@ static void backoff_after_failure(pgr_pool *p, int64_t now_ms)
 	/* Equal jitter: half fixed, half random, so pools that failed together do not retry
 	 * together. */
 	int64_t half = p->backoff_ms / 2;
-	p->next_connect_ms =
-	    pgr__sat_add(now_ms, half + (int64_t)(rnd(p) % (uint64_t)(half + 1)));
+	p->next_connect_ms = pgr__sat_add(now_ms, half + (int64_t)(rnd(p) % (uint64_t)(half + 1)));
 }
 
 static void connect_failed(pgr_pool *p, struct pgr_conn *c, const char *why)
@@ -193,7 +194,8 @@ static void connected(pgr_pool *p, struct pgr_conn *c)
 	if (life > 0) {
 		/* Jitter drawn once, at birth: connections opened together expire apart. */
 		int64_t j = p->cfg.lifetime_jitter_ms;
-		expire = pgr__sat_add(now, life) - (j > 0 ? (int64_t)(rnd(p) % (uint64_t)(j + 1)) : 0);
+		expire =
+		    pgr__sat_add(now, life) - (j > 0 ? (int64_t)(rnd(p) % (uint64_t)(j + 1)) : 0);
 	}
 	atomic_store_explicit(&c->expire_ms, expire, memory_order_relaxed);
 	atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);
@@ -371,6 +373,7 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 			return;
 		}
 		atomic_fetch_add_explicit(&p->c_resets, 1, memory_order_relaxed);
+		pgr__pcache_forget(c); /* reset_sql may have dropped its prepared statements */
 		republish(p, c);
 		return;
 	default:
