@@ -127,8 +127,8 @@ typedef struct pgr_config {
 	int64_t backoff_max_ms;        /* cap of the exponential backoff; default 10000 */
 	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
 	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
-	bool metrics;        /* record acquire-wait and hold histograms; default 1 (counters and the
-	                        connect histogram are always kept) */
+	bool metrics;       /* record acquire-wait and hold histograms; default 1 (counters and the
+	                       connect histogram are always kept) */
 	bool manager_thread; /* 1 (default): the pool runs its manager on a thread of its own.
 	                       0: no thread; the caller's event loop calls pgr_pool_run()
 	                       whenever pgr_pool_fd() is readable (see below) */
@@ -406,8 +406,8 @@ typedef void (*pgr_loop_pipeline_cb)(pgr_loop *loop, int err, PGresult **results
  * Returns 0, or a negative error with cb not called.
  */
 PGR_API int pgr_loop_pipeline(pgr_loop *loop, pgr_conn *conn, int n, const char *const *sql,
-                              const int *nparams, const char *const *const *params,
-                              int64_t timeout_ms, pgr_loop_pipeline_cb cb, void *arg);
+                               const int *nparams, const char *const *const *params,
+                               int64_t timeout_ms, pgr_loop_pipeline_cb cb, void *arg);
 
 /*
  * Return a connection from the loop's thread. Like pgr_release, except that a rollback (it was

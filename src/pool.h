@@ -299,14 +299,15 @@ static const uint16_t pgr__legal[PGR__STATES] = {
     [PGR__CONNECTING] = PGR__PUBLISHED | PGR__B(PGR__FREE) | PGR__B(PGR__CLOSING),
     /* IDLE -> GRANTED: the pump takes a connection from a shard for a waiter. */
     /* IDLE -> IDLE: a caller that took it puts it back untouched (drain began meanwhile). */
-    [PGR__IDLE] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED) |
-                  PGR__B(PGR__CLOSING),
+    [PGR__IDLE] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
+                  PGR__B(PGR__MANAGED) | PGR__B(PGR__CLOSING),
     /* GRANTED -> published: a waiter that found one itself gives the spare back. */
-    [PGR__GRANTED] =
-        PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED),
+    [PGR__GRANTED] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
+                     PGR__B(PGR__MANAGED),
     [PGR__IN_USE] = PGR__PUBLISHED | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED),
     /* LOOP -> IN_USE: a pre-ping on the loop passed and the connection goes to its caller. */
-    [PGR__LOOP] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED),
+    [PGR__LOOP] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
+                  PGR__B(PGR__MANAGED),
     /* MANAGED -> MANAGED: a rollback followed by reset_sql. */
     [PGR__MANAGED] = PGR__PUBLISHED | PGR__B(PGR__MANAGED) | PGR__B(PGR__CLOSING),
     [PGR__CLOSING] = PGR__B(PGR__FREE),

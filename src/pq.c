@@ -22,8 +22,7 @@ bool pgr__tls_pending(PGconn *pg)
 
 bool pgr__pq_send_simple(PGconn *pg, const char *sql)
 {
-	/* A holder may have switched the connection to blocking mode; pgring's drivers never block.
-	 */
+	/* A holder may have switched the connection to blocking mode; pgring's drivers never block. */
 	return PQsetnonblocking(pg, 1) == 0 && PQsendQuery(pg, sql) == 1;
 }
 
