@@ -14,10 +14,10 @@
  * only), waiting in the pool's FIFO when none is usable. What finds no connection waits in the
  * loop's queue, in arrival order, under its own deadline.
  *
- * Writes are batched: a statement is put into libpq's buffer at once, and a NOP on the ring (one
- * per loop, armed by the first statement after the last write) completes when the caller next
- * submits; its CQE writes every connection's buffer with one send each. A burst of statements
- * costs one system call per connection, not one per statement.
+ * Writes. libpq 15's PQpipelineSync writes what it can at once; the rest (a full socket buffer,
+ * a DEALLOCATE queued while reading) is written when a NOP on the ring (one per loop, armed by
+ * the first statement after the last write) completes at the caller's next submit, or when the
+ * connection's poll reports it writable.
  *
  * Deadlines. One timer (IORING_OP_TIMEOUT, absolute) serves every deadline of the engine: the
  * earliest of the statements' deadlines and of the held connections' idle-release times. A
@@ -77,7 +77,8 @@ struct xstmt {
 enum {
 	C_FREE = 0,
 	C_READY,
-	C_RETIRING
+	C_CANCELLING, /* everything in flight was answered: cancel each statement as it starts */
+	C_RETIRING,   /* its poll is being cancelled; then the manager closes it */
 };
 
 struct xconn {
@@ -95,7 +96,9 @@ struct xconn {
 	uint16_t cqes; /* CQEs owed */
 	uint32_t fhead, fn;
 	uint32_t nlive, nabandoned;
+	uint32_t syncs_read;
 	int retire_reason;
+	int64_t cancel_deadline_ns; /* C_CANCELLING: close it anyway then */
 	int64_t idle_since_ns;
 	struct pgr__pq pq;
 	uint32_t *fifo; /* statement index, or XNONE for the pool's own (DEALLOCATE) */
@@ -323,7 +326,7 @@ static bool timer_arm_now(struct pgr__exec *x, int64_t at)
 /* Make sure the timer fires no later than at. */
 static void timer_need(struct pgr__exec *x, int64_t at)
 {
-	if (at == INT64_MAX || at >= x->timer_at || x->destroying)
+	if (at == INT64_MAX || at >= x->timer_at)
 		return;
 	if (x->want_timer) {
 		if (at < x->want_timer_at)
@@ -570,6 +573,7 @@ static void head_done(struct xconn *xc)
 	uint32_t si = xc->fifo[xc->fhead];
 	xc->fhead = (xc->fhead + 1) % x->fifo_cap;
 	xc->fn--;
+	xc->syncs_read++;
 	if (si == XNONE)
 		return;
 	struct xstmt *s = &x->st[si];
@@ -702,8 +706,9 @@ static bool send_stmt(struct xconn *xc, struct xstmt *s)
 static void conn_kick(struct xconn *xc, int revents)
 {
 	struct pgr__exec *x = xc->x;
-	if (xc->state != C_READY || xc->in_step)
+	if ((xc->state != C_READY && xc->state != C_CANCELLING) || xc->in_step)
 		return;
+	uint32_t synced = xc->syncs_read;
 	xc->in_step = 1;
 	xc->dirty = 0;
 	enum pgr__pq_want w = pgr__pq_stream_step(&xc->pq, revents);
@@ -713,9 +718,24 @@ static void conn_kick(struct xconn *xc, int revents)
 		w = pgr__pq_stream_step(&xc->pq, 0);
 	}
 	xc->in_step = 0;
+	if (xc->state == C_CANCELLING && w != PGR__PQ_ERROR) {
+		if (!xc->fn) {
+			conn_retire(xc, PGR_CLOSE_ACTIVE_QUERY, false);
+			return;
+		}
+		/* The statement behind the cancelled one has started (or is about to): it was
+		 * answered already, so it is cancelled too. */
+		if (xc->syncs_read != synced)
+			pgr__cancel_in_background(xc->c->pg);
+	}
 	switch (w) {
 	case PGR__PQ_DONE:
 		xc->idle_since_ns = pgr__mono_ns();
+		if (atomic_load_explicit(&x->pool->closing, memory_order_relaxed)) {
+			/* The pool drains: it waits for this connection. */
+			conn_release(xc);
+			break;
+		}
 		if (x->pool->cfg.exec_idle_release_ms >= 0)
 			timer_need(x,
 			           pgr__sat_add(xc->idle_since_ns,
@@ -785,16 +805,16 @@ static void take_conn(struct pgr__exec *x, bool any_usable)
 	if (x->acquiring || x->destroying || x->nheld >= x->nxc ||
 	    atomic_load_explicit(&p->closing, memory_order_relaxed))
 		return;
-	int64_t tmo = 0;
-	if (!any_usable) {
-		/* Nothing to send on: wait in the pool's FIFO, for as long as the oldest
-		 * queued statement may wait (its connection then serves the others). */
-		tmo = p->cfg.acquire_timeout_ms;
-		int64_t dl = x->q_head != XNONE ? x->st[x->q_head].deadline_ns : INT64_MAX;
-		if (dl != INT64_MAX) {
-			int64_t left = (dl - pgr__mono_ns() + PGR__NS_PER_MS - 1) / PGR__NS_PER_MS;
-			tmo = left < 1 ? 1 : left < tmo ? left : tmo;
-		}
+	/*
+	 * Wait in the pool's FIFO (the manager opens one if the pool may grow), for as long as the
+	 * oldest queued statement may wait. Meanwhile a held connection that gets room serves the
+	 * queue; a connection that arrives after the queue emptied is given back when idle.
+	 */
+	int64_t tmo = p->cfg.acquire_timeout_ms;
+	int64_t dl = x->q_head != XNONE ? x->st[x->q_head].deadline_ns : INT64_MAX;
+	if (dl != INT64_MAX) {
+		int64_t left = (dl - pgr__mono_ns() + PGR__NS_PER_MS - 1) / PGR__NS_PER_MS;
+		tmo = left < 1 ? 1 : left < tmo ? left : tmo;
 	}
 	x->acquiring = 1;
 	int rc = pgr_loop_acquire(x->loop, tmo, on_acquire, x);
@@ -878,6 +898,43 @@ static void dispatch(struct pgr__exec *x)
 	x->dispatching = 0;
 }
 
+/*
+ * Everything in flight on xc was answered (deadline, destroy): stop the server's work. A cancel
+ * stops only the statement running at that instant, and the pipelined ones behind it would run
+ * next, so a cancel goes out again each time a sync point is read, until nothing is left; then
+ * the connection is closed (a late cancel must never reach a statement of a later user). The
+ * whole drain is bounded by reset_timeout_ms.
+ */
+static void conn_cancel_drain(struct xconn *xc)
+{
+	struct pgr__exec *x = xc->x;
+	xc->state = C_CANCELLING;
+	xc->cancel_deadline_ns = pgr__deadline_ns(x->pool->cfg.reset_timeout_ms);
+	timer_need(x, xc->cancel_deadline_ns);
+	pgr__cancel_in_background(xc->c->pg);
+	/* Reading is what moves the drain on: make sure a poll is armed. */
+	if (!xc->armed && !xc->want_poll)
+		conn_kick(xc, 0);
+}
+
+/* Answer every live statement in flight on xc with err; they stay in the FIFO, abandoned. */
+static void fifo_abandon(struct xconn *xc, int err)
+{
+	struct pgr__exec *x = xc->x;
+	for (uint32_t j = 0; j < xc->fn; j++) {
+		uint32_t si = xc->fifo[(xc->fhead + j) % x->fifo_cap];
+		if (si == XNONE || x->st[si].abandoned)
+			continue;
+		struct xstmt *s = &x->st[si];
+		s->abandoned = 1;
+		PQclear(s->res);
+		s->res = NULL;
+		xc->nlive--;
+		xc->nabandoned++;
+		answer(x, s, err);
+	}
+}
+
 /* ---- the timer: deadlines and idle release ---- */
 
 static void tick(struct pgr__exec *x)
@@ -912,12 +969,18 @@ static void tick(struct pgr__exec *x)
 	int64_t idle_ns = pgr__ms_to_ns(p->cfg.exec_idle_release_ms);
 	for (uint32_t k = 0; k < x->nxc; k++) {
 		struct xconn *xc = &x->xc[k];
+		if (xc->c && xc->state == C_CANCELLING) {
+			if (xc->cancel_deadline_ns <= now)
+				conn_retire(xc, PGR_CLOSE_ACTIVE_QUERY, false);
+			else if (xc->cancel_deadline_ns < next)
+				next = xc->cancel_deadline_ns;
+			continue;
+		}
 		if (!xc->c || xc->state != C_READY)
 			continue;
 		if (xc->nabandoned && !xc->nlive) {
-			/* Everything in flight here was answered -ETIMEDOUT: stop the server's
-			 * work and close the connection. */
-			conn_retire(xc, PGR_CLOSE_ACTIVE_QUERY, true);
+			/* Everything in flight here was answered -ETIMEDOUT. */
+			conn_cancel_drain(xc);
 			continue;
 		}
 		if (xc->fn || xc->dirty)
@@ -945,14 +1008,12 @@ void pgr__exec_cqe(struct pgr__exec *x, uint64_t u, int res)
 		x->aux_cqes--;
 		x->timer_out = 0;
 		x->timer_at = INT64_MAX;
-		if (!x->destroying)
+		if (res != -ECANCELED)
 			tick(x);
 		break;
 	case PGR__XK_FLUSH:
 		x->aux_cqes--;
 		x->flush_armed = 0;
-		if (x->destroying)
-			break;
 		for (uint32_t i = 0; i < x->nxc; i++)
 			if (x->xc[i].c && x->xc[i].dirty)
 				conn_kick(&x->xc[i], 0);
@@ -979,7 +1040,7 @@ void pgr__exec_cqe(struct pgr__exec *x, uint64_t u, int res)
 			conn_retire_now(xc);
 			break;
 		}
-		if (x->destroying)
+		if (x->destroying && xc->state != C_CANCELLING)
 			break;
 		conn_kick(xc, res < 0 ? POLLERR : res);
 		break;
@@ -1136,20 +1197,20 @@ int pgr__exec_destroy(struct pgr__exec *x)
 			struct xconn *xc = &x->xc[k];
 			if (!xc->c || xc->state != C_READY)
 				continue;
-			bool live = xc->nlive > 0;
-			bool busy = xc->fn || xc->armed;
 			/* What is in flight is answered now; the server's work is cancelled and
-			 * the connection closed (its pipeline cannot be handed to anyone). */
-			fifo_fail(xc, -ECANCELED);
-			if (busy)
-				conn_retire(xc, PGR_CLOSE_ACTIVE_QUERY, live);
-			else
+			 * the connection closed (see conn_cancel_drain). */
+			if (xc->fn) {
+				fifo_abandon(xc, -ECANCELED);
+				conn_cancel_drain(xc);
+			} else {
 				conn_release(xc);
+			}
 		}
 		deliver(x);
 	}
-	/* Cancel the timer; the flush NOP completes on its own at the next submit. */
-	if (x->timer_out && !x->timer_cancel_sent) {
+	/* Once no connection is held, cancel the timer; the flush NOP completes on its own at the
+	 * next submit. */
+	if (x->timer_out && !x->timer_cancel_sent && !x->nheld) {
 		struct io_uring_sqe *sqe = io_uring_get_sqe(x->ring);
 		if (sqe) {
 			io_uring_prep_timeout_remove(sqe, xud(PGR__XK_TIMER, 0, 0), 0);
