@@ -147,7 +147,6 @@ typedef struct pgr_config {
 	                                 threshold + 1; 0 = at once, -1 = never; default 5 */
 	uint32_t prepare_cache_size;  /* prepared statements kept per connection (LRU, evicted
 	                                 ones DEALLOCATEd); 0 = default 64 */
-	bool prepare_loop_query;      /* pgr_loop_query uses the cache too; default false */
 	pgr_connect_fn on_connect;
 	pgr_event_fn on_event;
 	void *user_data; /* passed to on_connect and on_event */

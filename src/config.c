@@ -49,7 +49,6 @@ void pgr_config_init(pgr_config *cfg)
 	cfg->exec_idle_release_ms = 1000;
 	cfg->prepare_threshold = 5;
 	cfg->prepare_cache_size = 64;
-	cfg->prepare_loop_query = false;
 }
 
 static int reject(pgr_pool *p, const char *field, const char *why)
