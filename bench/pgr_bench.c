@@ -28,6 +28,8 @@
  */
 #include <errno.h>
 #include <getopt.h>
+
+#include "bench_exec.h"
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -77,7 +79,7 @@ static struct {
 	unsigned rounds;
 	const char *conninfo;
 	bool only_section; /* some --only named a section */
-	bool sec_checkout, sec_e2e;
+	bool sec_checkout, sec_e2e, sec_exec;
 	bool only_pool; /* some --only named a pool */
 	bool pool_on[16];
 } opt = {.duration_s = 2.0, .warmup_s = 0.1, .sample = 64, .hold_us = 5, .rounds = 8};
@@ -123,7 +125,7 @@ static void usage(FILE *f)
 	    "  --duration S      counted seconds per configuration (default 2; connect per\n"
 	    "                    query runs at most %.0f s)\n"
 	    "  --threads LIST    thread counts, e.g. 1,2,8 (default: checkout 1,2,8; e2e 1,4,16)\n"
-	    "  --only LIST       sections (checkout, e2e) and/or pools (pgring, pgring_bare,\n"
+	    "  --only LIST       sections (checkout, e2e, exec) and/or pools (pgring, pgring_bare,\n"
 	    "                    pgring_leak, mutex_condvar,\n"
 	    "                    libzdb, connect_per_query, dedicated, pgbouncer); repeatable\n"
 	    "  --json            print only the JSON lines\n"
@@ -154,6 +156,10 @@ static void parse_only(char *list)
 	for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
 		if (!strcmp(tok, "checkout")) {
 			opt.only_section = opt.sec_checkout = true;
+			continue;
+		}
+		if (!strcmp(tok, "exec")) { /* bench_exec.c */
+			opt.only_section = opt.sec_exec = true;
 			continue;
 		}
 		if (!strcmp(tok, "e2e")) {
@@ -267,7 +273,7 @@ static void parse_args(int argc, char **argv)
 	if (optind < argc)
 		die("unexpected argument '%s' (see --help)", argv[optind]);
 	if (!opt.only_section)
-		opt.sec_checkout = opt.sec_e2e = true;
+		opt.sec_checkout = opt.sec_e2e = opt.sec_exec = true;
 	if (!opt.only_pool)
 		for (int i = 0; i < P_COUNT; i++)
 			opt.pool_on[i] = true;
@@ -964,6 +970,8 @@ int main(int argc, char **argv)
 	}
 	for (unsigned i = 0; i < n_results; i++)
 		print_json(&results[i]);
+	if (opt.sec_exec && bench_exec_run(tgt.conninfo, opt.duration_s, opt.json))
+		return 1;
 
 	for (unsigned i = 0; i < n_results; i++)
 		if (results[i].status == ST_FAILED)

@@ -175,6 +175,21 @@ typedef struct pgr_config {
 	bool manager_thread; /* true (default): the pool runs its manager on a thread of its
 	                        own. false: no thread; the caller's event loop calls
 	                        pgr_pool_run() whenever pgr_pool_fd() is readable (see below) */
+	/*
+	 * pgr_loop_exec (see below). These are pool-wide rather than per loop: the prepared cache
+	 * belongs to the connections, which every loop and holder of the pool shares, and what the
+	 * server in front can keep (PgBouncer in transaction mode before 1.21 cannot keep named
+	 * statements) is a property of the pool's conninfo. The bounds size each loop's engine the
+	 * same way and are validated once, at pgr_pool_create, with the field named.
+	 */
+	uint32_t exec_pipeline_depth; /* statements in flight per connection; 0 = default 16 */
+	uint32_t exec_max_pending;    /* statements queued or in flight per loop; 0 = 256 */
+	uint32_t exec_max_conns;      /* connections a loop holds for exec; 0 = default 4 */
+	int64_t exec_idle_release_ms; /* a loop gives back a connection idle this long; 1000 */
+	int32_t prepare_threshold;    /* a text is prepared on a connection at its use number
+	                                 threshold + 1; 0 = at once, -1 = never; default 5 */
+	uint32_t prepare_cache_size;  /* prepared statements kept per connection (LRU, evicted
+	                                 ones DEALLOCATEd); 0 = default 64 */
 	pgr_connect_fn on_connect;
 	pgr_event_fn on_event;
 	void *user_data;      /* passed to on_connect and on_event */
@@ -572,6 +587,43 @@ typedef void (*pgr_loop_query_cb)(pgr_loop *loop, int err, PGresult *res, void *
 PGR_API int pgr_loop_query(pgr_loop *loop, pgr_conn *conn, const char *sql, int nparams,
                            const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb,
                            void *arg);
+
+typedef void (*pgr_loop_exec_cb)(pgr_loop *loop, int err, PGresult *res, void *arg);
+/*
+ * Run one parameterised autocommit statement on the pool, without checking out a connection.
+ * pgring sends it on a connection the loop already holds for such statements, in pipeline
+ * mode behind the others in flight there, each with its own sync point: one statement's error
+ * never aborts another's. It takes another connection from the pool (never more than
+ * exec_max_conns per loop) when every held one has exec_pipeline_depth statements in flight,
+ * and gives connections back once idle for exec_idle_release_ms, or at pgr_loop_destroy.
+ *
+ * Autocommit only: each statement is its own transaction. BEGIN / START / COMMIT / ROLLBACK /
+ * SAVEPOINT, SET / RESET / DISCARD, PREPARE / DEALLOCATE, LISTEN, DECLARE / FETCH, COPY and
+ * LOCK (as the first keyword) are refused with -EINVAL and a PGR_EV_MISUSE event: transactions
+ * and session state need a checked-out connection. What the text does not show (set_config()
+ * inside a SELECT) is not caught: do not.
+ *
+ * sql and params are copied: they need not outlive the call. timeout_ms (< 0: none) bounds the
+ * whole statement, the wait for a connection included; waiting for a connection is also bounded
+ * by acquire_timeout_ms. Texts used often on a connection are prepared there (prepare_threshold;
+ * see README) transparently, including a re-prepare when the plan's result type changed.
+ *
+ * Returns 0 when cb will be called (perhaps already was), or, cb not called: -EBUSY (the loop
+ * has exec_max_pending statements queued or in flight: back-pressure, retry after some
+ * complete), -EINVAL (NULL, bad nparams, a refused statement), -ESHUTDOWN (loop destroyed or
+ * pool draining), -ENOMEM, -PGR_E_FORKED.
+ *
+ * cb runs on the loop's thread and owns res (PQclear it). err: 0 (check PQresultStatus: an SQL
+ * error is a PGRES_FATAL_ERROR result with err 0); -ETIMEDOUT (deadline passed, res NULL);
+ * -EIO (the connection failed with the statement sent on it; res says why; the statement may or
+ * may not have run); -ECANCELED (pgr_loop_destroy); -ESHUTDOWN (the pool began draining before
+ * the statement was sent); or the error of the acquire that found no connection for it
+ * (-ETIMEDOUT, -PGR_E_CONNECT_FAILED, -PGR_E_TOO_MANY_WAITERS). Callbacks of statements sent on
+ * one connection run in the order sent; statements on different connections complete
+ * independently. Threads: the loop's. Never blocks. Since 0.2.
+ */
+PGR_API int pgr_loop_exec(pgr_loop *loop, const char *sql, int nparams, const char *const *params,
+                          int64_t timeout_ms, pgr_loop_exec_cb cb, void *arg);
 
 /*
  * Scoped checkout: the connection is released when the variable leaves scope (the cleanup

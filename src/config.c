@@ -53,6 +53,12 @@ static void config_defaults(pgr_config *cfg)
 	cfg->tcp_user_timeout_ms = 30000;
 	cfg->metrics = true;
 	cfg->manager_thread = true;
+	cfg->exec_pipeline_depth = 16;
+	cfg->exec_max_pending = 256;
+	cfg->exec_max_conns = 4;
+	cfg->exec_idle_release_ms = 1000;
+	cfg->prepare_threshold = 5;
+	cfg->prepare_cache_size = 64;
 }
 
 void pgr_config_init_size(pgr_config *cfg, size_t size)
@@ -114,6 +120,20 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 		return reject(p, "conninfo", "must be set");
 	if (c->max_size == 0)
 		return reject(p, "max_size", "must be at least 1");
+	/* pgr_loop_exec's bounds: 0 takes the default (a config filled without pgr_config_init
+	 * keeps working). */
+	if (c->exec_pipeline_depth > 1024)
+		return reject(p, "exec_pipeline_depth", "must be at most 1024 (0 = default 16)");
+	if (c->exec_max_pending > 65536)
+		return reject(p, "exec_max_pending", "must be at most 65536 (0 = default 256)");
+	if (c->exec_max_conns > PGR__MAX_CONNS)
+		return reject(p, "exec_max_conns", "must be at most 4096 (0 = default 4)");
+	if (c->exec_idle_release_ms < 0)
+		return reject(p, "exec_idle_release_ms", "must not be negative");
+	if (c->prepare_threshold < -1)
+		return reject(p, "prepare_threshold", "must be -1 (never), 0 (always) or a count");
+	if (c->prepare_cache_size > 4096)
+		return reject(p, "prepare_cache_size", "must be at most 4096 (0 = default 64)");
 	if ((uint64_t)c->max_size + c->max_overflow > PGR__MAX_CONNS)
 		return reject(p, "max_overflow", "with max_size exceeds 4096 connections");
 	if (c->min_idle > c->max_size)

@@ -19,6 +19,7 @@
 
 #include <libpq-events.h>
 
+#include "exec.h"
 #include "manager.h"
 
 struct io_uring_sqe *pgr__mgr_get_sqe(pgr_pool *p, unsigned need)
@@ -76,6 +77,7 @@ static void finish_close(pgr_pool *p, struct pgr_conn *c)
 		PQfinish(c->pg);
 		c->pg = NULL;
 	}
+	pgr__pcache_free(c); /* its prepared statements died with the session */
 	c->op = PGR__OP_NONE;
 	atomic_fetch_add_explicit(&p->c_closes[reason], 1, memory_order_relaxed);
 	pgr__emitf(p, PGR_EV_CONN_CLOSED, c->id, "connection %u closed: %s", c->id,
@@ -373,6 +375,7 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 			return;
 		}
 		atomic_fetch_add_explicit(&p->c_resets, 1, memory_order_relaxed);
+		pgr__pcache_forget(c); /* reset_sql may have dropped its prepared statements */
 		republish(p, c);
 		return;
 	default:

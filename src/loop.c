@@ -41,6 +41,7 @@
 
 #include <linux/futex.h>
 
+#include "exec.h"
 #include "pool.h"
 
 enum {
@@ -113,7 +114,25 @@ struct pgr_loop {
 	uint32_t bl_head, bl_tail, bl_len; /* the backlog, FIFO */
 	uint8_t destroying;                /* set by the first pgr_loop_destroy, never cleared */
 	uint8_t flushing;
+	struct pgr__exec *exec; /* pgr_loop_exec's engine, made at its first use (exec.c) */
 };
+
+struct io_uring *pgr__loop_ring(pgr_loop *l)
+{
+	return l->ring;
+}
+pgr_pool *pgr__loop_pool(pgr_loop *l)
+{
+	return l->pool;
+}
+struct pgr__exec **pgr__loop_exec(pgr_loop *l)
+{
+	return &l->exec;
+}
+bool pgr__loop_destroying(const pgr_loop *l)
+{
+	return l->destroying;
+}
 
 static inline uint64_t ud(pgr_loop *l, struct op *o, unsigned kind)
 {
@@ -301,7 +320,8 @@ static uint32_t flush(pgr_loop *l)
 			op_free(l, o);
 	}
 	l->flushing = 0;
-	return l->bl_len;
+	/* The exec engine's arms come after the loop's own, which were waiting longer. */
+	return l->bl_len + (l->bl_len ? 0 : pgr__exec_flush(l->exec));
 }
 
 /* ---- acquire ---- */
@@ -583,6 +603,7 @@ static void reset_done(pgr_loop *l, struct op *o, bool ok)
 		}
 	} else if (ok) {
 		atomic_fetch_add_explicit(&p->c_resets, 1, memory_order_relaxed);
+		pgr__pcache_forget(c); /* reset_sql may have dropped its prepared statements */
 	} else {
 		atomic_fetch_add_explicit(&p->c_resets_failed, 1, memory_order_relaxed);
 	}
@@ -653,7 +674,7 @@ static void *cancel_main(void *a)
  * loopback): it runs on a short-lived detached thread, never on the loop. The connection stays
  * PQTRANS_ACTIVE, so its release closes it ("active_query") rather than reusing it.
  */
-static void cancel_in_background(PGconn *pg)
+void pgr__cancel_in_background(PGconn *pg)
 {
 	PGcancel *pc = PQgetCancel(pg);
 	if (!pc)
@@ -730,7 +751,7 @@ static void poll_cqe(pgr_loop *l, struct op *o, int res)
 	/* The phase's deadline. A user's statement is cancelled on the server; a ping or a
 	 * rollback that timed out condemns its connection. */
 	if (o->phase == PH_QUERY || o->phase == PH_PIPELINE)
-		cancel_in_background(o->conn->pg);
+		pgr__cancel_in_background(o->conn->pg);
 	PQclear(o->res);
 	o->res = NULL;
 	phase_done(l, o, -ETIMEDOUT);
@@ -906,6 +927,11 @@ int pgr_loop_handle_cqe(pgr_loop *l, const struct io_uring_cqe *cqe)
 	uint32_t idx = (uint32_t)(u >> 8) & 0xffffff;
 	unsigned kind = u & 0xff;
 	uint16_t gen = (uint16_t)(u >> 32);
+	if (kind >= PGR__XK_POLL) {
+		pgr__exec_cqe(l->exec, u, cqe->res);
+		flush(l);
+		return 1;
+	}
 	if (idx >= l->nops)
 		return 1;
 	struct op *o = &l->ops[idx];
@@ -981,7 +1007,7 @@ int pgr_loop_create(pgr_pool *p, struct io_uring *ring, uint32_t max_ops, pgr_lo
 
 uint32_t pgr_loop_pending(const pgr_loop *l)
 {
-	return l ? l->pending : 0;
+	return l ? l->pending + pgr__exec_pending(l->exec) : 0;
 }
 
 /*
@@ -994,6 +1020,10 @@ int pgr_loop_destroy(pgr_loop *l)
 	if (!l)
 		return 0;
 	l->destroying = 1;
+	/* First: its statements are answered and its acquire (an op below) is cancelled. */
+	int xrc = 0;
+	if (l->exec && (xrc = pgr__exec_destroy(l->exec)) == 0)
+		l->exec = NULL;
 	for (uint32_t i = 0; i < l->nops; i++) {
 		struct op *o = &l->ops[i];
 		if (o->kind == OP_FREE || o->done)
@@ -1019,7 +1049,7 @@ int pgr_loop_destroy(pgr_loop *l)
 		o->inflight++;
 		o->cancel_sent = 1;
 	}
-	if (l->pending)
+	if (l->pending || xrc)
 		return -EBUSY;
 	atomic_fetch_sub_explicit(&l->pool->nloops, 1, memory_order_release);
 	free(l->ops);

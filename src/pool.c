@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "exec.h"
 #include "pool.h"
 #include "prom.h"
 
@@ -173,6 +174,8 @@ static void pool_free_forked(pgr_pool *p)
 
 static void pool_free_memory(pgr_pool *p)
 {
+	for (uint32_t i = 0; p->conns && i < p->cap; i++)
+		pgr__pcache_free(&p->conns[i]);
 	free(p->conns);
 	free(p->bits);
 	free(p->waiters);

@@ -108,6 +108,8 @@ struct pgr_conn {
 	_Atomic uint8_t fresh;        /* validated by the manager; skip the next pre-ping */
 	_Atomic uint8_t server_error; /* saw FATAL / 57P0x / 25006: never reuse */
 	uint8_t uncounted;            /* already taken out of nopen by an overflow return */
+	struct pgr__pcache *pcache;   /* prepared statements of this libpq connection (exec.h);
+	                                 owner-only, freed with the connection */
 
 	/* Per-slot counters and histograms: single writer (the owner), merged on read. */
 	_Atomic uint64_t n_immediate; /* checkouts = n_immediate + n_waits (also the leak seq) */

@@ -77,3 +77,49 @@ enum pgr__pq_want pgr__pq_step(struct pgr__pq *x, int revents)
 	}
 	return read_results(x);
 }
+
+/*
+ * Stream mode (pgr_loop_exec): the connection stays in pipeline mode and every statement ends
+ * in its own sync point, so statements are independent and results are read as they come.
+ * x->syncs counts the sync points sent and not read yet; nothing is read past the last one
+ * (in pipeline mode libpq answers NULL forever once its queue is empty).
+ */
+enum pgr__pq_want pgr__pq_stream_step(struct pgr__pq *x, int revents)
+{
+	PGconn *pg = x->pg;
+	if ((revents & (POLLERR | POLLNVAL)) && !PQconsumeInput(pg))
+		return PGR__PQ_ERROR;
+	int f = PQflush(pg);
+	if (f < 0)
+		return PGR__PQ_ERROR;
+	if (f == 1) {
+		if ((revents & POLLIN) && !PQconsumeInput(pg))
+			return PGR__PQ_ERROR;
+		return PGR__PQ_RW;
+	}
+	for (;;) {
+		if (!PQconsumeInput(pg))
+			return PGR__PQ_ERROR;
+		int nulls = 0;
+		while (x->syncs && !PQisBusy(pg)) {
+			PGresult *r = PQgetResult(pg);
+			if (!r) {
+				/* One NULL ends a statement's results; a run of them means libpq
+				 * has nothing queued for us, i.e. the connection failed under it.
+				 */
+				if (PQstatus(pg) == CONNECTION_BAD || ++nulls > 2)
+					return PGR__PQ_ERROR;
+				x->sink(x, -1, NULL);
+				continue;
+			}
+			nulls = 0;
+			if (PQresultStatus(r) == PGRES_PIPELINE_SYNC)
+				x->syncs--;
+			x->sink(x, 0, r);
+		}
+		if (!x->syncs)
+			return PQstatus(pg) == CONNECTION_BAD ? PGR__PQ_ERROR : PGR__PQ_DONE;
+		if (!pgr__tls_pending(pg))
+			return PGR__PQ_READ;
+	}
+}

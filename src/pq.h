@@ -33,11 +33,16 @@ struct pgr__pq {
 	uint8_t pipeline; /* results end with PGRES_PIPELINE_SYNC, then pipeline mode is left */
 	uint8_t nstmt;    /* pipeline: statements sent */
 	uint8_t stmt;     /* pipeline: the statement whose results are being read */
+	uint32_t syncs;   /* stream mode: sync points sent and not read yet */
 };
 
 /* Send one statement (no parameters: ping "", ROLLBACK, reset_sql) the nonblocking way. */
 bool pgr__pq_send_simple(PGconn *pg, const char *sql);
 enum pgr__pq_want pgr__pq_step(struct pgr__pq *x, int revents);
+/* Stream mode (pgr_loop_exec): pipeline mode kept on, one sync point per statement. sink gets
+ * every result (stmt 0, PGRES_PIPELINE_SYNC included, and owns it) and a NULL with stmt -1 at
+ * the end of each statement's results. DONE: every sync point sent was read. */
+enum pgr__pq_want pgr__pq_stream_step(struct pgr__pq *x, int revents);
 /* poll(2) events for a want. */
 short pgr__pq_events(enum pgr__pq_want w);
 

@@ -1,0 +1,568 @@
+/* pgr_loop_exec against the real server: pipelining, deadlines, faults, back-pressure, the
+ * prepared-statement cache, drain and destroy. */
+#include <errno.h>
+#include <liburing.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "test_lifecycle.h"
+
+struct env {
+	struct io_uring ring;
+	pgr_pool *pool;
+	pgr_loop *loop;
+	struct lc_events *ev;
+	char *conninfo;
+	const char *app;
+};
+
+struct res {
+	int done;
+	int err;
+	ExecStatusType st;
+	char sqlstate[6];
+	char val[64];
+	int ncols;
+	int64_t t_ms;
+	int order; /* position among completions */
+};
+
+static int completions;
+
+static void on_res(pgr_loop *l, int err, PGresult *r, void *arg)
+{
+	(void)l;
+	struct res *x = arg;
+	x->done = 1;
+	x->err = err;
+	x->t_ms = tu_now_ms();
+	x->order = completions++;
+	x->st = r ? PQresultStatus(r) : PGRES_EMPTY_QUERY;
+	const char *ss = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+	snprintf(x->sqlstate, sizeof(x->sqlstate), "%s", ss ? ss : "");
+	if (r && x->st == PGRES_TUPLES_OK && PQntuples(r) > 0)
+		snprintf(x->val, sizeof(x->val), "%s", PQgetvalue(r, 0, 0));
+	x->ncols = r ? PQnfields(r) : 0;
+	PQclear(r);
+}
+
+typedef void (*cfg_fn)(pgr_config *cfg);
+
+static void env_init(struct env *e, const char *app, cfg_fn tweak)
+{
+	memset(e, 0, sizeof(*e));
+	completions = 0;
+	cr_assert_eq(io_uring_queue_init(256, &e->ring, 0), 0);
+	e->ev = lc_events_new();
+	e->app = app;
+	pgr_config cfg;
+	lc_config(&cfg, tu_conninfo(), app, e->ev, &e->conninfo);
+	cfg.max_size = 4;
+	if (tweak)
+		tweak(&cfg);
+	e->pool = tu_pool(&cfg);
+	cr_assert_eq(pgr_loop_create(e->pool, &e->ring, 0, &e->loop), 0);
+}
+
+static void turn(struct env *e)
+{
+	struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 5000000};
+	struct io_uring_cqe *cqe;
+	io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, &ts, NULL);
+	unsigned head, n = 0;
+	io_uring_for_each_cqe (&e->ring, head, cqe) {
+		cr_assert(pgr_loop_handle_cqe(e->loop, cqe), "a CQE that is not pgring's");
+		n++;
+	}
+	io_uring_cq_advance(&e->ring, n);
+}
+
+/* Turn until every res is done, or fail after ms. */
+static void wait_all(struct env *e, struct res *r, int n, int64_t ms)
+{
+	int64_t dl = tu_now_ms() + ms;
+	for (;;) {
+		int k = 0;
+		for (int i = 0; i < n; i++)
+			k += r[i].done;
+		if (k == n)
+			return;
+		cr_assert_lt(tu_now_ms(), dl, "only %d of %d statements answered", k, n);
+		turn(e);
+	}
+}
+
+static void env_fini(struct env *e)
+{
+	int64_t dl = tu_now_ms() + 5000;
+	while (pgr_loop_destroy(e->loop) == -EBUSY) {
+		cr_assert_lt(tu_now_ms(), dl, "loop never drained");
+		turn(e);
+	}
+	cr_assert_eq(pgr_pool_destroy(e->pool), 0);
+	io_uring_queue_exit(&e->ring);
+	lc_events_free(e->ev);
+	free(e->conninfo);
+}
+
+static void exec1(struct env *e, const char *sql, const char *p1, int64_t tmo, struct res *r)
+{
+	const char *pv[1] = {p1};
+	int rc = pgr_loop_exec(e->loop, sql, p1 ? 1 : 0, p1 ? pv : NULL, tmo, on_res, r);
+	cr_assert_eq(rc, 0, "pgr_loop_exec(%s): %s", sql, pgr_strerror(rc));
+}
+
+/* ---- ordering and independence ---- */
+
+static void one_conn(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->exec_pipeline_depth = 64;
+}
+
+Test(loop_exec, results_come_back_in_the_order_sent_on_one_connection, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_order", one_conn);
+	enum {
+		N = 100
+	};
+	static struct res r[N];
+	memset(r, 0, sizeof(r));
+	char p[N][12];
+	for (int i = 0; i < N; i++) {
+		snprintf(p[i], sizeof(p[i]), "%d", i);
+		exec1(&e, "select $1::int", p[i], 10000, &r[i]);
+	}
+	wait_all(&e, r, N, 10000);
+	for (int i = 0; i < N; i++) {
+		cr_assert_eq(r[i].err, 0);
+		cr_assert_eq(atoi(r[i].val), i);
+		cr_assert_eq(r[i].order, i, "statement %d answered at position %d", i, r[i].order);
+	}
+	env_fini(&e);
+}
+
+Test(loop_exec, an_error_fails_only_its_own_statement_in_the_pipeline, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_indep", one_conn);
+	struct res r[3] = {0};
+	exec1(&e, "select $1::int", "1", 10000, &r[0]);
+	exec1(&e, "select 1 / $1::int", "0", 10000, &r[1]);
+	exec1(&e, "select $1::int", "3", 10000, &r[2]);
+	wait_all(&e, r, 3, 10000);
+	cr_assert_eq(r[0].err, 0);
+	cr_assert_str_eq(r[0].val, "1");
+	cr_assert_eq(r[1].err, 0, "an SQL error is a result, not a transport error");
+	cr_assert_eq(r[1].st, PGRES_FATAL_ERROR);
+	cr_assert_str_eq(r[1].sqlstate, "22012");
+	cr_assert_eq(r[2].err, 0);
+	cr_assert_eq(r[2].st, PGRES_TUPLES_OK, "the statement after an error was aborted");
+	cr_assert_str_eq(r[2].val, "3");
+	env_fini(&e);
+}
+
+Test(loop_exec, transaction_control_and_session_state_are_refused, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_refuse", NULL);
+	struct res r = {0};
+	const char *bad[] = {
+	    "BEGIN",      "  /* x */ start transaction", "-- c\ncommit", "set search_path = x",
+	    "listen foo", "copy t from stdin",           "DISCARD ALL"};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_assert_eq(pgr_loop_exec(e.loop, bad[i], 0, NULL, 1000, on_res, &r), -EINVAL,
+		             "%s", bad[i]);
+	cr_assert_eq(r.done, 0);
+	cr_assert(lc_events_find_msg(e.ev, PGR_EV_MISUSE, "refuses BEGIN"));
+	/* A word that merely starts like one is not refused. */
+	exec1(&e, "select 'begin' as settings", NULL, 5000, &r);
+	wait_all(&e, &r, 1, 5000);
+	cr_assert_eq(r.err, 0);
+	cr_assert_str_eq(r.val, "begin");
+	env_fini(&e);
+}
+
+/* ---- deadlines ---- */
+
+static void two_conns(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 2;
+	cfg->exec_pipeline_depth = 4;
+}
+
+Test(loop_exec, deadline_fails_the_slow_statement_and_those_behind_keep_their_own, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_dl", two_conns);
+	struct res r[4] = {0};
+	int64_t t0 = tu_now_ms();
+	exec1(&e, "select pg_sleep($1::float8)", "1.5", 200, &r[0]); /* times out */
+	exec1(&e, "select $1::int", "2", 10000, &r[1]);              /* behind it, same conn */
+	exec1(&e, "select $1::int", "3", 500,
+	      &r[2]); /* behind it, deadline before the sleep ends */
+	wait_all(&e, r, 1, 5000);
+	/* Slack: the engine's timer fires at the deadline; a loop turn is at most 5 ms. */
+	cr_assert_eq(r[0].err, -ETIMEDOUT);
+	cr_assert_geq(r[0].t_ms - t0, 200);
+	cr_assert_lt(r[0].t_ms - t0, 450);
+	/* Nothing new goes behind the timed-out statement: this one takes another connection. */
+	exec1(&e, "select $1::int", "4", 10000, &r[3]);
+	wait_all(&e, &r[3], 1, 5000);
+	cr_assert_eq(r[3].err, 0);
+	cr_assert_lt(r[3].t_ms - t0, 1200, "waited behind the slow statement");
+	wait_all(&e, r, 4, 5000);
+	cr_assert_eq(r[2].err, -ETIMEDOUT);
+	cr_assert_geq(r[2].t_ms - t0, 500);
+	cr_assert_lt(r[2].t_ms - t0, 1200);
+	/* Its own deadline was later than the sleep: it ran, after the sleep. */
+	cr_assert_eq(r[1].err, 0);
+	cr_assert_str_eq(r[1].val, "2");
+	cr_assert_geq(r[1].t_ms - t0, 1400);
+	env_fini(&e);
+}
+
+static void one_slot(pgr_config *cfg)
+{
+	cfg->max_size = 1;
+	cfg->exec_max_conns = 1;
+}
+
+Test(loop_exec, statement_waiting_for_a_connection_times_out_at_its_deadline, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_wait", one_slot);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(e.pool, 5000, &held), 0);
+	struct res r = {0};
+	int64_t t0 = tu_now_ms();
+	exec1(&e, "select 1", NULL, 300, &r);
+	wait_all(&e, &r, 1, 5000);
+	cr_assert_eq(r.err, -ETIMEDOUT, "err %s", pgr_strerror(r.err));
+	cr_assert_geq(r.t_ms - t0, 290); /* the acquire's deadline is rounded up to a ms */
+	cr_assert_lt(r.t_ms - t0, 800);
+	cr_assert_eq(pgr_release(held), 0);
+	struct res r2 = {0};
+	exec1(&e, "select 2", NULL, 5000, &r2);
+	wait_all(&e, &r2, 1, 5000);
+	cr_assert_eq(r2.err, 0);
+	env_fini(&e);
+}
+
+/* ---- faults ---- */
+
+static void depth2_one_conn(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->exec_pipeline_depth = 2;
+}
+
+Test(loop_exec, killed_backend_fails_exactly_the_statements_in_flight_on_it, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_kill", depth2_one_conn);
+	PGconn *admin = tu_admin();
+	struct res r[4] = {0};
+	exec1(&e, "select pg_sleep($1::float8)", "5", 10000, &r[0]);
+	exec1(&e, "select $1::int", "2", 10000, &r[1]);
+	/* Depth 2 on one connection: these two wait in the loop, not sent. */
+	exec1(&e, "select $1::int", "3", 10000, &r[2]);
+	exec1(&e, "select $1::int", "4", 10000, &r[3]);
+	int pids[LC_MAX_PIDS];
+	int64_t dl = tu_now_ms() + 5000;
+	while (lc_app_pids(admin, e.app, pids, LC_MAX_PIDS) < 1) {
+		cr_assert_lt(tu_now_ms(), dl);
+		turn(&e);
+	}
+	for (int i = 0; i < 20; i++)
+		turn(&e); /* the sleep is running */
+	cr_assert_eq(lc_app_pids(admin, e.app, pids, LC_MAX_PIDS), 1);
+	lc_terminate(admin, pids[0]);
+	wait_all(&e, r, 4, 8000);
+	cr_assert_eq(r[0].err, -EIO);
+	cr_assert_eq(r[1].err, -EIO);
+	cr_assert_eq(r[2].err, 0, "a statement not sent was failed: %s", pgr_strerror(r[2].err));
+	cr_assert_str_eq(r[2].val, "3");
+	cr_assert_eq(r[3].err, 0);
+	cr_assert_str_eq(r[3].val, "4");
+	PQfinish(admin);
+	env_fini(&e);
+}
+
+/* ---- back-pressure ---- */
+
+static void small_bounds(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 2;
+	cfg->exec_pipeline_depth = 2;
+	cfg->exec_max_pending = 6;
+}
+
+Test(loop_exec, another_connection_is_taken_only_at_depth_and_the_bounds_hold, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_bounds", small_bounds);
+	struct res r[7] = {0};
+	/* Each answers with the backend that ran it. */
+	for (int i = 0; i < 6; i++)
+		exec1(&e, "select pg_backend_pid() from pg_sleep($1::float8)", "0.2", 10000, &r[i]);
+	cr_assert_eq(pgr_loop_exec(e.loop, "select 1", 0, NULL, 1000, on_res, &r[6]), -EBUSY,
+	             "the loop's bound (exec_max_pending) was not kept");
+	wait_all(&e, r, 6, 5000);
+	int distinct[6], nd = 0;
+	for (int i = 0; i < 6; i++) {
+		cr_assert_eq(r[i].err, 0);
+		int pid = atoi(r[i].val);
+		if (!lc_in(distinct, nd, pid))
+			distinct[nd++] = pid;
+	}
+	cr_assert_str_eq(r[0].val, r[1].val, "a second connection was taken below the depth");
+	cr_assert_str_neq(r[0].val, r[2].val, "no other connection was taken at the depth");
+	cr_assert_eq(nd, 2, "%d connections used, exec_max_conns is 2", nd);
+	/* Room again. */
+	exec1(&e, "select 7", NULL, 5000, &r[6]);
+	wait_all(&e, &r[6], 1, 5000);
+	cr_assert_eq(r[6].err, 0);
+	env_fini(&e);
+}
+
+/* ---- the prepared-statement cache ---- */
+
+static void prep2(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->prepare_threshold = 2;
+}
+
+/* Is a statement with this text prepared on the loop's connection? (asked on it) */
+static bool prepared(struct env *e, const char *text)
+{
+	struct res r = {0};
+	exec1(e, "select count(*) from pg_prepared_statements where statement = $1", text, 5000,
+	      &r);
+	wait_all(e, &r, 1, 5000);
+	cr_assert_eq(r.err, 0);
+	cr_assert_eq(r.st, PGRES_TUPLES_OK);
+	return atoi(r.val) > 0;
+}
+
+static void run(struct env *e, const char *sql, const char *p1)
+{
+	struct res r = {0};
+	exec1(e, sql, p1, 5000, &r);
+	wait_all(e, &r, 1, 5000);
+	cr_assert_eq(r.err, 0);
+	cr_assert_eq(r.st, PGRES_TUPLES_OK, "%s: %s", sql, r.sqlstate);
+}
+
+Test(loop_exec, a_text_is_prepared_after_threshold_uses, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_thr", prep2);
+	const char *t = "select $1::int + 40";
+	run(&e, t, "1");
+	run(&e, t, "2");
+	cr_assert_not(prepared(&e, t), "prepared before its threshold");
+	run(&e, t, "3");
+	cr_assert(prepared(&e, t), "not prepared at use threshold + 1");
+	run(&e, t, "4"); /* executed by name */
+	env_fini(&e);
+}
+
+static void prep_never(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->prepare_threshold = -1;
+}
+
+Test(loop_exec, threshold_minus_one_never_prepares, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_never", prep_never);
+	for (int i = 0; i < 10; i++)
+		run(&e, "select $1::int + 41", "1");
+	cr_assert_not(prepared(&e, "select $1::int + 41"));
+	env_fini(&e);
+}
+
+static void prep_lru(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->prepare_threshold = 0;
+	cfg->prepare_cache_size = 3;
+}
+
+Test(loop_exec, lru_eviction_deallocates_the_evicted_statement, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_lru", prep_lru);
+	run(&e, "select $1::int + 1", "1");
+	run(&e, "select $1::int + 2", "1");
+	run(&e, "select $1::int + 3", "1");
+	/* The check's own text takes the third... fourth place: the oldest (+ 1) goes. */
+	cr_assert_not(prepared(&e, "select $1::int + 1"), "evicted statement still prepared");
+	cr_assert(prepared(&e, "select $1::int + 3"));
+	env_fini(&e);
+}
+
+static void prep_at_once(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->prepare_threshold = 0;
+}
+
+Test(loop_exec, changed_result_type_re_prepares_transparently, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_0a000", prep_at_once);
+	PGconn *admin = tu_admin();
+	tu_exec(admin, "drop table if exists pgr_exec_alter");
+	tu_exec(admin, "create table pgr_exec_alter (a int)");
+	tu_exec(admin, "insert into pgr_exec_alter values (1)");
+	const char *t = "select * from pgr_exec_alter";
+	run(&e, t, NULL);
+	cr_assert(prepared(&e, t));
+	tu_exec(admin, "alter table pgr_exec_alter add column b int default 7");
+	struct res r = {0};
+	exec1(&e, t, NULL, 5000, &r);
+	wait_all(&e, &r, 1, 5000);
+	cr_assert_eq(r.err, 0);
+	cr_assert_eq(r.st, PGRES_TUPLES_OK, "0A000 reached the caller: %s", r.sqlstate);
+	cr_assert_eq(r.ncols, 2);
+	tu_exec(admin, "drop table pgr_exec_alter");
+	PQfinish(admin);
+	env_fini(&e);
+}
+
+static void prep_reset(pgr_config *cfg)
+{
+	cfg->max_size = 1;
+	cfg->exec_max_conns = 1;
+	cfg->prepare_threshold = 0;
+	cfg->exec_idle_release_ms = 0;
+	cfg->reset_sql = "DISCARD ALL";
+}
+
+Test(loop_exec, cache_survives_a_discard_by_a_holder_and_a_reset, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_reset", prep_reset);
+	const char *t = "select $1::int + 100";
+	run(&e, t, "1");
+	cr_assert(prepared(&e, t));
+	/* The loop gives the connection back when idle; a holder drops every statement behind
+	 * the cache's back (the pool sees nothing). */
+	pgr_conn *h;
+	int64_t dl = tu_now_ms() + 5000;
+	while (pgr_try_acquire(e.pool, &h) != 0) {
+		cr_assert_lt(tu_now_ms(), dl, "the loop kept its idle connection");
+		turn(&e);
+	}
+	tu_exec(pgr_conn_pg(h), "DEALLOCATE ALL");
+	/* Released with reset_sql = DISCARD ALL, run by the manager: the cache forgets. */
+	cr_assert_eq(pgr_release(h), 0);
+	run(&e, t, "2"); /* after the reset: prepared afresh */
+	cr_assert(prepared(&e, t));
+	/* Now only behind the cache's back: a 26000 the engine answers by preparing again. */
+	while (pgr_try_acquire(e.pool, &h) != 0) {
+		cr_assert_lt(tu_now_ms(), dl + 5000);
+		turn(&e);
+	}
+	cr_assert_eq(pgr_loop_release(e.loop, h), 0);
+	env_fini(&e);
+}
+
+/* ---- drain and destroy ---- */
+
+static void run_until_sent(struct env *e)
+{
+	struct res r = {0};
+	exec1(e, "select 1", NULL, 5000, &r);
+	wait_all(e, &r, 1, 5000);
+	cr_assert_eq(r.err, 0);
+}
+
+struct drain_arg {
+	pgr_pool *pool;
+	int rc;
+	int64_t ms;
+};
+
+static void *drain_main(void *a)
+{
+	struct drain_arg *d = a;
+	int64_t t0 = tu_now_ms();
+	d->rc = pgr_pool_drain(d->pool, 5000);
+	d->ms = tu_now_ms() - t0;
+	return NULL;
+}
+
+Test(loop_exec, drain_lets_statements_in_flight_finish_and_takes_the_connections_back,
+     .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_drain", two_conns);
+	struct res r[4] = {0};
+	run_until_sent(&e); /* a connection held: what follows is sent at once */
+	for (int i = 0; i < 4; i++)
+		exec1(&e, "select pg_sleep($1::float8), 1", "0.3", 10000, &r[i]);
+	for (int i = 0; i < 5; i++)
+		turn(&e);
+	struct drain_arg d = {.pool = e.pool, .rc = 1};
+	pthread_t t;
+	pthread_create(&t, NULL, drain_main, &d);
+	wait_all(&e, r, 4, 5000);
+	for (int i = 0; i < 4; i++)
+		cr_assert_eq(r[i].err, 0, "statement %d: %s", i, pgr_strerror(r[i].err));
+	int64_t dl = tu_now_ms() + 6000;
+	while (d.rc == 1) {
+		cr_assert_lt(tu_now_ms(), dl, "drain hangs on the loop's connections");
+		turn(&e);
+	}
+	pthread_join(t, NULL);
+	cr_assert_eq(d.rc, 0);
+	cr_assert_lt(d.ms, 2000);
+	struct res x = {0};
+	cr_assert_eq(pgr_loop_exec(e.loop, "select 1", 0, NULL, 100, on_res, &x), -ESHUTDOWN);
+	env_fini(&e);
+}
+
+Test(loop_exec, destroy_cancels_statements_in_flight_and_stops_them_on_the_server, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_destroy", two_conns);
+	PGconn *admin = tu_admin();
+	struct res r[3] = {0};
+	for (int i = 0; i < 3; i++)
+		exec1(&e, "select pg_sleep($1::float8)", "20", 30000, &r[i]);
+	int pids[LC_MAX_PIDS];
+	int64_t dl = tu_now_ms() + 5000;
+	while (lc_app_pids(admin, e.app, pids, LC_MAX_PIDS) < 1) {
+		cr_assert_lt(tu_now_ms(), dl);
+		turn(&e);
+	}
+	int64_t t0 = tu_now_ms();
+	while (pgr_loop_destroy(e.loop) == -EBUSY) {
+		cr_assert_lt(tu_now_ms() - t0, 3000, "destroy waits for the statements");
+		turn(&e);
+	}
+	for (int i = 0; i < 3; i++)
+		cr_assert_eq(r[i].err, -ECANCELED);
+	/* The sleeps were cancelled and the connections closed. */
+	char q[256];
+	snprintf(q, sizeof(q),
+	         "select count(*) from pg_stat_activity where application_name = '%s' and "
+	         "state = 'active'",
+	         e.app);
+	while (tu_query_long(admin, q) > 0) {
+		cr_assert_lt(tu_now_ms() - t0, 5000, "the server still runs the statements");
+		tu_sleep_ms(20);
+	}
+	cr_assert_eq(pgr_pool_destroy(e.pool), 0);
+	io_uring_queue_exit(&e.ring);
+	lc_events_free(e.ev);
+	free(e.conninfo);
+	PQfinish(admin);
+}
