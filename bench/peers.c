@@ -129,6 +129,30 @@ __attribute__((format(printf, 2, 3))) static void set_why(peer *p, const char *f
 	va_end(ap);
 }
 
+/*
+ * After end of file on the child's stdout: how it ended ("exit status 1", "signal 9"), waiting
+ * up to a second for it to finish exiting; empty when it has not.
+ */
+static void exit_status(peer *p, char *out, size_t n)
+{
+	out[0] = '\0';
+	for (int i = 0; i < 100 && p->pid > 0; i++) {
+		int st;
+		pid_t w = waitpid(p->pid, &st, WNOHANG);
+		if (w == p->pid) {
+			p->pid = 0;
+			if (WIFEXITED(st))
+				snprintf(out, n, "exit status %d", WEXITSTATUS(st));
+			else if (WIFSIGNALED(st))
+				snprintf(out, n, "killed by signal %d", WTERMSIG(st));
+			return;
+		}
+		if (w < 0 && errno != EINTR)
+			return;
+		usleep(10000);
+	}
+}
+
 /* Kill and reap the child, close its pipes; the peer becomes unavailable. */
 static void peer_kill(peer *p)
 {
@@ -346,8 +370,12 @@ static void peer_start(peer *p, const bench_target *t)
 			set_why(p, "did not start within %.0f s", START_TIMEOUT_S);
 		else if (rc == 0)
 			set_why(p, "unexpected first line: %.200s", line);
-		else
-			set_why(p, "exited at start: %.300s", tail[0] ? tail : "(no message)");
+		else {
+			char how[64];
+			exit_status(p, how, sizeof how);
+			set_why(p, "exited at start (%s): %.300s", how[0] ? how : "still running",
+			        tail[0] ? tail : "no message");
+		}
 	}
 	peer_kill(p);
 	return;
@@ -447,8 +475,12 @@ static int peer_round(const bench_runner *self, const bench_target *t, bench_rou
 		set_why(p, "failed: no answer within the round's deadline; killed");
 	else if (rc == 0)
 		set_why(p, "failed: unexpected reply '%.200s'", line);
-	else
-		set_why(p, "failed: the process exited: %.300s", tail[0] ? tail : "(no message)");
+	else {
+		char how[64];
+		exit_status(p, how, sizeof how);
+		set_why(p, "failed: the process closed its output (%s): %.300s",
+		        how[0] ? how : "still running", tail[0] ? tail : "no message");
+	}
 	peer_kill(p);
 	snprintf(err, errlen, "skipped (%s)", p->why);
 	return -ENOENT;
