@@ -80,16 +80,18 @@ static struct {
 	bool pool_on[32];
 	bool long_run;          /* --long */
 	bool duration_set;      /* --duration given */
-	double peer_duration_s; /* counted seconds per configuration for the peers */
-	unsigned peer_rounds;   /* rounds for the peers (at most --rounds) */
-	bool peer_duration_set, peer_rounds_set;
+	/* The extra rows (the runners: peers and pgring's async rows) get less time by default,
+	 * so that the default run stays near 3 minutes. */
+	double extra_duration_s; /* counted seconds per configuration */
+	unsigned extra_rounds;   /* rounds they run in (at most --rounds) */
+	bool extra_duration_set, extra_rounds_set;
 } opt = {.duration_s = 2.0,
          .warmup_s = 0.1,
          .sample = 64,
          .hold_us = 5,
          .rounds = 8,
-         .peer_duration_s = 1.0,
-         .peer_rounds = 4};
+         .extra_duration_s = 1.0,
+         .extra_rounds = 4};
 
 /* Every pool the bench knows, in table order. drv NULL: not built into this binary. */
 enum {
@@ -116,7 +118,7 @@ static const struct pool_info {
 	const bench_driver *drv;
 	const char *missing; /* why drv is NULL */
 	const bench_runner *runner;
-	bool peer; /* another language's pool: --peer-duration and --peer-rounds apply */
+	bool peer; /* another language's pool (--only peers) */
 } pools[P_COUNT] = {
     [P_PGRING] = {"pgring", NULL, &bench_driver_pgring, NULL},
     [P_PGRING_BARE] = {"pgring_bare", NULL, &bench_driver_pgring_bare, NULL},
@@ -146,11 +148,11 @@ static void usage(FILE *f)
 	    "  --conninfo STR    libpq conninfo of the server (default: $PGR_TEST_CONNINFO)\n"
 	    "  --duration S      counted seconds per configuration (default 2, --long 4;\n"
 	    "                    connect per query runs at most %.0f s)\n"
-	    "  --peer-duration S counted seconds per configuration for the peers (default 1;\n"
-	    "                    --long: as --duration)\n"
-	    "  --peer-rounds N   rounds for the peers (default 4; --long: as --rounds)\n"
-	    "  --long            4 s per configuration, peers as long as the C pools and also\n"
-	    "                    in checkout_hold\n"
+	    "  --extra-duration S counted seconds per configuration for the peers and the\n"
+	    "                    pgring_loop rows (default 1; --long: as --duration)\n"
+	    "  --extra-rounds N  rounds they run in (default 4; --long: as --rounds)\n"
+	    "  --long            4 s per configuration, the extra rows as long as the others,\n"
+	    "                    and the peers in checkout_hold too\n"
 	    "  --threads LIST    thread counts, e.g. 1,2,8 (default: checkout 1,2,8; e2e 1,4,16)\n"
 	    "  --only LIST       sections (checkout, e2e) and/or pools (pgring, pgring_bare,\n"
 	    "                    pgring_leak, mutex_condvar, libzdb, pgring_loop,\n"
@@ -247,8 +249,8 @@ static void parse_args(int argc, char **argv)
 	    {"hold-us", required_argument, NULL, 'H'},
 	    {"warmup", required_argument, NULL, 'w'},
 	    {"rounds", required_argument, NULL, 'r'},
-	    {"peer-duration", required_argument, NULL, 'D'},
-	    {"peer-rounds", required_argument, NULL, 'R'},
+	    {"extra-duration", required_argument, NULL, 'D'},
+	    {"extra-rounds", required_argument, NULL, 'R'},
 	    {"long", no_argument, NULL, 'L'},
 	    {"help", no_argument, NULL, 'h'},
 	    {NULL, 0, NULL, 0},
@@ -264,15 +266,15 @@ static void parse_args(int argc, char **argv)
 			opt.duration_set = true;
 			break;
 		case 'D':
-			opt.peer_duration_s = parse_secs("--peer-duration", optarg, 0.05);
-			opt.peer_duration_set = true;
+			opt.extra_duration_s = parse_secs("--extra-duration", optarg, 0.05);
+			opt.extra_duration_set = true;
 			break;
 		case 'R': {
 			long v = strtol(optarg, NULL, 10);
 			if (v < 1 || v > 100)
-				die("--peer-rounds: expected 1..100");
-			opt.peer_rounds = (unsigned)v;
-			opt.peer_rounds_set = true;
+				die("--extra-rounds: expected 1..100");
+			opt.extra_rounds = (unsigned)v;
+			opt.extra_rounds_set = true;
 			break;
 		}
 		case 'L':
@@ -329,13 +331,13 @@ static void parse_args(int argc, char **argv)
 	if (opt.long_run) {
 		if (!opt.duration_set)
 			opt.duration_s = 4.0;
-		if (!opt.peer_duration_set)
-			opt.peer_duration_s = opt.duration_s;
-		if (!opt.peer_rounds_set)
-			opt.peer_rounds = opt.rounds;
+		if (!opt.extra_duration_set)
+			opt.extra_duration_s = opt.duration_s;
+		if (!opt.extra_rounds_set)
+			opt.extra_rounds = opt.rounds;
 	}
-	if (opt.peer_rounds > opt.rounds)
-		opt.peer_rounds = opt.rounds;
+	if (opt.extra_rounds > opt.rounds)
+		opt.extra_rounds = opt.rounds;
 	if (!opt.only_pool)
 		for (int i = 0; i < P_COUNT; i++)
 			opt.pool_on[i] = true;
@@ -923,8 +925,9 @@ static bool pool_wanted(int p)
  * opt.rounds rounds; in each round every pool runs once with a fresh pool and fresh threads,
  * forward in even rounds and backward in odd ones, so that drift over time (caches, the
  * scheduler's placement of client threads and server backends) falls on every pool alike.
- * The peers run in opt.peer_rounds of the rounds, spread evenly over them, for
- * opt.peer_duration_s in all (the default run would take minutes more otherwise).
+ * The runners (the peers, pgring's async rows) run in opt.extra_rounds of the rounds, spread
+ * evenly over them, for opt.extra_duration_s in all (the default run would take a minute or
+ * two more otherwise).
  */
 static void bench_config(const bench_target *tgt, const int *order, unsigned n_order,
                          const char *bench, unsigned threads, unsigned conns, uint64_t hold_ns,
@@ -967,10 +970,10 @@ static void bench_config(const bench_target *tgt, const int *order, unsigned n_o
 			bool cpq = ps[k] == P_CPQ;
 			double secs = opt.duration_s;
 			unsigned rounds = opt.rounds;
-			if (pi->peer) {
-				secs = opt.peer_duration_s;
-				rounds = opt.peer_rounds;
-				/* Round k is one of the peer's when k * rounds / opt.rounds
+			if (pi->runner) {
+				secs = opt.extra_duration_s;
+				rounds = opt.extra_rounds;
+				/* Round k is one of the runner's when k * rounds / opt.rounds
 				 * steps to the next integer at k + 1. */
 				if ((round * rounds) / opt.rounds ==
 				    ((round + 1) * rounds) / opt.rounds)
