@@ -60,15 +60,14 @@ async function sleepSecs(s) {
   }
 }
 
+// 32-bit xorshift on plain numbers: BigInt arithmetic would cost more than a checkout.
 function xorshift(state) {
   let x = state.s
-  x ^= x << 13n
-  x &= 0xffffffffffffffffn
-  x ^= x >> 7n
-  x ^= x << 17n
-  x &= 0xffffffffffffffffn
-  state.s = x
-  return x
+  x ^= x << 13
+  x ^= x >>> 17
+  x ^= x << 5
+  state.s = x >>> 0
+  return state.s
 }
 
 const warmed = new Set()
@@ -109,13 +108,14 @@ async function runRound(args) {
     let max = 0n
     const hist = new Map()
     const q = query !== 'none'
-    let seed = nowNs() | 1n
+    let seed = (Number(nowNs() & 0xffffffffn) | 1) >>> 0
 
     async function chain(state) {
       let n = 0
       while (phase !== PHASE_STOP) {
         if (++n % YIELD_EVERY === 0) await yieldLoop()
-        const timed = sampleEvery === 1 || Number(xorshift(state) % BigInt(sampleEvery)) === 0
+        // sampleEvery is a power of two (the harness rounds --sample up to one)
+        const timed = (xorshift(state) & (sampleEvery - 1)) === 0
         const t0 = timed ? nowNs() : 0n
         let lat = 0n
         let c
@@ -138,7 +138,7 @@ async function runRound(args) {
               query === 'select1'
                 ? await c.query('SELECT 1')
                 : await c.query('SELECT name FROM pgr_bench_users WHERE id = $1', [
-                    Number(xorshift(state) % BigInt(LOOKUP_ROWS)) + 1,
+                    (xorshift(state) % LOOKUP_ROWS) + 1,
                   ])
             ok = res.rows.length === 1
           } catch (e) {
@@ -165,7 +165,7 @@ async function runRound(args) {
 
     const running = []
     for (let i = 0; i < chains; i++) {
-      seed = xorshift({ s: seed }) || 1n
+      seed = xorshift({ s: seed }) || 1
       running.push(chain({ s: seed }))
     }
     await sleepSecs(warmup)
