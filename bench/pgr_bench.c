@@ -996,9 +996,13 @@ static void bench_config(const bench_target *tgt, const int *order, unsigned n_o
 		result *r = rs[k];
 		char a[32], b[32];
 		if (r->status == ST_OK && r->ops == 0) {
-			r->status = ST_FAILED;
-			snprintf(r->note, sizeof r->note, "no operation completed (%llu errors)",
-			         (unsigned long long)r->errors);
+			/* A peer's failure is the peer's (or its driver's): reported, not fatal. */
+			bool peer = pools[ps[k]].peer;
+			r->status = peer ? ST_SKIPPED : ST_FAILED;
+			snprintf(r->note, sizeof r->note,
+			         "%sno operation completed (%llu errors)%s",
+			         peer ? "skipped (failed: " : "", (unsigned long long)r->errors,
+			         peer ? ")" : "");
 		}
 		if (r->status == ST_OK) {
 			pgr__hist_snap_summary(r->snap, &r->lat);
