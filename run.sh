@@ -6,7 +6,8 @@
 #                             throwaway PostgreSQL cluster, then the stress
 #                             tests under ThreadSanitizer and the whole suite
 #                             under AddressSanitizer + UndefinedBehaviorSanitizer
-#   ./run.sh bench [ARGS...]  Release build, cluster + pgbouncer, then
+#   ./run.sh bench [ARGS...]  Release build, cluster + pgbouncer, the peer
+#                             pools' runtimes (Java, Python, Node), then
 #                             build-bench/bench/pgr_bench ARGS...
 #   ./run.sh demo             build, start a cluster and run scripts/demo.sh:
 #                             examples/pgr_http_server driven by wrk, on the
@@ -37,6 +38,13 @@ BASE_PKGS=(build-essential cmake pkg-config liburing-dev libpq-dev libck-dev
     libcriterion-dev postgresql postgresql-contrib openssl iproute2
     abigail-tools clang-format shellcheck groff-base man-db)
 BENCH_PKGS=(libzdb-dev pgbouncer)
+# The peers in pgr_bench: HikariCP + pgjdbc (slf4j-nop keeps HikariCP quiet), psycopg 3's
+# pool, SQLAlchemy over psycopg2. Java also needs a JDK (the peer runs as a single-file
+# source program, compiled at launch) and node-postgres needs Node and npm; see
+# ensure_peer_deps.
+PEER_PKGS=(libhikaricp-java libpostgresql-jdbc-java libslf4j-java python3-psycopg-pool
+    python3-sqlalchemy python3-psycopg2)
+NODE_PG_SPEC=pg@8
 DEMO_PKGS=(wrk)
 
 usage() {
@@ -44,7 +52,8 @@ usage() {
 usage: ./run.sh test | bench [pgr_bench args...] | demo | mutants [name...] | abi-update
   test        build and run all test suites (plain, TSan stress, ASan+UBSan)
               and the checks: format, shellcheck, ABI, man pages, install
-  bench       build in Release mode and run the benchmarks
+  bench       build in Release mode and run the benchmarks (pgr_bench --help for
+              its flags; --long for a longer run)
   demo        build and run the demo (HTTP server on the pool vs a
               connection per request, driven by wrk; about 15 s)
   mutants     apply each breakage of scripts/mutants.txt to a copy of the
@@ -113,6 +122,42 @@ ensure_deps() {
         fi
         command -v promtool >/dev/null 2>&1 ||
             pgr_warn "promtool still not available"
+    fi
+}
+
+# The peers are optional: a runtime or package that is missing and cannot be
+# installed makes its rows read "skipped (why)" in pgr_bench, so nothing here
+# stops the run.
+ensure_peer_deps() {
+    local p node_dir=$ROOT/build-bench/node
+    local -a missing=()
+    if command -v dpkg-query >/dev/null 2>&1; then
+        for p in "${PEER_PKGS[@]}"; do
+            pkg_installed "$p" || missing+=("$p")
+        done
+    fi
+    command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    if [[ ! -d $node_dir/node_modules/pg ]] && ! command -v npm >/dev/null 2>&1; then
+        missing+=(npm)
+    fi
+    if ((${#missing[@]})); then
+        if pgr_is_root && command -v apt-get >/dev/null 2>&1; then
+            apt_install "${missing[@]}" ||
+                pgr_warn "could not install ${missing[*]}; the peers that need them will read skipped"
+        else
+            pgr_warn "peers need: ${missing[*]}; without them their rows read skipped. Install with:"
+            echo "sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+        fi
+    fi
+    # node-postgres comes from npm, into the build tree (ignored by git); pgr_bench
+    # finds it there (PGR_BENCH_NODE_PATH overrides).
+    if [[ ! -d $node_dir/node_modules/pg ]] && command -v npm >/dev/null 2>&1; then
+        pgr_log "installing node-postgres ($NODE_PG_SPEC) into $node_dir"
+        mkdir -p "$node_dir"
+        timeout 300 npm install --prefix "$node_dir" --no-audit --no-fund --loglevel=error \
+            "$NODE_PG_SPEC" >&2 ||
+            pgr_warn "npm install $NODE_PG_SPEC failed; node_pg will read skipped"
     fi
 }
 
@@ -385,6 +430,7 @@ cmd_bench() {
         pgr_die "build failed"
     local bench=$ROOT/build-bench/bench/pgr_bench
     [[ -x $bench ]] || pgr_die "$bench was not built"
+    ensure_peer_deps
 
     install_traps
     start_cluster

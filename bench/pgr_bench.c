@@ -8,8 +8,12 @@
  *                  connections than threads, each checkout holding its connection for a fixed
  *                  busy-wait ("checkout_hold").
  *   e2e            checkout + query + release: `SELECT 1` ("select1") and a primary-key lookup
- *                  ("lookup") through pgring, a dedicated connection per thread, connect per
- *                  query, and PgBouncer in transaction mode.
+ *                  ("lookup") through pgring (blocking threads, and its async API on one event
+ *                  loop), a dedicated connection per thread, connect per query, and PgBouncer
+ *                  in transaction mode.
+ *   peers          in both sections, the pools people use in other languages (HikariCP,
+ *                  psycopg_pool, SQLAlchemy's QueuePool, node-postgres), each in a child
+ *                  process of its own runtime running the same loop (peers.c).
  *
  * Method
  *   A configuration's --duration is split into --rounds rounds in which the pools take turns
@@ -31,6 +35,7 @@
 
 #include "bench_exec.h"
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -44,7 +49,6 @@
 
 #define MAX_THREADS   256
 #define MAX_RESULTS   512
-#define LOOKUP_ROWS   10000
 #define P999_LIMIT_NS 20000 /* target: p999 acquire latency, 8 threads, connections free */
 #define CPQ_MAX_SECS                                                                               \
 	1.0 /* connect per query: short, it takes milliseconds and loads the server                \
@@ -54,11 +58,6 @@ enum {
 	PHASE_WARMUP = 0,
 	PHASE_MEASURE,
 	PHASE_STOP
-};
-enum {
-	Q_NONE = 0,
-	Q_SELECT1,
-	Q_LOOKUP
 };
 enum {
 	ST_OK = 0,
@@ -81,8 +80,21 @@ static struct {
 	bool only_section; /* some --only named a section */
 	bool sec_checkout, sec_e2e, sec_exec;
 	bool only_pool; /* some --only named a pool */
-	bool pool_on[16];
-} opt = {.duration_s = 2.0, .warmup_s = 0.1, .sample = 64, .hold_us = 5, .rounds = 8};
+	bool pool_on[32];
+	bool long_run;          /* --long */
+	bool duration_set;      /* --duration given */
+	/* The extra rows (the runners: peers and pgring's async rows) get less time by default,
+	 * so that the default run stays near 3 minutes. */
+	double extra_duration_s; /* counted seconds per configuration */
+	unsigned extra_rounds;   /* rounds they run in (at most --rounds) */
+	bool extra_duration_set, extra_rounds_set;
+} opt = {.duration_s = 2.0,
+         .warmup_s = 0.1,
+         .sample = 64,
+         .hold_us = 5,
+         .rounds = 8,
+         .extra_duration_s = 1.0,
+         .extra_rounds = 4};
 
 /* Every pool the bench knows, in table order. drv NULL: not built into this binary. */
 enum {
@@ -91,16 +103,25 @@ enum {
 	P_PGRING_LEAK, /* leak tracking on */
 	P_MUTEX,
 	P_ZDB,
+	P_LOOP,      /* pgring's async API, one loop thread */
+	P_LOOP_PIPE, /* the same with pipelines */
+	P_HIKARI,    /* peers: each in a child process */
+	P_PSYCOPG,
+	P_SQLA,
+	P_NODE,
 	P_CPQ,
 	P_DEDICATED,
 	P_PGBOUNCER,
 	P_COUNT
 };
+/* A pool runs on the harness's threads (drv) or runs its rounds itself (runner). */
 static const struct pool_info {
 	const char *name;
 	const char *alias;
 	const bench_driver *drv;
 	const char *missing; /* why drv is NULL */
+	const bench_runner *runner;
+	bool peer; /* another language's pool (--only peers) */
 } pools[P_COUNT] = {
     [P_PGRING] = {"pgring", NULL, &bench_driver_pgring, NULL},
     [P_PGRING_BARE] = {"pgring_bare", NULL, &bench_driver_pgring_bare, NULL},
@@ -111,6 +132,12 @@ static const struct pool_info {
 #else
     [P_ZDB] = {"libzdb", "zdb", NULL, "not built (libzdb-dev not found at configure time)"},
 #endif
+    [P_LOOP] = {"pgring_loop", "loop", NULL, NULL, &bench_runner_loop, false},
+    [P_LOOP_PIPE] = {"pgring_loop_pipe", "loop_pipe", NULL, NULL, &bench_runner_loop_pipe, false},
+    [P_HIKARI] = {"hikaricp", "hikari", NULL, NULL, &bench_runner_hikaricp, true},
+    [P_PSYCOPG] = {"psycopg_pool", "psycopg", NULL, NULL, &bench_runner_psycopg_pool, true},
+    [P_SQLA] = {"sqlalchemy", "sqla", NULL, NULL, &bench_runner_sqlalchemy, true},
+    [P_NODE] = {"node_pg", "node", NULL, NULL, &bench_runner_node_pg, true},
     [P_CPQ] = {"connect_per_query", "cpq", &bench_driver_cpq, NULL},
     [P_DEDICATED] = {"dedicated", NULL, &bench_driver_dedicated, NULL},
     [P_PGBOUNCER] = {"pgbouncer", NULL, &bench_driver_pgbouncer, NULL},
@@ -122,12 +149,19 @@ static void usage(FILE *f)
 	    f,
 	    "usage: pgr_bench [options]\n"
 	    "  --conninfo STR    libpq conninfo of the server (default: $PGR_TEST_CONNINFO)\n"
-	    "  --duration S      counted seconds per configuration (default 2; connect per\n"
-	    "                    query runs at most %.0f s)\n"
+	    "  --duration S      counted seconds per configuration (default 2, --long 4;\n"
+	    "                    connect per query runs at most %.0f s)\n"
+	    "  --extra-duration S counted seconds per configuration for the peers and the\n"
+	    "                    pgring_loop rows (default 1; --long: as --duration)\n"
+	    "  --extra-rounds N  rounds they run in (default 4; --long: as --rounds)\n"
+	    "  --long            4 s per configuration, the extra rows as long as the others,\n"
+	    "                    and the peers in checkout_hold too\n"
 	    "  --threads LIST    thread counts, e.g. 1,2,8 (default: checkout 1,2,8; e2e 1,4,16)\n"
 	    "  --only LIST       sections (checkout, e2e, exec) and/or pools (pgring, pgring_bare,\n"
-	    "                    pgring_leak, mutex_condvar,\n"
-	    "                    libzdb, connect_per_query, dedicated, pgbouncer); repeatable\n"
+	    "                    pgring_leak, mutex_condvar, libzdb, pgring_loop,\n"
+	    "                    pgring_loop_pipe, hikaricp, psycopg_pool, sqlalchemy, node_pg,\n"
+	    "                    connect_per_query, dedicated, pgbouncer; `peers` for the four\n"
+	    "                    peers); repeatable\n"
 	    "  --json            print only the JSON lines\n"
 	    "  --sample N        time 1 in N checkouts in the no-hold checkout runs (default 64;\n"
 	    "                    1 times every one, and adds two clock reads to each)\n"
@@ -136,7 +170,9 @@ static void usage(FILE *f)
 	    "                    turns, a fresh pool each round (default 8)\n"
 	    "  --warmup S        uncounted seconds before each round (default 0.1)\n"
 	    "Environment: PGR_TEST_CONNINFO, PGR_BENCH_PGBOUNCER_CONNINFO (PgBouncer in\n"
-	    "transaction mode; its rows are skipped when unset).\n",
+	    "transaction mode; its rows are skipped when unset); for the peers\n"
+	    "PGR_BENCH_PEERS_DIR, PGR_BENCH_JAVA, PGR_BENCH_JAVA_CP, PGR_BENCH_PYTHON,\n"
+	    "PGR_BENCH_NODE, PGR_BENCH_NODE_PATH (see bench/README.md).\n",
 	    CPQ_MAX_SECS);
 }
 
@@ -164,6 +200,12 @@ static void parse_only(char *list)
 		}
 		if (!strcmp(tok, "e2e")) {
 			opt.only_section = opt.sec_e2e = true;
+			continue;
+		}
+		if (!strcmp(tok, "peers")) {
+			for (int i = 0; i < P_COUNT; i++)
+				if (pools[i].peer)
+					opt.only_pool = opt.pool_on[i] = true;
 			continue;
 		}
 		int i;
@@ -214,6 +256,9 @@ static void parse_args(int argc, char **argv)
 	    {"hold-us", required_argument, NULL, 'H'},
 	    {"warmup", required_argument, NULL, 'w'},
 	    {"rounds", required_argument, NULL, 'r'},
+	    {"extra-duration", required_argument, NULL, 'D'},
+	    {"extra-rounds", required_argument, NULL, 'R'},
+	    {"long", no_argument, NULL, 'L'},
 	    {"help", no_argument, NULL, 'h'},
 	    {NULL, 0, NULL, 0},
 	};
@@ -225,6 +270,22 @@ static void parse_args(int argc, char **argv)
 			break;
 		case 'd':
 			opt.duration_s = parse_secs("--duration", optarg, 0.05);
+			opt.duration_set = true;
+			break;
+		case 'D':
+			opt.extra_duration_s = parse_secs("--extra-duration", optarg, 0.05);
+			opt.extra_duration_set = true;
+			break;
+		case 'R': {
+			long v = strtol(optarg, NULL, 10);
+			if (v < 1 || v > 100)
+				die("--extra-rounds: expected 1..100");
+			opt.extra_rounds = (unsigned)v;
+			opt.extra_rounds_set = true;
+			break;
+		}
+		case 'L':
+			opt.long_run = true;
 			break;
 		case 'w':
 			opt.warmup_s = parse_secs("--warmup", optarg, 0);
@@ -274,6 +335,16 @@ static void parse_args(int argc, char **argv)
 		die("unexpected argument '%s' (see --help)", argv[optind]);
 	if (!opt.only_section)
 		opt.sec_checkout = opt.sec_e2e = opt.sec_exec = true;
+	if (opt.long_run) {
+		if (!opt.duration_set)
+			opt.duration_s = 4.0;
+		if (!opt.extra_duration_set)
+			opt.extra_duration_s = opt.duration_s;
+		if (!opt.extra_rounds_set)
+			opt.extra_rounds = opt.rounds;
+	}
+	if (opt.extra_rounds > opt.rounds)
+		opt.extra_rounds = opt.rounds;
 	if (!opt.only_pool)
 		for (int i = 0; i < P_COUNT; i++)
 			opt.pool_on[i] = true;
@@ -287,7 +358,8 @@ typedef struct result {
 	unsigned threads, conns;
 	uint64_t hold_ns;
 	int status;
-	char note[256]; /* skip or failure reason */
+	char note[600];   /* skip or failure reason */
+	const char *impl; /* runners: what ran (versions), or NULL */
 	double secs;    /* counted wall time */
 	uint64_t ops, errors;
 	double ops_per_s, ns_per_op;
@@ -372,14 +444,13 @@ struct run {
 static int run_query(PGconn *pg, int q, uint64_t *rng)
 {
 	PGresult *res;
-	if (q == Q_SELECT1) {
+	if (q == BENCH_Q_SELECT1) {
 		res = PQexec(pg, "SELECT 1");
 	} else {
 		char id[16];
-		snprintf(id, sizeof id, "%u", (unsigned)(xorshift64(rng) % LOOKUP_ROWS) + 1);
+		snprintf(id, sizeof id, "%u", (unsigned)(xorshift64(rng) % BENCH_LOOKUP_ROWS) + 1);
 		const char *vals[1] = {id};
-		res = PQexecParams(pg, "SELECT name FROM pgr_bench_users WHERE id = $1", 1, NULL,
-		                   vals, NULL, NULL, 0);
+		res = PQexecParams(pg, BENCH_LOOKUP_SQL, 1, NULL, vals, NULL, NULL, 0);
 	}
 	int ok = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
 	PQclear(res);
@@ -448,6 +519,32 @@ static void sleep_until(uint64_t t_ns)
 	                      .tv_nsec = (long)(t_ns % 1000000000u)};
 	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
 		;
+}
+
+/* One round of a pool that runs its rounds itself (a peer, the async loop); as measure_round. */
+static int runner_round(result *r, const bench_runner *rn, const bench_target *tgt, int query,
+                        double secs, double warmup_s)
+{
+	bench_round br = {
+	    .query = query,
+	    .threads = r->threads,
+	    .conns = r->conns,
+	    .hold_ns = r->hold_ns,
+	    .warmup_s = warmup_s,
+	    .secs = secs,
+	    .sample_every = r->sample_every,
+	    .snap = r->snap,
+	};
+	char err[sizeof r->note] = "";
+	int rc = rn->round(rn, tgt, &br, err, sizeof err);
+	if (rc != 0) {
+		snprintf(r->note, sizeof r->note, "%s", err[0] ? err : strerror(-rc));
+		return rc;
+	}
+	r->ops += br.ops;
+	r->errors += br.errors;
+	r->secs += br.secs_counted;
+	return 0;
 }
 
 /*
@@ -604,7 +701,9 @@ static void print_checkout_table(void)
 	       "config = threads/conns[/hold]; ns/op = wall time / ops (aggregate); latency = one "
 	       "acquire, 1 in %u timed (every one with hold)\n"
 	       "pgring: min_idle = max_size = conns, ping_after_idle_ms = -1, other settings "
-	       "default\n",
+	       "default\n"
+	       "threads: the harness's threads; a peer's threads in its runtime (Python: under the "
+	       "GIL); node_pg: async chains on one event loop\n",
 	       opt.sample);
 	printf("%-12s %-18s %9s %8s %8s %8s %8s %8s %8s  %s\n", "config", "pool", "ops/s", "ns/op",
 	       "p50", "p90", "p99", "p999", "max", "pgring/this (ops/s; ns/op at 1 thread)");
@@ -624,8 +723,12 @@ static void print_checkout_table(void)
 static void print_e2e_table(const char *bench, const char *title)
 {
 	printf("\n== end to end: %s ==\n"
-	       "config = threads/conns; latency = acquire + query + release, every query timed\n",
-	       title);
+	       "config = threads/conns; latency = acquire + query + release, every query timed\n"
+	       "pgring_loop: threads = async chains on one loop thread (pgr_loop_acquire, "
+	       "pgr_loop_query, pgr_loop_release); pgring_loop_pipe: the same with %d statements "
+	       "per pgr_loop_pipeline, each counted as a query, latency per checkout; node_pg: "
+	       "async chains on one event loop\n",
+	       title, BENCH_PIPELINE_DEPTH);
 	printf("%-12s %-18s %9s %8s %8s %8s %8s  %s\n", "config", "pool", "qps", "p50", "p99",
 	       "p999", "max", "pgring/this (qps)");
 	unsigned lt = 0;
@@ -756,7 +859,16 @@ static void print_json(const result *r)
 		printf(",\"ops_per_s\":null,\"ns_per_op\":null,\"p50_ns\":null,\"p90_ns\":null,"
 		       "\"p99_ns\":null,\"p999_ns\":null,\"max_ns\":null,\"%s\":",
 		       r->status == ST_SKIPPED ? "skipped" : "error");
-		json_str(r->note);
+		/* The table's "skipped (why)" is just "why" here. */
+		size_t n = strlen(r->note);
+		if (r->status == ST_SKIPPED && !strncmp(r->note, "skipped (", 9) && n > 10 &&
+		    r->note[n - 1] == ')') {
+			char why[sizeof r->note];
+			snprintf(why, sizeof why, "%.*s", (int)(n - 10), r->note + 9);
+			json_str(why);
+		} else {
+			json_str(r->note);
+		}
 		printf("}\n");
 		return;
 	}
@@ -772,6 +884,10 @@ static void print_json(const result *r)
 	const result *pg = find_result(r->bench, "pgring", r->threads, r->conns);
 	if (strcmp(r->pool, "pgring") != 0 && pg && pg->status == ST_OK)
 		printf(",\"pgring_ratio\":%.3f", pg->ops_per_s / r->ops_per_s);
+	if (r->impl) {
+		printf(",\"impl\":");
+		json_str(r->impl);
+	}
 	printf("}\n");
 }
 
@@ -793,6 +909,7 @@ static PGconn *setup_target(bench_target *t)
 	copy_str(t->user, sizeof t->user, PQuser(pg));
 	copy_str(t->password, sizeof t->password, PQpass(pg));
 	copy_str(t->dbname, sizeof t->dbname, PQdb(pg));
+	t->ssl = PQsslInUse(pg);
 	return pg;
 }
 
@@ -815,6 +932,9 @@ static bool pool_wanted(int p)
  * opt.rounds rounds; in each round every pool runs once with a fresh pool and fresh threads,
  * forward in even rounds and backward in odd ones, so that drift over time (caches, the
  * scheduler's placement of client threads and server backends) falls on every pool alike.
+ * The runners (the peers, pgring's async rows) run in opt.extra_rounds of the rounds, spread
+ * evenly over them, for opt.extra_duration_s in all (the default run would take a minute or
+ * two more otherwise).
  */
 static void bench_config(const bench_target *tgt, const int *order, unsigned n_order,
                          const char *bench, unsigned threads, unsigned conns, uint64_t hold_ns,
@@ -828,7 +948,7 @@ static void bench_config(const bench_target *tgt, const int *order, unsigned n_o
 		if (!pool_wanted(p))
 			continue;
 		result *r = new_result(bench, pools[p].name, threads, conns, hold_ns);
-		if (!pools[p].drv) {
+		if (!pools[p].drv && !pools[p].runner) {
 			r->status = ST_SKIPPED;
 			snprintf(r->note, sizeof r->note, "%s", pools[p].missing);
 			continue;
@@ -851,17 +971,29 @@ static void bench_config(const bench_target *tgt, const int *order, unsigned n_o
 		for (unsigned j = 0; j < n; j++) {
 			unsigned k = round % 2 ? n - 1 - j : j;
 			result *r = rs[k];
+			const struct pool_info *pi = &pools[ps[k]];
 			if (r->status != ST_OK)
 				continue;
 			bool cpq = ps[k] == P_CPQ;
 			double secs = opt.duration_s;
+			unsigned rounds = opt.rounds;
+			if (pi->runner) {
+				secs = opt.extra_duration_s;
+				rounds = opt.extra_rounds;
+				/* Round k is one of the runner's when k * rounds / opt.rounds
+				 * steps to the next integer at k + 1. */
+				if ((round * rounds) / opt.rounds ==
+				    ((round + 1) * rounds) / opt.rounds)
+					continue;
+			}
 			if (cpq && secs > CPQ_MAX_SECS)
 				secs = CPQ_MAX_SECS;
 			double warm = opt.warmup_s;
 			if (cpq && warm > 0.05)
 				warm = 0.05;
-			int rc =
-			    measure_round(r, pools[ps[k]].drv, tgt, query, secs / opt.rounds, warm);
+			int rc = pi->runner
+			             ? runner_round(r, pi->runner, tgt, query, secs / rounds, warm)
+			             : measure_round(r, pi->drv, tgt, query, secs / rounds, warm);
 			if (rc != 0)
 				r->status = rc == -ENOENT ? ST_SKIPPED : ST_FAILED;
 		}
@@ -871,9 +1003,13 @@ static void bench_config(const bench_target *tgt, const int *order, unsigned n_o
 		result *r = rs[k];
 		char a[32], b[32];
 		if (r->status == ST_OK && r->ops == 0) {
-			r->status = ST_FAILED;
-			snprintf(r->note, sizeof r->note, "no operation completed (%llu errors)",
-			         (unsigned long long)r->errors);
+			/* A peer's failure is the peer's (or its driver's): reported, not fatal. */
+			bool peer = pools[ps[k]].peer;
+			r->status = peer ? ST_SKIPPED : ST_FAILED;
+			snprintf(r->note, sizeof r->note,
+			         "%sno operation completed (%llu errors)%s",
+			         peer ? "skipped (failed: " : "", (unsigned long long)r->errors,
+			         peer ? ")" : "");
 		}
 		if (r->status == ST_OK) {
 			pgr__hist_snap_summary(r->snap, &r->lat);
@@ -896,6 +1032,39 @@ static void bench_config(const bench_target *tgt, const int *order, unsigned n_o
 	}
 }
 
+/* The runners' descriptions (versions), one line each, for the table and the JSON lines. */
+static void note_runners(void)
+{
+	for (unsigned i = 0; i < n_results; i++) {
+		result *r = &results[i];
+		for (int p = 0; p < P_COUNT; p++)
+			if (pools[p].runner && pools[p].runner->describe &&
+			    !strcmp(r->pool, pools[p].name))
+				r->impl = pools[p].runner->describe(pools[p].runner);
+	}
+}
+
+static void print_peers(void)
+{
+	bool any = false;
+	for (int p = 0; p < P_COUNT; p++) {
+		if (!pools[p].peer || !pool_wanted(p))
+			continue;
+		const char *d = pools[p].runner->describe(pools[p].runner);
+		const char *why = NULL;
+		for (unsigned i = 0; !d && !why && i < n_results; i++)
+			if (!strcmp(results[i].pool, pools[p].name) && results[i].status != ST_OK)
+				why = results[i].note;
+		if (!d && !why)
+			continue;
+		if (!any)
+			printf("\n== peers (each in a child process of its own runtime; see "
+			       "bench/README.md) ==\n");
+		any = true;
+		printf("  %-14s %s\n", pools[p].name, d ? d : why);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	parse_args(argc, argv);
@@ -910,27 +1079,35 @@ int main(int argc, char **argv)
 		tgt.pgbouncer = NULL;
 	PGconn *setup = setup_target(&tgt);
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	/* A peer that dies leaves a pipe with no reader; the write then fails with EPIPE. */
+	signal(SIGPIPE, SIG_IGN);
 
 	if (opt.sec_checkout) {
 		static const unsigned def[] = {1, 2, 8};
 		const unsigned *th = opt.n_threads ? opt.threads : def;
 		unsigned nt = opt.n_threads ? opt.n_threads : 3;
-		static const int order[] = {P_PGRING, P_PGRING_BARE, P_PGRING_LEAK,
-		                            P_MUTEX,  P_ZDB,         P_CPQ};
-		static const int hold_order[] = {P_PGRING, P_MUTEX, P_ZDB};
+		static const int order[] = {P_PGRING, P_PGRING_BARE, P_PGRING_LEAK, P_MUTEX, P_ZDB,
+		                            P_HIKARI, P_PSYCOPG,     P_SQLA,        P_NODE,  P_CPQ};
+		/* The peers wait and hand off in the hold runs only with --long: the section is
+		 * about pgring's waiting policy against the C pools, and time is short. */
+		static const int hold_order[] = {P_PGRING,  P_MUTEX, P_ZDB, P_HIKARI,
+		                                 P_PSYCOPG, P_SQLA,  P_NODE};
+		unsigned n_hold = opt.long_run ? 7 : 3;
 		for (unsigned i = 0; i < nt; i++)
-			bench_config(&tgt, order, 6, "checkout", th[i], th[i], 0, Q_NONE);
+			bench_config(&tgt, order, 10, "checkout", th[i], th[i], 0, BENCH_Q_NONE);
 		/* Fewer connections than threads, each checkout held: contention, no connect-per-
 		 * query (it has no connections to run short of). */
 		uint64_t hold_ns = (uint64_t)opt.hold_us * 1000u;
 		for (unsigned i = 0; i < nt; i++)
 			if (th[i] >= 2)
-				bench_config(&tgt, hold_order, 3, "checkout_hold", th[i], th[i] / 2,
-				             hold_ns, Q_NONE);
+				bench_config(&tgt, hold_order, n_hold, "checkout_hold", th[i],
+				             th[i] / 2, hold_ns, BENCH_Q_NONE);
 	}
 
-	bool e2e = opt.sec_e2e && (pool_wanted(P_PGRING) || pool_wanted(P_DEDICATED) ||
-	                           pool_wanted(P_CPQ) || pool_wanted(P_PGBOUNCER));
+	bool e2e = false;
+	for (int p = 0; p < P_COUNT; p++)
+		e2e |= opt.sec_e2e && pool_wanted(p) &&
+		       (p == P_PGRING || pools[p].runner || p >= P_CPQ);
 	if (e2e) {
 		exec_or_die(setup, "SET client_min_messages = warning"); /* no NOTICE from DROP */
 		exec_or_die(setup, "DROP TABLE IF EXISTS pgr_bench_users");
@@ -939,26 +1116,34 @@ int main(int argc, char **argv)
 		snprintf(sql, sizeof sql,
 		         "INSERT INTO pgr_bench_users SELECT g, 'user ' || g FROM "
 		         "generate_series(1, %d) g",
-		         LOOKUP_ROWS);
+		         BENCH_LOOKUP_ROWS);
 		exec_or_die(setup, sql);
 		exec_or_die(setup, "ANALYZE pgr_bench_users");
 
 		static const unsigned def[] = {1, 4, 16};
 		const unsigned *th = opt.n_threads ? opt.threads : def;
 		unsigned nt = opt.n_threads ? opt.n_threads : 3;
-		static const int order[] = {P_PGRING, P_DEDICATED, P_CPQ, P_PGBOUNCER};
+		static const int order[] = {P_PGRING, P_LOOP,     P_LOOP_PIPE, P_DEDICATED,
+		                            P_HIKARI, P_PSYCOPG,  P_SQLA,      P_NODE,
+		                            P_CPQ,    P_PGBOUNCER};
 		static const struct {
 			const char *bench;
 			int q;
-		} qs[] = {{"select1", Q_SELECT1}, {"lookup", Q_LOOKUP}};
+		} qs[] = {{"select1", BENCH_Q_SELECT1}, {"lookup", BENCH_Q_LOOKUP}};
 		for (unsigned q = 0; q < 2; q++)
 			for (unsigned i = 0; i < nt; i++)
-				bench_config(&tgt, order, 4, qs[q].bench, th[i], th[i], 0, qs[q].q);
+				bench_config(&tgt, order, 10, qs[q].bench, th[i], th[i], 0,
+				             qs[q].q);
 		exec_or_die(setup, "DROP TABLE IF EXISTS pgr_bench_users");
 	}
 	PQfinish(setup);
+	for (int p = 0; p < P_COUNT; p++)
+		if (pools[p].runner && pools[p].runner->shutdown)
+			pools[p].runner->shutdown(pools[p].runner);
+	note_runners();
 
 	if (!opt.json) {
+		print_peers();
 		if (opt.sec_checkout)
 			print_checkout_table();
 		if (e2e) {
