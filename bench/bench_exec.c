@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgr_bench section "exec": the keyed lookup on one io_uring loop thread, on the same two
  * connections, through

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* pgr_bench's "exec" section (bench_exec.c): pgr_loop_exec beside the checkout path and
  * pgbench, on one loop thread. Prints its table (unless json) and JSON lines; 0 or -1. */
 #ifndef PGR_BENCH_EXEC_H

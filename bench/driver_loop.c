@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgring's async API on one event loop: what the loop buys against blocking threads.
  *

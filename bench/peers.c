@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The peers: the pools people use in other languages, measured in the same run as pgring.
  *

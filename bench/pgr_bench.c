@@ -81,8 +81,8 @@ static struct {
 	bool sec_checkout, sec_e2e, sec_exec;
 	bool only_pool; /* some --only named a pool */
 	bool pool_on[32];
-	bool long_run;          /* --long */
-	bool duration_set;      /* --duration given */
+	bool long_run;     /* --long */
+	bool duration_set; /* --duration given */
 	/* The extra rows (the runners: peers and pgring's async rows) get less time by default,
 	 * so that the default run stays near 3 minutes. */
 	double extra_duration_s; /* counted seconds per configuration */
@@ -157,7 +157,8 @@ static void usage(FILE *f)
 	    "  --long            4 s per configuration, the extra rows as long as the others,\n"
 	    "                    and the peers in checkout_hold too\n"
 	    "  --threads LIST    thread counts, e.g. 1,2,8 (default: checkout 1,2,8; e2e 1,4,16)\n"
-	    "  --only LIST       sections (checkout, e2e, exec) and/or pools (pgring, pgring_bare,\n"
+	    "  --only LIST       sections (checkout, e2e, exec) and/or pools (pgring, "
+	    "pgring_bare,\n"
 	    "                    pgring_leak, mutex_condvar, libzdb, pgring_loop,\n"
 	    "                    pgring_loop_pipe, hikaricp, psycopg_pool, sqlalchemy, node_pg,\n"
 	    "                    connect_per_query, dedicated, pgbouncer; `peers` for the four\n"
@@ -360,7 +361,7 @@ typedef struct result {
 	int status;
 	char note[600];   /* skip or failure reason */
 	const char *impl; /* runners: what ran (versions), or NULL */
-	double secs;    /* counted wall time */
+	double secs;      /* counted wall time */
 	uint64_t ops, errors;
 	double ops_per_s, ns_per_op;
 	unsigned sample_every;

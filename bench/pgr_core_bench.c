@@ -7,7 +7,7 @@
  *   pgring      the real pool (shards, stealing, futex FIFO) over placeholder connections
  *   mutex       BASELINE: textbook mutex + condvar pool over the same number of handles
  *   ck_ring     BASELINE: ConcurrencyKit's mpmc ring of handles, spinning (sched_yield) when
- *               empty: what "just use a lock-free ring" gives (PITFALLS.md: a preempted
+ *               empty: what "just use a lock-free ring" gives (a preempted
  *               producer stalls every later one)
  * Configurations: "fit" (as many connections as threads, nothing held) and "scarce" (half as
  * many connections as threads, each held ~1 us), for each thread count.

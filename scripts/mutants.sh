@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: PostgreSQL
 # Mutation check of the test suite: every deliberate breakage in scripts/mutants.txt must be
 # caught by the tests listed with it.
 #
@@ -61,7 +62,7 @@ parse_list() {
                     '@@ breaks '*) breaks=${line#@@ breaks } ;;
                     '@@ file '*) file=${line#@@ file } ;;
                     '@@ test '*) tests+=${line#@@ test }$'\n' ;;
-                    '@@ find') mode=find ;;
+                    '@@ find') mode="find" ;;
                     *) pgr_die "$LIST:$lineno: unexpected line: $line" ;;
                 esac
                 ;;

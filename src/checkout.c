@@ -6,7 +6,7 @@
  * bit means "this slot is idle and parked in this shard". Taking one is a CAS that clears a bit;
  * returning one is a fetch_or that sets it. Why bitmaps and not ck_ring: ck_ring's mpmc enqueue
  * makes every producer wait until earlier producers commit, so a producer preempted between
- * reserve and commit stalls all others (41 us per op with 8 threads on 2 cores, PITFALLS.md).
+ * reserve and commit stalls all others (measured: 41 us per op with 8 threads on 2 cores).
  * A bitmap CAS never waits for another thread: a failed CAS means someone else made progress.
  * Bits are taken lowest-first, so load concentrates on the low slots and surplus connections
  * stay idle long enough to be retired by idle_timeout (the effect LIFO reuse gives pgbouncer).
@@ -258,7 +258,7 @@ static inline bool still_queued(uint32_t s)
 
 /*
  * Spin briefly before parking: a connection returned within a few microseconds is then taken
- * without a futex sleep and wake (~10 us each way, PITFALLS.md). Only the first waiters spin
+ * without a futex sleep and wake (~10 us each way, measured on 2 vCPUs). Only the first waiters spin
  * (half the CPUs, at least one), so on an oversubscribed machine spinners do not starve the
  * holders they wait for: with 8 threads on 4 connections and 2 CPUs this took throughput from
  * 0.15x to 0.4x of a barging mutex pool, and from 0.46x to 1.1x with 2 threads on 1.

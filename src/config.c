@@ -175,7 +175,8 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 		return reject(p, "tcp_user_timeout_ms", "must not be negative (0 = off)");
 	/* libpq parses tcp_user_timeout as an int of milliseconds. */
 	if (c->tcp_user_timeout_ms > INT_MAX)
-		return reject(p, "tcp_user_timeout_ms", "must be at most 2147483647 (libpq's limit)");
+		return reject(p, "tcp_user_timeout_ms",
+		              "must be at most 2147483647 (libpq's limit)");
 	if (c->reset_sql && !c->reset_sql[0])
 		return reject(p, "reset_sql", "must be NULL or a statement");
 	return 0;

@@ -4,7 +4,7 @@
  * (PQconnectStartParams / PQconnectPoll), exec (ping, ROLLBACK, reset_sql), the liveness check
  * of a readable idle socket, and close. Each wait is one one-shot POLL_ADD on the fd PQsocket()
  * returns right now (libpq may switch sockets during connect) linked to an absolute
- * CLOCK_MONOTONIC timeout, the operation's deadline (PITFALLS.md 1, 2, 5). A connection is
+ * CLOCK_MONOTONIC timeout, the operation's deadline. A connection is
  * PQfinish'ed only once its poll has completed: a pending poll keeps the socket open, and its
  * CQE would name a dead slot.
  *
@@ -128,8 +128,7 @@ static void backoff_after_failure(pgr_pool *p, int64_t now_ms)
 	/* Equal jitter: half fixed, half random, so pools that failed together do not retry
 	 * together. */
 	int64_t half = p->backoff_ms / 2;
-	p->next_connect_ms =
-	    pgr__sat_add(now_ms, half + (int64_t)(rnd(p) % (uint64_t)(half + 1)));
+	p->next_connect_ms = pgr__sat_add(now_ms, half + (int64_t)(rnd(p) % (uint64_t)(half + 1)));
 }
 
 static void connect_failed(pgr_pool *p, struct pgr_conn *c, const char *why)
@@ -197,7 +196,8 @@ static void connected(pgr_pool *p, struct pgr_conn *c)
 	if (life > 0) {
 		/* Jitter drawn once, at birth: connections opened together expire apart. */
 		int64_t j = p->cfg.lifetime_jitter_ms;
-		expire = pgr__sat_add(now, life) - (j > 0 ? (int64_t)(rnd(p) % (uint64_t)(j + 1)) : 0);
+		expire =
+		    pgr__sat_add(now, life) - (j > 0 ? (int64_t)(rnd(p) % (uint64_t)(j + 1)) : 0);
 	}
 	atomic_store_explicit(&c->expire_ms, expire, memory_order_relaxed);
 	atomic_store_explicit(&c->idle_since_ms, now, memory_order_relaxed);

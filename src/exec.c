@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgr_loop_exec: autocommit statements pipelined over connections a pgr_loop holds (exec.h).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * pgr_loop_exec: statements on the pool without a checkout, pipelined over the connections a
  * pgr_loop holds for them, and the per-connection prepared-statement cache they (and, when

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Async checkout and queries on a ring the caller owns (pgr_loop).
  *
@@ -430,7 +431,8 @@ int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, vo
 			c = pgr__fast_take_ping(p, &ping);
 		}
 		if (!c) {
-			if (atomic_load_explicit(&p->nopen, memory_order_relaxed) < p->cfg.max_size &&
+			if (atomic_load_explicit(&p->nopen, memory_order_relaxed) <
+			        p->cfg.max_size &&
 			    !atomic_exchange_explicit(&p->demand, 1, memory_order_relaxed))
 				pgr__manager_wake(p);
 			return -EAGAIN;
@@ -486,8 +488,8 @@ static bool is_error(const PGresult *r)
 static void result_sink(struct pgr__pq *x, int stmt, PGresult *r)
 {
 	struct op *o = (struct op *)((char *)x - offsetof(struct op, pq));
-	PGresult **slot = o->phase == PH_PIPELINE ? &o->pres[stmt < PGR_PIPELINE_MAX ? stmt : 0]
-	                                          : &o->res;
+	PGresult **slot =
+	    o->phase == PH_PIPELINE ? &o->pres[stmt < PGR_PIPELINE_MAX ? stmt : 0] : &o->res;
 	if (o->phase == PH_PIPELINE && stmt >= o->pq.nstmt) {
 		PQclear(r);
 		return;
@@ -561,7 +563,8 @@ static void ping_done(pgr_loop *l, struct op *o, bool ok)
 	atomic_fetch_add_explicit(&p->c_pings, 1, memory_order_relaxed);
 	int64_t now = pgr__mono_ns();
 	if (ok) {
-		atomic_store_explicit(&c->idle_since_ms, now / PGR__NS_PER_MS, memory_order_relaxed);
+		atomic_store_explicit(&c->idle_since_ms, now / PGR__NS_PER_MS,
+		                      memory_order_relaxed);
 		if (o->detached || o->done) {
 			atomic_store_explicit(&c->fresh, 1, memory_order_relaxed);
 			give_back(p, c);
@@ -817,8 +820,8 @@ int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
 }
 
 int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, const int *nparams,
-                      const char *const *const *params, int64_t timeout_ms,
-                      pgr_loop_pipeline_cb cb, void *arg)
+                      const char *const *const *params, int64_t timeout_ms, pgr_loop_pipeline_cb cb,
+                      void *arg)
 {
 	if (!l || !h || !sql || !cb || n < 1 || n > PGR_PIPELINE_MAX)
 		return -EINVAL;
@@ -867,8 +870,8 @@ int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, c
 	o->deadline_ns =
 	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
 	o->phase_deadline_ns = o->deadline_ns;
-	o->pq = (struct pgr__pq){
-	    .pg = c->pg, .sink = result_sink, .pipeline = 1, .nstmt = (uint8_t)n};
+	o->pq =
+	    (struct pgr__pq){.pg = c->pg, .sink = result_sink, .pipeline = 1, .nstmt = (uint8_t)n};
 	drive(l, o, 0);
 	return 0;
 }

@@ -193,7 +193,8 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 			}
 			pgr__conn_move(c, PGR__MANAGED);
 			if (ping) {
-				pgr__mgr_start_exec(p, c, "", cfg->ping_timeout_ms, AFTER_KEEPALIVE);
+				pgr__mgr_start_exec(p, c, "", cfg->ping_timeout_ms,
+				                    AFTER_KEEPALIVE);
 			} else {
 				if (reason == PGR_CLOSE_IDLE_TIMEOUT)
 					open--;
@@ -201,7 +202,8 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 			}
 		} else if (st == PGR__IN_USE || st == PGR__GRANTED || st == PGR__LOOP) {
 			/* Returned before it expires, it expires idle: be awake for that. */
-			due = earliest(due, atomic_load_explicit(&c->expire_ms, memory_order_relaxed));
+			due = earliest(due,
+			               atomic_load_explicit(&c->expire_ms, memory_order_relaxed));
 			if (idle_timeout)
 				due = earliest(due, pgr__sat_add(now, cfg->idle_timeout_ms));
 			if (cfg->keepalive_interval_ms > 0)
@@ -213,7 +215,8 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 			               atomic_load_explicit(&c->n_waits, memory_order_relaxed) + 1;
 			if (seq == c->leak_seq_reported)
 				continue;
-			int64_t acquired = atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
+			int64_t acquired =
+			    atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
 			int64_t held = now - acquired;
 			if (held < cfg->leak_threshold_ms) {
 				due = earliest(due, pgr__sat_add(acquired, cfg->leak_threshold_ms));
@@ -410,10 +413,10 @@ void pgr__manager_stop(pgr_pool *p)
 	}
 	if (!atomic_load_explicit(&p->mgr_detached, memory_order_acquire))
 		pgr__runtime_detach(rt, p); /* given up on: its slots are freed by destroy */
-	/*
-	 * The runtime itself stays until the pool's memory goes (pgr__manager_release): callers of
-	 * a drained pool still read its clock and may poke it, and neither may touch freed memory.
-	 */
+	                                    /*
+	                                     * The runtime itself stays until the pool's memory goes (pgr__manager_release): callers of
+	                                     * a drained pool still read its clock and may poke it, and neither may touch freed memory.
+	                                     */
 }
 
 /* The pool's memory is about to go: let go of the runtime (freeing a private one). */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The prepared-statement cache of one libpq connection (exec.h): which statement texts were
  * used how often on it, and which it holds prepared under which name. Owned by the slot's owner

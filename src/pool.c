@@ -132,12 +132,13 @@ size_t pgr_pool_last_error(pgr_pool *p, char *buf, size_t len)
 void pgr__conn_bad_move(struct pgr_conn *c, unsigned from, unsigned to)
 {
 	static const char *const state_names[PGR__STATES] = {
-	    [PGR__FREE] = "FREE",     [PGR__CONNECTING] = "CONNECTING", [PGR__IDLE] = "IDLE",
-	    [PGR__GRANTED] = "GRANTED", [PGR__IN_USE] = "IN_USE",     [PGR__LOOP] = "LOOP",
+	    [PGR__FREE] = "FREE",       [PGR__CONNECTING] = "CONNECTING", [PGR__IDLE] = "IDLE",
+	    [PGR__GRANTED] = "GRANTED", [PGR__IN_USE] = "IN_USE",         [PGR__LOOP] = "LOOP",
 	    [PGR__MANAGED] = "MANAGED", [PGR__CLOSING] = "CLOSING",
 	};
 	fprintf(stderr, "pgring: connection %u: illegal state move %s -> %s\n", c->id,
-	        from < PGR__STATES ? state_names[from] : "?", to < PGR__STATES ? state_names[to] : "?");
+	        from < PGR__STATES ? state_names[from] : "?",
+	        to < PGR__STATES ? state_names[to] : "?");
 	abort();
 }
 

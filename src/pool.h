@@ -234,13 +234,13 @@ struct pgr_pool {
 
 	/* Manager: its runtime, and state only the runtime's rounds touch. */
 	pgr_runtime *rt;
-	uint16_t rt_index;            /* the pool's index in its runtime (in user_data) */
-	_Atomic uint32_t mgr_poke;    /* requests or waiters arrived: take a turn */
-	_Atomic int mgr_stop;         /* drain: close what the manager holds, then detach */
-	_Atomic int mgr_detached;     /* the runtime let the pool go */
-	bool mgr_dirty;               /* a completion changed something: recompute what is due */
+	uint16_t rt_index;         /* the pool's index in its runtime (in user_data) */
+	_Atomic uint32_t mgr_poke; /* requests or waiters arrived: take a turn */
+	_Atomic int mgr_stop;      /* drain: close what the manager holds, then detach */
+	_Atomic int mgr_detached;  /* the runtime let the pool go */
+	bool mgr_dirty;            /* a completion changed something: recompute what is due */
 	int64_t next_due_ms;
-	struct pgr__clock own_clock;  /* before attach and after detach: always read directly */
+	struct pgr__clock own_clock; /* before attach and after detach: always read directly */
 	uint64_t rng;
 	uint32_t consecutive_failures;
 	int64_t backoff_ms;
@@ -300,15 +300,14 @@ static const uint16_t pgr__legal[PGR__STATES] = {
     [PGR__CONNECTING] = PGR__PUBLISHED | PGR__B(PGR__FREE) | PGR__B(PGR__CLOSING),
     /* IDLE -> GRANTED: the pump takes a connection from a shard for a waiter. */
     /* IDLE -> IDLE: a caller that took it puts it back untouched (drain began meanwhile). */
-    [PGR__IDLE] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
-                  PGR__B(PGR__MANAGED) | PGR__B(PGR__CLOSING),
+    [PGR__IDLE] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED) |
+                  PGR__B(PGR__CLOSING),
     /* GRANTED -> published: a waiter that found one itself gives the spare back. */
-    [PGR__GRANTED] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
-                     PGR__B(PGR__MANAGED),
+    [PGR__GRANTED] =
+        PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED),
     [PGR__IN_USE] = PGR__PUBLISHED | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED),
     /* LOOP -> IN_USE: a pre-ping on the loop passed and the connection goes to its caller. */
-    [PGR__LOOP] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) |
-                  PGR__B(PGR__MANAGED),
+    [PGR__LOOP] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED),
     /* MANAGED -> MANAGED: a rollback followed by reset_sql. */
     [PGR__MANAGED] = PGR__PUBLISHED | PGR__B(PGR__MANAGED) | PGR__B(PGR__CLOSING),
     [PGR__CLOSING] = PGR__B(PGR__FREE),

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The libpq engine (pq.h). Stateless beyond struct pgr__pq: the caller owns the waiting.
  */
@@ -22,7 +23,8 @@ bool pgr__tls_pending(PGconn *pg)
 
 bool pgr__pq_send_simple(PGconn *pg, const char *sql)
 {
-	/* A holder may have switched the connection to blocking mode; pgring's drivers never block. */
+	/* A holder may have switched the connection to blocking mode; pgring's drivers never block.
+	 */
 	return PQsetnonblocking(pg, 1) == 0 && PQsendQuery(pg, sql) == 1;
 }
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The libpq engine: one implementation of send / flush / consume / isBusy / results and the
  * OpenSSL pending-bytes check, as steps that say what to wait for. The manager (ping, rollback,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The runtime (runtime.h): the loop that runs the managers of its pools. A round takes the
  * clock, gives each attached pool its turn (pgr__mgr_round: requests, what is due, growth),
@@ -326,7 +327,8 @@ int pgr_runtime_destroy(pgr_runtime *rt)
 {
 	if (!rt)
 		return -EINVAL;
-	if (!pgr__forked(rt->fork_epoch) && atomic_load_explicit(&rt->nattached, memory_order_acquire))
+	if (!pgr__forked(rt->fork_epoch) &&
+	    atomic_load_explicit(&rt->nattached, memory_order_acquire))
 		return -EBUSY;
 	pgr__runtime_free(rt);
 	return 0;

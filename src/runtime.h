@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The runtime: one io_uring ring, one eventfd and (optionally) one thread that run the manager
  * of every pool attached to it, and the clock the checkout path reads.

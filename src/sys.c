@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * System services for the layers above: futex wait/wake on shared words and the fork guard.
  */

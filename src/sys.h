@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The system layer: clocks, saturating time arithmetic, futex wait/wake, the CPU id and the
  * fork guard. Knows nothing about pools.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Placeholder connections for the checkout core's stress tests and pgr_core_bench: slots with
  * no server behind them, so shards, stealing and the waiter FIFO run where no PostgreSQL does.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Stress of pgr_loop_exec against the real server: io_uring loops on their own threads pipeline
  * statements (good ones, failing ones, slow ones with short deadlines, with the prepared cache

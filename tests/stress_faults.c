@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Stress with faults and misuse, against the real server: blocking threads and io_uring loops
  * (rings kept full half the time) share one pool whose every checkout is pre-pinged, while a
@@ -70,8 +71,7 @@ static void unhold(pgr_conn *c, int tag)
 
 static bool acceptable_acquire_error(int rc)
 {
-	return rc == -ETIMEDOUT || rc == -PGR_E_CONNECT_FAILED || rc == -ESHUTDOWN ||
-	       rc == -EAGAIN;
+	return rc == -ETIMEDOUT || rc == -PGR_E_CONNECT_FAILED || rc == -ESHUTDOWN || rc == -EAGAIN;
 }
 
 /* A misuse call must be refused, never accepted. */
@@ -148,8 +148,9 @@ static void chain_start(struct chain *ch);
 static void on_query(pgr_loop *l, int err, PGresult *res, void *arg)
 {
 	struct chain *ch = arg;
-	bool ok = err == 0 && res &&
-	          (PQresultStatus(res) == PGRES_TUPLES_OK || PQresultStatus(res) == PGRES_COMMAND_OK);
+	bool ok =
+	    err == 0 && res &&
+	    (PQresultStatus(res) == PGRES_TUPLES_OK || PQresultStatus(res) == PGRES_COMMAND_OK);
 	PQclear(res);
 	unhold(ch->conn, ch->tag);
 	int rc = ok ? pgr_loop_release(l, ch->conn) : pgr_discard(ch->conn);
@@ -341,7 +342,8 @@ int main(void)
 	for (int i = 0; i < NLOOPS; i++) {
 		loops[i].seed = 77u + (unsigned)i;
 		for (int k = 0; k < CHAINS; k++)
-			loops[i].chains[k] = (struct chain){.lp = &loops[i], .tag = 100 + i * 10 + k};
+			loops[i].chains[k] =
+			    (struct chain){.lp = &loops[i], .tag = 100 + i * 10 + k};
 		pthread_create(&lt[i], NULL, loop_main, &loops[i]);
 	}
 	pthread_create(&chaos, NULL, chaos_main, NULL);
@@ -389,7 +391,8 @@ int main(void)
 	       rc);
 	for (int r = 0; r < PGR_CLOSE_REASONS; r++)
 		if (st.closes_by_reason[r])
-			printf("  closed %s: %llu\n", pgr_close_reason_name((enum pgr_close_reason)r),
+			printf("  closed %s: %llu\n",
+			       pgr_close_reason_name((enum pgr_close_reason)r),
 			       (unsigned long long)st.closes_by_reason[r]);
 	if (atomic_load(&misuse_refused) == 0)
 		FAIL("no misuse was tried: the test did not do its job");

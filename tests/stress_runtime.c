@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Stress: several pools on one shared runtime, against the real server. Threads run checkouts
  * and queries on each pool while a churn thread creates, uses, drains and destroys pools on the
@@ -161,8 +162,8 @@ int main(void)
 		FAIL("only %llu pools churned", (unsigned long long)atomic_load(&churned));
 	if (pgr_runtime_destroy(rt) != 0)
 		FAIL("runtime destroy refused after every pool was destroyed");
-	printf("runtime: %d steady pools, %llu checkouts, %llu pools created and destroyed\n", POOLS,
-	       (unsigned long long)total, (unsigned long long)atomic_load(&churned));
+	printf("runtime: %d steady pools, %llu checkouts, %llu pools created and destroyed\n",
+	       POOLS, (unsigned long long)total, (unsigned long long)atomic_load(&churned));
 	int failed = atomic_load(&failures) != 0;
 	printf("%d passed, %d failed\n", !failed, failed);
 	return failed;

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * What the pool adds to the caller's conninfo, seen where it takes effect (the socket's
  * options, the server's view of the session), and connections over the unix socket.

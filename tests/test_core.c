@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The no-lost-wake-up protocol of the checkout core, made deterministic. Placeholder
  * connections (no server, no manager), so every step is under the test's control.

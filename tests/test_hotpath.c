@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The checkout path of an idle connection makes no system call and no allocation.
  *

@@ -3,7 +3,7 @@
  * TLS (sslmode=verify-full against the test CA), against the real server: connects go through
  * the manager's io_uring path, and the manager's own statements (pre-ping, ROLLBACK on return)
  * read answers that span many TLS records, which is where bytes OpenSSL already decrypted but
- * nobody asked for yet could leave a poll waiting forever (PITFALLS.md, exec_read).
+ * nobody asked for yet could leave a poll waiting forever (src/pq.c, pgr__tls_pending).
  */
 #include <errno.h>
 #include <string.h>

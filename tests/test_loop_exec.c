@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /* pgr_loop_exec against the real server: pipelining, deadlines, faults, back-pressure, the
  * prepared-statement cache, drain and destroy. */
 #include <errno.h>

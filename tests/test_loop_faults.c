@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Faults on a pgr_loop, against the real server on a real ring: no fault may cost a healthy
  * connection. Stalled backends (SIGSTOP on the backend pid), acquires that give up before their
@@ -412,9 +413,9 @@ Test(loop_faults, misuse_on_a_loop_is_refused_and_reported, .timeout = 30)
 	cr_assert_eq(pgr_loop_acquire(e.loop, 2000, on_acq, &a), 0);
 	while (!a.calls)
 		turn(&e, 5);
-	cr_assert_eq(pgr_loop_query(e.loop, a.conn, "select 5 from pg_sleep(0.05)", 0, NULL, 5000,
-	                            on_q, &q),
-	             0);
+	cr_assert_eq(
+	    pgr_loop_query(e.loop, a.conn, "select 5 from pg_sleep(0.05)", 0, NULL, 5000, on_q, &q),
+	    0);
 	/* A second statement, a release and a discard while the query is in flight. */
 	struct q q2 = {0};
 	cr_assert_eq(pgr_loop_query(e.loop, a.conn, "select 1", 0, NULL, 1000, on_q, &q2), -EBUSY);

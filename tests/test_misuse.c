@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Misuse of the API, extreme values and fork: refused with a clear error, reported, and never
  * a corrupted pool, a shared connection, a crash or a leaked secret. Against the real server.

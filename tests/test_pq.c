@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * The libpq engine (src/pq.c) on its own, driven with poll(2) instead of io_uring, against the
  * real server: what both drivers (the manager and pgr_loop) rely on.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: PostgreSQL */
 /*
  * Runtimes: one manager for many pools, tickless. Against the real server: an idle pool costs
  * no wake-ups, due work still happens on time, pools on one runtime are isolated from each
@@ -181,8 +182,7 @@ Test(runtime, pools_on_one_runtime_are_isolated_from_a_black_holed_server, .time
 	pgr_pool *good;
 	cr_assert_eq(pgr_pool_create(&cg, &good), 0);
 	cr_assert(TU_WAIT_UNTIL(tu_stats(good).idle == 2, 2000), "the healthy pool did not fill");
-	cr_assert_lt(tu_now_ms() - t0, 1000, "filled only after %ld ms",
-	             (long)(tu_now_ms() - t0));
+	cr_assert_lt(tu_now_ms() - t0, 1000, "filled only after %ld ms", (long)(tu_now_ms() - t0));
 	for (int i = 0; i < 50; i++) {
 		pgr_conn *c;
 		int64_t a = tu_now_ms();

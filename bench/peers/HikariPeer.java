@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: PostgreSQL
 /*
  * pgr_bench peer: HikariCP (with the PostgreSQL JDBC driver), run by pgr_bench as a child
  * process with `java -cp <jars> HikariPeer.java` (single-file source launch, no build step).

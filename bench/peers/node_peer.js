@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: PostgreSQL
 // pgr_bench peer: node-postgres's pg.Pool (pure JavaScript client), run by pgr_bench as a child
 // process: `node node_peer.js`, with NODE_PATH pointing at the node_modules that hold `pg`.
 //

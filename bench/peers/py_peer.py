@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: PostgreSQL
 """pgr_bench peer: psycopg 3's psycopg_pool.ConnectionPool or SQLAlchemy's QueuePool (over
 psycopg2), run by pgr_bench as a child process: `python3 py_peer.py psycopg_pool|sqlalchemy`.
 
