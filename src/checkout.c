@@ -258,8 +258,8 @@ static inline bool still_queued(uint32_t s)
 
 /*
  * Spin briefly before parking: a connection returned within a few microseconds is then taken
- * without a futex sleep and wake (~10 us each way, measured on 2 vCPUs). Only the first waiters spin
- * (half the CPUs, at least one), so on an oversubscribed machine spinners do not starve the
+ * without a futex sleep and wake (~10 us each way, measured on 2 vCPUs). Only the first waiters
+ * spin (half the CPUs, at least one), so on an oversubscribed machine spinners do not starve the
  * holders they wait for: with 8 threads on 4 connections and 2 CPUs this took throughput from
  * 0.15x to 0.4x of a barging mutex pool, and from 0.46x to 1.1x with 2 threads on 1.
  */
