@@ -200,6 +200,12 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 					open--;
 				pgr__mgr_close(p, c, reason);
 			}
+			/*
+			 * The action may already be over (a ping answered at once, a close with
+			 * nothing in flight), and then no completion comes to make the pool dirty:
+			 * look again in a moment, or this connection's next due time is lost.
+			 */
+			due = earliest(due, now + 1);
 		} else if (st == PGR__IN_USE || st == PGR__GRANTED || st == PGR__LOOP) {
 			/* Returned before it expires, it expires idle: be awake for that. */
 			due = earliest(due,
