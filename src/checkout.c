@@ -351,9 +351,11 @@ static bool validate_ex(pgr_pool *p, struct pgr_conn *c, bool *ping_here)
 static inline pgr_conn *checked_out(struct pgr_conn *c, const char *file, int line,
                                     const char *func)
 {
-	pgr__conn_move(c, PGR__IN_USE);
 	uint32_t lease = atomic_load_explicit(&c->lease, memory_order_relaxed) + 1;
 	atomic_store_explicit(&c->lease, lease, memory_order_relaxed);
+	/* The new lease before IN_USE, with release: a misuse check that sees IN_USE (acquire)
+	 * sees this lease too, so an old holder's handle can never pass for the new one's. */
+	pgr__conn_move_rel(c, PGR__IN_USE);
 	atomic_store_explicit(&c->acquired_ms, pgr__now_ms(c->pool), memory_order_relaxed);
 	/* Where it was acquired matters only to leak reports. */
 	if (c->pool->cfg.leak_threshold_ms) {
@@ -666,7 +668,8 @@ int pgr__return_check(pgr_conn *h, const char *what, struct pgr_conn **out)
 	pgr_pool *p = c->pool;
 	if (unlikely(pgr__forked(p->fork_epoch)))
 		return -PGR_E_FORKED;
-	if (unlikely(atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE ||
+	/* acquire: pairs with checked_out's release, so the lease read next is the holder's. */
+	if (unlikely(atomic_load_explicit(&c->state, memory_order_acquire) != PGR__IN_USE ||
 	             !pgr__handle_current(h, c)))
 		return pgr__misuse(p, c->id, -PGR_E_NOT_OWNED,
 		                   "misuse: %s of connection %u, which this handle does not hold "
@@ -810,7 +813,7 @@ void pgr__conn_cleanup(pgr_conn **c)
 PGconn *pgr_conn_pg(pgr_conn *h)
 {
 	struct pgr_conn *c = pgr__slot(h);
-	if (!c || atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE ||
+	if (!c || atomic_load_explicit(&c->state, memory_order_acquire) != PGR__IN_USE ||
 	    !pgr__handle_current(h, c))
 		return NULL;
 	return c->pg;

@@ -771,7 +771,7 @@ static int conn_check(pgr_loop *l, pgr_conn *h, const char *what, struct pgr_con
 	if (c->pool != l->pool)
 		return pgr__misuse(l->pool, PGR__NONE, -EINVAL,
 		                   "misuse: %s with a connection of another pool", what);
-	if (atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE ||
+	if (atomic_load_explicit(&c->state, memory_order_acquire) != PGR__IN_USE ||
 	    !pgr__handle_current(h, c))
 		return pgr__misuse(l->pool, c->id, -PGR_E_NOT_OWNED,
 		                   "misuse: %s on connection %u, which this handle does not hold",

@@ -321,6 +321,14 @@ static inline void pgr__conn_move(struct pgr_conn *c, unsigned to)
 		pgr__conn_bad_move(c, cur, to);
 	atomic_store_explicit(&c->state, to, memory_order_relaxed);
 }
+/* The same, publishing what the owner wrote before it (see checked_out). */
+static inline void pgr__conn_move_rel(struct pgr_conn *c, unsigned to)
+{
+	unsigned cur = atomic_load_explicit(&c->state, memory_order_relaxed);
+	if (unlikely(cur >= PGR__STATES || !(pgr__legal[cur] & PGR__B(to))))
+		pgr__conn_bad_move(c, cur, to);
+	atomic_store_explicit(&c->state, to, memory_order_release);
+}
 
 /* config.c */
 int pgr__config_import(pgr_pool *p, const pgr_config *cfg, pgr_config *out);

@@ -12,8 +12,9 @@
  * checkouts happen, the runtime publishes now_ms every PGR__TICK_MS and readers load it (one
  * relaxed load). Once no checkout has read it for PGR__CLOCK_QUIET ticks the runtime stops
  * ticking (live = 0); a reader that then finds the clock stopped reads CLOCK_MONOTONIC_COARSE
- * itself and asks the runtime (once, by exchange) to resume. Readers mark `used` only when it
- * is clear, so the line sees two writes per tick, not one per checkout.
+ * itself and leaves a request (wake_req) that the runtime's next round honours; no reader ever
+ * makes a system call for it. Readers mark `used` only when it is clear, so the line sees two
+ * writes per tick, not one per checkout.
  */
 #ifndef PGR_RUNTIME_H
 #define PGR_RUNTIME_H
