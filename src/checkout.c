@@ -183,12 +183,54 @@ static uint32_t wq_grant_locked(pgr_pool *p, struct pgr_conn *c, bool *wake)
 	return i;
 }
 
-/* Hand c (owned by the caller) to the oldest waiter. False when nobody waits. */
+/*
+ * The waiting policy, when a connection comes back and callers wait.
+ *
+ * A strict FIFO hand-off wakes a parked thread for every release, and the connection sits
+ * unused for the wake-up (~10 us to run on a busy 2-CPU machine) while the releasing thread,
+ * still running, finds nothing and parks in its turn: with more threads than connections that
+ * halves throughput. So, as the Linux kernel's mutex does: a returned connection goes to the
+ * oldest waiter directly only when that costs no wake-up (the waiter is spinning) or when that
+ * waiter has starved (waited PGR__STARVE_NS); otherwise it goes to a shard, where whoever
+ * runs first may take it, and the oldest waiter is nudged awake to compete for it. The queue
+ * keeps its order (only the head is ever nudged or granted), and once the head has waited the
+ * threshold it is served next: the longest wait is bounded as under a strict FIFO, plus the
+ * threshold.
+ */
+static bool grant_due(pgr_pool *p)
+{
+	uint32_t i = p->wq_head;
+	if (i == PGR__NONE)
+		return false;
+	struct pgr__waiter *w = &p->waiters[i];
+	/* A precise clock here: only releasers that find callers waiting get this far. */
+	return atomic_load_explicit(&w->state, memory_order_acquire) == PGR__W_WAITING ||
+	       pgr__mono_ns() - atomic_load_explicit(&w->since_ns, memory_order_relaxed) >=
+	           PGR__STARVE_NS;
+}
+
+/* Wake the oldest waiter to look again. Caller holds wq_lock; returns the slot to wake. */
+static uint32_t nudge_locked(pgr_pool *p)
+{
+	uint32_t i = p->wq_head;
+	if (i == PGR__NONE)
+		return PGR__NONE;
+	uint32_t expect = PGR__W_SLEEPING;
+	/* Pairs with the waiter's park CAS: a waiter that went to sleep is woken exactly once. */
+	if (atomic_compare_exchange_strong_explicit(&p->waiters[i].state, &expect, PGR__W_NUDGED,
+	                                            memory_order_acq_rel, memory_order_relaxed))
+		return i;
+	return PGR__NONE;
+}
+
+/* Hand c (owned by the caller) to the oldest waiter if the policy says so. */
 static bool handoff(pgr_pool *p, struct pgr_conn *c)
 {
-	bool wake;
+	bool wake = false;
+	uint32_t i = PGR__NONE;
 	pthread_mutex_lock(&p->wq_lock);
-	uint32_t i = wq_grant_locked(p, c, &wake);
+	if (grant_due(p))
+		i = wq_grant_locked(p, c, &wake);
 	pthread_mutex_unlock(&p->wq_lock);
 	if (i == PGR__NONE)
 		return false;
@@ -199,12 +241,21 @@ static bool handoff(pgr_pool *p, struct pgr_conn *c)
 	return true;
 }
 
-/* Serve waiters from idle shards: runs when a publish raced with a waiter's arrival. */
+/*
+ * Serve waiters from idle shards: after a connection went to a shard with callers waiting
+ * (it raced with a waiter's arrival, or the policy let it go there). Heads that are due a
+ * grant get one; a sleeping head is nudged to take its chance.
+ */
 static void pump(pgr_pool *p)
 {
+	uint32_t nudged = PGR__NONE;
 	pthread_mutex_lock(&p->wq_lock);
 	while (p->wq_head != PGR__NONE) {
-		bool stolen, wake;
+		if (!grant_due(p)) {
+			nudged = nudge_locked(p);
+			break;
+		}
+		bool stolen, wake = false;
 		struct pgr_conn *c = take_any(p, &stolen);
 		if (!c)
 			break;
@@ -214,6 +265,8 @@ static void pump(pgr_pool *p)
 			pgr__futex_wake1(&p->waiters[i].state);
 	}
 	pthread_mutex_unlock(&p->wq_lock);
+	if (nudged != PGR__NONE)
+		pgr__futex_wake1(&p->waiters[nudged].state);
 }
 
 void pgr__publish(pgr_pool *p, struct pgr_conn *c)
@@ -253,7 +306,14 @@ bool pgr__waiter_park(struct pgr__waiter *w)
 
 static inline bool still_queued(uint32_t s)
 {
-	return s == PGR__W_WAITING || s == PGR__W_SLEEPING;
+	return s == PGR__W_WAITING || s == PGR__W_SLEEPING || s == PGR__W_NUDGED;
+}
+
+bool pgr__waiter_resume(struct pgr__waiter *w)
+{
+	uint32_t expect = PGR__W_NUDGED;
+	return atomic_compare_exchange_strong_explicit(&w->state, &expect, PGR__W_WAITING,
+	                                               memory_order_acq_rel, memory_order_acquire);
 }
 
 /*
@@ -427,6 +487,7 @@ int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 	p->wq_free = w->next;
 	w->gen++;
 	w->conn = PGR__NONE;
+	atomic_store_explicit(&w->since_ns, pgr__mono_ns(), memory_order_relaxed);
 	w->next = PGR__NONE;
 	w->prev = p->wq_tail;
 	if (p->wq_tail != PGR__NONE)
@@ -466,6 +527,7 @@ unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted)
 		atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
 		atomic_store_explicit(&w->state, PGR__W_CANCELLED, memory_order_relaxed);
 	}
+
 	pthread_mutex_unlock(&p->wq_lock);
 	*granted = s == PGR__W_GRANTED ? &p->conns[w->conn] : NULL;
 	return s;
@@ -558,13 +620,26 @@ static int slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 			return rc;
 		struct pgr__waiter *w = &p->waiters[wi];
 		struct pgr_conn *mine = fast_take(p);
-		if (!mine && !spin_for_grant(p, w) && pgr__waiter_park(w)) {
+		bool timed_out = false;
+		while (!mine && !timed_out) {
+			/* Spinning or parking ends when the state leaves WAITING: granted, shut
+			 * down, or (parked) nudged to look again. */
+			if (spin_for_grant(p, w) || !pgr__waiter_park(w))
+				break;
 			while (atomic_load_explicit(&w->state, memory_order_acquire) ==
 			       PGR__W_SLEEPING) {
 				if (pgr__futex_wait_abs(&w->state, PGR__W_SLEEPING, deadline) ==
-				    -ETIMEDOUT)
+				    -ETIMEDOUT) {
+					timed_out = true;
 					break;
+				}
 			}
+			if (atomic_load_explicit(&w->state, memory_order_acquire) !=
+			        PGR__W_NUDGED ||
+			    !pgr__waiter_resume(w))
+				break;
+			mine = fast_take(p);
+			timed_out = !mine && pgr__mono_ns() >= deadline;
 		}
 		struct pgr_conn *granted;
 		unsigned s = pgr__wq_settle(p, wi, &granted);
@@ -776,7 +851,7 @@ const struct pgr__conn_ops pgr__libpq_ops = {.return_state = libpq_return_state}
 
 static int release(pgr_conn *h, bool discard)
 {
-	struct pgr_conn *c;
+	struct pgr_conn *c = NULL;
 	int rc = pgr__return_check(h, discard ? "discard" : "release", &c);
 	if (unlikely(rc))
 		return rc;

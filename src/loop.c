@@ -466,9 +466,19 @@ static void acquire_cqe(pgr_loop *l, struct op *o)
 	o->armed = 0;
 	struct pgr__waiter *w = &l->pool->waiters[o->wi];
 	unsigned s = atomic_load_explicit(&w->state, memory_order_acquire);
-	if (s == PGR__W_SLEEPING && !l->destroying && pgr__mono_ns() < o->deadline_ns) {
+	int64_t now = pgr__mono_ns();
+	if (s == PGR__W_SLEEPING && !l->destroying && now < o->deadline_ns) {
 		/* A spurious wake-up (a late wake meant for the slot's earlier waiter). */
 		arm_futex(l, o);
+		return;
+	}
+	if (s == PGR__W_NUDGED && !l->destroying && pgr__waiter_resume(w)) {
+		/* A connection went idle: take it if it is still there, else wait again. */
+		struct pgr_conn *mine = pgr__fast_take(l->pool);
+		if (mine || now >= o->deadline_ns)
+			acquire_settle(l, o, mine);
+		else
+			arm_futex(l, o);
 		return;
 	}
 	acquire_settle(l, o, NULL);

@@ -164,14 +164,20 @@ enum pgr__wstate {
 	PGR__W_CANCELLED,
 	PGR__W_SHUTDOWN,
 	PGR__W_SLEEPING, /* queued, parked or about to park on the word: a grant must wake it */
+	PGR__W_NUDGED,   /* queued, woken without a grant: a connection went idle, look again */
 };
+
+/* Once the oldest waiter has waited this long, returned connections go to it (a hand-off)
+ * instead of to whoever runs first (see pgr__publish). */
+#define PGR__STARVE_NS 1000000
 
 struct pgr__waiter {
 	_Atomic uint32_t state; /* the futex word; shared (not PRIVATE): see futex_wait */
 	uint32_t conn;          /* granted slot, valid once state == GRANTED */
 	uint32_t next, prev;    /* FIFO links, under wq_lock */
 	uint32_t gen;
-	uint32_t pos; /* place in the queue at arrival (1 = head), under wq_lock */
+	uint32_t pos;             /* place in the queue at arrival (1 = head), under wq_lock */
+	_Atomic int64_t since_ns; /* when it queued (CLOCK_MONOTONIC; read by releasers) */
 } PGR__ALIGNED;
 
 struct pgr_pool {
@@ -350,6 +356,9 @@ int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c); /* manager takes a known-i
 void pgr__waiters_shutdown(pgr_pool *p);
 uint32_t pgr__idle_count(pgr_pool *p);
 bool pgr__waiter_park(struct pgr__waiter *w);
+/* A nudged waiter resumes looking: NUDGED -> WAITING. False when the state moved on meanwhile
+ * (granted, shut down). */
+bool pgr__waiter_resume(struct pgr__waiter *w);
 int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi);
 unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted);
 void pgr__wq_free(pgr_pool *p, uint32_t wi);

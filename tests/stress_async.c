@@ -70,8 +70,18 @@ static void hold(struct shared *s, pgr_conn *c, int who, unsigned *seed)
 	if (atomic_exchange(&s->holder[id], who) != 0)
 		atomic_fetch_add(&s->double_holds, 1);
 	atomic_fetch_add(&s->acquires, 1);
-	for (volatile int i = rand_r(seed) % 300; i > 0; i--)
-		;
+	if (s->liveness) {
+		/* Held ~20 us: long enough that loops and threads contend even when a sanitizer
+		 * slows every other step (the phase asserts that each kind of waiter waited). */
+		struct timespec t0, t1;
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		do
+			clock_gettime(CLOCK_MONOTONIC, &t1);
+		while ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec) < 20000);
+	} else {
+		for (volatile int i = rand_r(seed) % 300; i > 0; i--)
+			;
+	}
 	atomic_store(&s->holder[id], 0);
 }
 
