@@ -299,9 +299,9 @@ int pgr_pool_drain(pgr_pool *p, int64_t drain_ms)
 	int rc = pgr__pool_usable(p);
 	if (rc)
 		return rc;
-	if (p->drained)
+	/* A second call, even a concurrent one, returns at once (drain once, from one thread). */
+	if (atomic_exchange_explicit(&p->drained, 1, memory_order_acq_rel))
 		return 0;
-	p->drained = 1;
 	pthread_mutex_lock(&p->wq_lock);
 	atomic_store_explicit(&p->closing, 1, memory_order_seq_cst);
 	pthread_mutex_unlock(&p->wq_lock);

@@ -251,7 +251,7 @@ struct pgr_pool {
 	uint32_t consecutive_failures;
 	int64_t backoff_ms;
 	int64_t next_connect_ms;
-	int drained;
+	_Atomic int drained;
 	uint32_t fork_epoch;     /* see sys.h: a forked child must not use the pool */
 	_Atomic uint32_t nloops; /* pgr_loops bound to the pool: destroy refuses while any live */
 };

@@ -183,26 +183,32 @@ void pgr__runtime_round(pgr_runtime *rt, bool wait)
 	if (due <= now)
 		due = now + 1;
 	arm_timeout(rt, due);
-	pthread_mutex_unlock(&rt->lock);
+	/*
+	 * Without a thread the round never blocks, so it keeps the lock to the end: liburing is
+	 * not thread-safe, and a drain on another thread that turns the crank while the loop's
+	 * thread calls pgr_runtime_run must not touch the ring at the same time.
+	 */
+	if (wait)
+		pthread_mutex_unlock(&rt->lock);
 
 	struct io_uring_cqe *cqe;
 	if (wait) {
 		int r = io_uring_submit_and_wait(&rt->ring, 1);
 		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
 			usleep(1000); /* never spin on a broken ring */
+		pthread_mutex_lock(&rt->lock);
 	} else {
 		io_uring_submit(&rt->ring);
 	}
-	pthread_mutex_lock(&rt->lock);
 	unsigned head, n = 0;
 	io_uring_for_each_cqe (&rt->ring, head, cqe) {
 		handle_cqe(rt, cqe);
 		n++;
 	}
 	io_uring_cq_advance(&rt->ring, n);
-	pthread_mutex_unlock(&rt->lock);
 	if (n)
 		io_uring_submit(&rt->ring); /* what the completions armed goes out now */
+	pthread_mutex_unlock(&rt->lock);
 }
 
 static void *runtime_main(void *arg)
