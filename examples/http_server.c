@@ -4,7 +4,7 @@
  * PostgreSQL table through pgring's async API, and GET /metrics with the pool's Prometheus text.
  *
  *   pgr_http_server --listen 127.0.0.1:8080 --conninfo 'host=... dbname=...'
- *                   [--threads N] [--pool-size N] [--mode pool|connect] ...
+ *                   [--threads N] [--pool-size N] [--mode pool|exec|connect] ...
  *
  * Threads: one worker per core, each with its own io_uring ring, its own pgr_loop and its own
  * SO_REUSEPORT listening socket on the same port. The kernel spreads new connections over
@@ -134,6 +134,7 @@ struct worker {
 struct server {
 	const char *conninfo;
 	bool connect_mode;
+	bool exec_mode; /* pgr_loop_exec: no checkout per request, pipelined and prepared */
 	bool verbose;
 	uint32_t nthreads;
 	uint32_t pool_size;
@@ -368,6 +369,27 @@ static void on_acquire(pgr_loop *loop, int err, pgr_conn *pg, void *arg)
 	}
 }
 
+/*
+ * --mode exec: the statement goes to pgr_loop_exec, which pipelines it behind others on a
+ * connection the loop holds and, after a few uses, runs it as a prepared statement: no
+ * checkout per request, and no parse and plan per request on the server.
+ */
+static void on_exec(pgr_loop *loop, int err, PGresult *res, void *arg)
+{
+	(void)loop;
+	struct hconn *c = arg;
+	if (err == 0 && PQresultStatus(res) == PGRES_TUPLES_OK)
+		respond_row(c, res);
+	else if (err == -ECANCELED || err == -ESHUTDOWN)
+		respond_error(c, 503, "server shutting down");
+	else if (err)
+		respond_error(c, err == -EBUSY || err == -ETIMEDOUT ? 503 : 500, pgr_strerror(err));
+	else
+		respond_error(c, 500, PQresultErrorMessage(res));
+	PQclear(res);
+	db_done(c);
+}
+
 /* Start the lookup; its callbacks may run before this returns (an idle connection was there). */
 static void start_lookup(struct hconn *c)
 {
@@ -376,6 +398,16 @@ static void start_lookup(struct hconn *c)
 	if (!w->loop) {
 		respond_error(c, 503, "server shutting down");
 		c->db_busy = false;
+		return;
+	}
+	if (w->srv->exec_mode) {
+		const char *params[1] = {c->param};
+		int rc = pgr_loop_exec(w->loop, USER_SQL, 1, params, w->srv->query_timeout_ms,
+		                       on_exec, c);
+		if (rc) {
+			respond_error(c, 503, pgr_strerror(rc));
+			c->db_busy = false;
+		}
 		return;
 	}
 	int rc = pgr_loop_acquire(w->loop, w->srv->acquire_timeout_ms, on_acquire, c);
@@ -866,7 +898,9 @@ static void usage(FILE *f)
 	        "                            port 0 picks a free one, printed at start)\n"
 	        "  --threads N               worker threads, one ring each (default: online CPUs)\n"
 	        "  --pool-size N             pgring pool max_size, all opened at start (16)\n"
-	        "  --mode pool|connect       pool (default), or a new connection per request\n"
+	        "  --mode pool|exec|connect  pool: a checkout per request (default); exec:\n"
+	        "                            pgr_loop_exec, pipelined and prepared; connect: a\n"
+	        "                            new connection per request\n"
 	        "  --acquire-timeout-ms N    503 when no connection within N ms (2000)\n"
 	        "  --query-timeout-ms N      500 when the query takes longer (5000)\n"
 	        "  --max-conns N             client connections per thread (1024)\n"
@@ -963,8 +997,10 @@ int main(int argc, char **argv)
 			bad = parse_u32(optarg, 1, 10000, &srv.pool_size);
 			break;
 		case O_MODE:
-			bad = strcmp(optarg, "pool") && strcmp(optarg, "connect");
+			bad = strcmp(optarg, "pool") && strcmp(optarg, "connect") &&
+			      strcmp(optarg, "exec");
 			srv.connect_mode = strcmp(optarg, "connect") == 0;
+			srv.exec_mode = strcmp(optarg, "exec") == 0;
 			break;
 		case O_ACQ:
 			bad = parse_u32(optarg, 1, 3600000, &v);
@@ -1135,7 +1171,9 @@ int main(int argc, char **argv)
 		fprintf(stderr,
 		        "pgr_http_server: listening on %s:%u (%u threads, mode %s, pool size %u)\n",
 		        ip, ntohs(addr.sin_port), srv.nthreads,
-		        srv.connect_mode ? "connect" : "pool",
+		        srv.connect_mode ? "connect"
+		        : srv.exec_mode  ? "exec"
+		                         : "pool",
 		        srv.connect_mode ? 0 : srv.pool_size);
 		int sig = 0;
 		sigwait(&sigs, &sig);

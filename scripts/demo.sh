@@ -156,6 +156,12 @@ http_get /metrics | grep -E '^pgring_(connections|acquires_total|acquired_immedi
 stop_server
 
 echo
+echo "== exec mode: pgr_loop_exec, no checkout per request, pipelined, prepared after 5 uses"
+start_server exec --pool-size "$POOL_SIZE"
+run_wrk exec 64
+stop_server
+
+echo
 echo "== connect mode: PQconnectdb + PQexecParams + PQfinish for every request"
 start_server connect
 run_wrk connect 8
@@ -169,8 +175,14 @@ printf '  %-22s %10s req/s   p50 %-9s p99 %-9s errors %s\n' \
     "pool (64 conns)" "$pool_rps" "$(wrk_field pool 50%)" "$(wrk_field pool 99%)" \
     "$(wrk_field pool errors)"
 printf '  %-22s %10s req/s   p50 %-9s p99 %-9s errors %s\n' \
+    "exec (64 conns)" "$(wrk_field exec rps)" "$(wrk_field exec 50%)" "$(wrk_field exec 99%)" \
+    "$(wrk_field exec errors)"
+printf '  %-22s %10s req/s   p50 %-9s p99 %-9s errors %s\n' \
     "connect (8 conns)" "$conn_rps" "$(wrk_field connect 50%)" "$(wrk_field connect 99%)" \
     "$(wrk_field connect errors)"
+awk -v a="$(wrk_field exec rps)" -v b="$pool_rps" 'BEGIN {
+    if (b > 0) printf "  pgr_loop_exec served %.2fx the requests per second of a checkout per request\n", a / b
+}'
 awk -v a="$pool_rps" -v b="$conn_rps" 'BEGIN {
     if (b > 0) printf "  the pool served %.1fx the requests per second of connect-per-request\n", a / b
 }'
