@@ -138,6 +138,12 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 		return reject(p, "max_overflow", "with max_size exceeds 4096 connections");
 	if (c->min_idle > c->max_size)
 		return reject(p, "min_idle", "must not exceed max_size");
+	if (c->max_capacity > PGR__MAX_CONNS)
+		return reject(p, "max_capacity",
+		              "must be at most 4096 (0 = max_size + max_overflow)");
+	if (c->max_capacity && c->max_capacity < c->max_size + c->max_overflow)
+		return reject(p, "max_capacity",
+		              "must not be below max_size + max_overflow (0 = their sum)");
 	if (c->max_connecting == 0)
 		return reject(p, "max_connecting", "must be at least 1");
 	if (c->shards > PGR__MAX_SHARDS)

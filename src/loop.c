@@ -432,7 +432,7 @@ int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, vo
 		}
 		if (!c) {
 			if (atomic_load_explicit(&p->nopen, memory_order_relaxed) <
-			        p->cfg.max_size &&
+			        pgr__lim_max_size(pgr__limits(p)) &&
 			    !atomic_exchange_explicit(&p->demand, 1, memory_order_relaxed))
 				pgr__manager_wake(p);
 			return -EAGAIN;
