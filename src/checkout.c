@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "pool.h"
+#include "role.h"
 
 /* ---- CPU and futex ---- */
 
@@ -704,6 +705,10 @@ enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *rea
 	}
 	if (unlikely(atomic_load_explicit(&c->server_error, memory_order_relaxed))) {
 		*reason = PGR_CLOSE_SERVER_ERROR;
+		return PGR__V_RETIRE;
+	}
+	if (unlikely(!pgr__role_ok(p, c->pg))) {
+		*reason = PGR_CLOSE_ROLE_CHANGED;
 		return PGR__V_RETIRE;
 	}
 	enum pgr__rstate rs = p->ops->return_state(c);

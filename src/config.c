@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "pool.h"
+#include "role.h"
 
 /*
  * The size of the first pgr_config with a struct_size (0.2): every program that can call
@@ -270,8 +271,10 @@ static int build_params(pgr_pool *p)
 			goto nomem;
 		k++;
 	}
+	p->role = (uint8_t)pgr__role_parse(find(opts, "target_session_attrs"));
+	int rc = pgr__hosts_init(p, find(opts, "target_session_attrs"));
 	PQconninfoFree(opts);
-	return 0;
+	return rc;
 nomem:
 	PQconninfoFree(opts);
 	return -ENOMEM;
@@ -298,6 +301,7 @@ int pgr__config_copy(pgr_pool *p, const pgr_config *cfg)
 
 void pgr__config_free(pgr_pool *p)
 {
+	pgr__hosts_free(p);
 	if (p->kw) {
 		for (size_t i = 0; p->kw[i]; i++) {
 			free((void *)p->kw[i]);

@@ -183,10 +183,12 @@ struct pgr_pool {
 	char *password; /* to scrub from messages */
 	uint32_t cap;   /* slots allocated at create: cfg.max_capacity, the resize bound */
 	uint32_t nshards;
-	uint32_t nwords;         /* 64-bit words per shard bitmap */
-	uint32_t shard_stride;   /* words between shards, padded to a cache line */
-	uint32_t spin_iters;     /* pause loops a waiter spins before parking (0 on one CPU) */
-	uint32_t spin_positions; /* waiters that far from the head or closer spin */
+	uint8_t role;             /* enum pgr__role (role.h): what target_session_attrs asks for */
+	struct pgr__hosts *hosts; /* host rotation of a replica pool (role.h), or NULL */
+	uint32_t nwords;          /* 64-bit words per shard bitmap */
+	uint32_t shard_stride;    /* words between shards, padded to a cache line */
+	uint32_t spin_iters;      /* pause loops a waiter spins before parking (0 on one CPU) */
+	uint32_t spin_positions;  /* waiters that far from the head or closer spin */
 	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
 	const struct pgr__conn_ops *ops;
