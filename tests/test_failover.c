@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "testutil.h"
 
@@ -22,6 +23,11 @@ struct rs {
 	int port[3]; /* primary, standby1, standby2 */
 	int nstandby;
 };
+
+/* The set a test started (a copy: the test's frame is gone when an assertion ends it early),
+ * stopped by rs_fini. */
+static struct rs started_rs;
+static bool started;
 
 static void rs_ctl(struct rs *r, const char *args)
 {
@@ -42,8 +48,8 @@ static void rs_start(struct rs *r, int nstandby, bool sync)
 	cr_assert(mkdtemp(r->dir), "mkdtemp");
 	r->nstandby = nstandby;
 	char cmd[1024];
-	snprintf(cmd, sizeof(cmd), "'%s' start '%s' %d %s 2>/dev/null", r->ctl, r->dir, nstandby,
-	         sync ? "sync" : "");
+	snprintf(cmd, sizeof(cmd), "'%s' start '%s' %d %s 2>'%s.log'", r->ctl, r->dir, nstandby,
+	         sync ? "sync" : "", r->dir);
 	FILE *f = popen(cmd, "r");
 	cr_assert(f);
 	char line[1024];
@@ -57,13 +63,31 @@ static void rs_start(struct rs *r, int nstandby, bool sync)
 		}
 	}
 	int rc = pclose(f);
-	cr_assert(rc == 0 && r->port[0] > 0, "%s failed (%d)", cmd, rc);
+	started_rs = *r;
+	started = true;
+	cr_assert(rc == 0 && r->port[0] > 0, "%s failed (%d): its log is %s.log", cmd, rc, r->dir);
+	char log[160];
+	snprintf(log, sizeof(log), "%s.log", r->dir);
+	unlink(log);
+}
+
+static void rs_fini(void)
+{
+	if (!started)
+		return;
+	char cmd[1024];
+	snprintf(cmd, sizeof(cmd), "'%s' stop '%s' >/dev/null 2>&1", started_rs.ctl,
+	         started_rs.dir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "could not remove the replica set in %s\n", started_rs.dir);
+	started = false;
 }
 
 static void rs_stop(struct rs *r)
 {
 	char args[256];
 	snprintf(args, sizeof(args), "stop '%s'", r->dir);
+	started = false;
 	rs_ctl(r, args);
 }
 
@@ -228,7 +252,8 @@ static void writers_stop(struct writes *W, pthread_t *t)
 		pthread_join(t[i], NULL);
 }
 
-Test(failover, killed_primary_and_promoted_standby_lose_no_acknowledged_commit, .timeout = 90)
+Test(failover, killed_primary_and_promoted_standby_lose_no_acknowledged_commit, .timeout = 90,
+     .fini = rs_fini)
 {
 	struct rs r;
 	rs_start(&r, 1, true);
@@ -266,10 +291,11 @@ Test(failover, killed_primary_and_promoted_standby_lose_no_acknowledged_commit, 
 	    "kill+promote (sync): %ld writes acknowledged (%ld before the kill), %ld failed, "
 	    "outage %lld ms (first to last failed write; promotion %lld ms after the kill), "
 	    "writes resumed %lld ms after the promotion, %ld rows on the new primary, "
-	    "0 acknowledged commits lost, %ld checkouts of the dead host after the kill",
+	    "0 acknowledged commits lost, %ld checkouts of the dead host after the kill, "
+	    "longest write %lld ms",
 	    atomic_load(&W.ok), before, atomic_load(&W.failed), (long long)outage,
 	    (long long)(promoted - killed), (long long)resume_ms, held,
-	    atomic_load(&W.dead_port_checkouts));
+	    atomic_load(&W.dead_port_checkouts), (long long)atomic_load(&W.max_write_ms));
 	/*
 	 * The pool retries a failing server after a backoff of at most backoff_max_ms (500 ms),
 	 * and one connect on loopback takes milliseconds; 1 s on top covers a loaded machine.
@@ -284,7 +310,8 @@ Test(failover, killed_primary_and_promoted_standby_lose_no_acknowledged_commit, 
 	rs_stop(&r);
 }
 
-Test(failover, switchover_retires_connections_that_hit_a_read_only_server, .timeout = 90)
+Test(failover, switchover_retires_connections_that_hit_a_read_only_server, .timeout = 90,
+     .fini = rs_fini)
 {
 	struct rs r;
 	rs_start(&r, 1, false);
@@ -346,7 +373,8 @@ Test(failover, switchover_retires_connections_that_hit_a_read_only_server, .time
 
 /* ---- roles seen without a round trip ---- */
 
-Test(roles, a_pinged_connection_to_a_read_only_primary_is_never_handed_out, .timeout = 90)
+Test(roles, a_pinged_connection_to_a_read_only_primary_is_never_handed_out, .timeout = 90,
+     .fini = rs_fini)
 {
 	struct rs r;
 	rs_start(&r, 1, false);
@@ -421,7 +449,7 @@ static int count_port(const int *ports, int n, int port)
 	return k;
 }
 
-Test(roles, a_standby_pool_leaves_a_promoted_standby_for_another, .timeout = 90)
+Test(roles, a_standby_pool_leaves_a_promoted_standby_for_another, .timeout = 90, .fini = rs_fini)
 {
 	struct rs r;
 	rs_start(&r, 2, false);
@@ -463,7 +491,8 @@ Test(roles, a_standby_pool_leaves_a_promoted_standby_for_another, .timeout = 90)
 
 /* ---- replicas ---- */
 
-Test(replicas, connections_spread_over_the_standbys_and_come_back_to_a_returning_one, .timeout = 90)
+Test(replicas, connections_spread_over_the_standbys_and_come_back_to_a_returning_one, .timeout = 90,
+     .fini = rs_fini)
 {
 	struct rs r;
 	rs_start(&r, 2, false);
