@@ -196,6 +196,10 @@ typedef struct pgr_config {
 	pgr_runtime *runtime; /* NULL (default): the pool runs its own manager (a thread, or the
 	                         caller's loop per manager_thread). Set: the pool's manager runs on
 	                         this shared runtime, and manager_thread is ignored */
+	/* Since 0.2 (added after its first fields; 0 = the default). */
+	uint32_t max_capacity; /* connection slots allocated at create: the most that
+	                          pgr_pool_resize may set max_size + max_overflow to;
+	                          0 = max_size + max_overflow (no growth); at most 4096 */
 } pgr_config;
 
 /*
@@ -249,6 +253,10 @@ enum pgr_close_reason {
 	PGR_CLOSE_ACTIVE_QUERY, /* returned with a query still running */
 	PGR_CLOSE_POOL_CLOSING,
 	PGR_CLOSE_CONNECT_FAILED, /* on_connect refused or setup failed after connect */
+	PGR_CLOSE_RESIZED,        /* surplus after pgr_pool_resize lowered the limits (0.2) */
+	PGR_CLOSE_ROLE_CHANGED,   /* the server no longer has the role target_session_attrs
+	                             asks for: a standby promoted, a primary turned read-only
+	                             (0.2) */
 	PGR_CLOSE_REASONS,
 };
 /*
@@ -387,6 +395,24 @@ PGR_API PGconn *pgr_conn_pg(pgr_conn *conn);
  * Threads: the holder's. Blocks: no. Since 0.1.
  */
 PGR_API uint32_t pgr_conn_id(const pgr_conn *conn);
+
+/*
+ * Change the limits of a live pool: min_idle, max_size and max_overflow, as in pgr_config and
+ * with its rules (max_size >= 1, min_idle <= max_size), and max_size + max_overflow at most
+ * cfg.max_capacity, the slots allocated at create (tables indexed by slot stay where they
+ * are, so a pool cannot grow past them; set max_capacity to allow growth). Growing wakes the
+ * manager at once: callers parked waiting for a connection get new ones without waiting for
+ * a return. Shrinking never touches a connection in use: idle connections above the new
+ * max_size + max_overflow are closed now, in-use ones above it when they come back (both with
+ * reason "resized"); connections between max_size and max_size + max_overflow follow the
+ * overflow rule on return; min_idle's surplus goes by idle_timeout_ms as usual. pgr_pool_stats
+ * reports the new max_size and max_overflow at once. Returns 0; -EINVAL for a NULL pool or a
+ * value that breaks a rule (a PGR_EV_CONFIG_ERROR event names the field; nothing changes);
+ * -ESHUTDOWN once the pool drains; -PGR_E_FORKED. Threads: any, concurrently with every
+ * other call (concurrent resizes: the last one wins, whole). Blocks: no. Since 0.2.
+ */
+PGR_API int pgr_pool_resize(pgr_pool *pool, uint32_t min_idle, uint32_t max_size,
+                            uint32_t max_overflow);
 
 /*
  * Snapshot of the pool's gauges and counters into *out (each value read atomically, the set

@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "pool.h"
+#include "role.h"
 
 /* ---- CPU and futex ---- */
 
@@ -501,11 +502,12 @@ int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 	w->pos = nw;
 	pthread_mutex_unlock(&p->wq_lock);
 
-	if (nw == 1 && atomic_load_explicit(&p->nopen, memory_order_relaxed) >= p->cap)
+	uint32_t total = pgr__lim_total(pgr__limits(p));
+	if (nw == 1 && atomic_load_explicit(&p->nopen, memory_order_relaxed) >= total)
 		pgr__emitf(p, PGR_EV_POOL_EXHAUSTED, PGR__NONE,
-		           "pool exhausted: all %u connections in use, a caller waits", p->cap);
+		           "pool exhausted: all %u connections in use, a caller waits", total);
 	/* The manager opens connections for waiters that in-flight connects do not cover. */
-	if (atomic_load_explicit(&p->nopen, memory_order_relaxed) < p->cap)
+	if (atomic_load_explicit(&p->nopen, memory_order_relaxed) < total)
 		pgr__manager_wake(p);
 	*wi_out = wi;
 	return 0;
@@ -692,7 +694,8 @@ static __attribute__((noinline)) int acquire_wait(pgr_pool *p, int64_t timeout_m
 	if (timeout_ms < 0)
 		timeout_ms = p->cfg.acquire_timeout_ms;
 	if (timeout_ms == 0) {
-		if (atomic_load_explicit(&p->nopen, memory_order_relaxed) < p->cfg.max_size &&
+		if (atomic_load_explicit(&p->nopen, memory_order_relaxed) <
+		        pgr__lim_max_size(pgr__limits(p)) &&
 		    !atomic_exchange_explicit(&p->demand, 1, memory_order_relaxed))
 			pgr__manager_wake(p);
 		return -EAGAIN;
@@ -782,6 +785,10 @@ enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *rea
 		*reason = PGR_CLOSE_SERVER_ERROR;
 		return PGR__V_RETIRE;
 	}
+	if (unlikely(!pgr__role_ok(p, c->pg))) {
+		*reason = PGR_CLOSE_ROLE_CHANGED;
+		return PGR__V_RETIRE;
+	}
 	enum pgr__rstate rs = p->ops->return_state(c);
 	if (unlikely(rs != PGR__RS_IDLE)) {
 		switch (rs) {
@@ -807,17 +814,21 @@ enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *rea
 		return PGR__V_RETIRE;
 	}
 	/*
-	 * SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes. The slot
-	 * leaves nopen here, by CAS, so that concurrent returns retire only the surplus and not
-	 * every connection that comes back before the manager has closed the first.
+	 * SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes; above
+	 * max_size + max_overflow (a resize lowered them) it goes even with callers waiting. The
+	 * slot leaves nopen here, by CAS, so that concurrent returns retire only the surplus and
+	 * not every connection that comes back before the manager has closed the first.
 	 */
 	uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
-	while (unlikely(open > p->cfg.max_size) &&
-	       atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0) {
+	uint64_t lim = pgr__limits(p);
+	while (unlikely(open > pgr__lim_max_size(lim)) &&
+	       (open > pgr__lim_total(lim) ||
+	        atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0)) {
 		if (atomic_compare_exchange_weak_explicit(
 		        &p->nopen, &open, open - 1, memory_order_relaxed, memory_order_relaxed)) {
 			c->uncounted = 1;
-			*reason = PGR_CLOSE_OVERFLOW;
+			*reason =
+			    open > pgr__lim_total(lim) ? PGR_CLOSE_RESIZED : PGR_CLOSE_OVERFLOW;
 			return PGR__V_RETIRE;
 		}
 	}

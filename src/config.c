@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "pool.h"
+#include "role.h"
 
 /*
  * The size of the first pgr_config with a struct_size (0.2): every program that can call
@@ -138,6 +139,12 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 		return reject(p, "max_overflow", "with max_size exceeds 4096 connections");
 	if (c->min_idle > c->max_size)
 		return reject(p, "min_idle", "must not exceed max_size");
+	if (c->max_capacity > PGR__MAX_CONNS)
+		return reject(p, "max_capacity",
+		              "must be at most 4096 (0 = max_size + max_overflow)");
+	if (c->max_capacity && c->max_capacity < c->max_size + c->max_overflow)
+		return reject(p, "max_capacity",
+		              "must not be below max_size + max_overflow (0 = their sum)");
 	if (c->max_connecting == 0)
 		return reject(p, "max_connecting", "must be at least 1");
 	if (c->shards > PGR__MAX_SHARDS)
@@ -264,8 +271,10 @@ static int build_params(pgr_pool *p)
 			goto nomem;
 		k++;
 	}
+	p->role = (uint8_t)pgr__role_parse(find(opts, "target_session_attrs"));
+	int rc = pgr__hosts_init(p, find(opts, "target_session_attrs"));
 	PQconninfoFree(opts);
-	return 0;
+	return rc;
 nomem:
 	PQconninfoFree(opts);
 	return -ENOMEM;
@@ -292,6 +301,7 @@ int pgr__config_copy(pgr_pool *p, const pgr_config *cfg)
 
 void pgr__config_free(pgr_pool *p)
 {
+	pgr__hosts_free(p);
 	if (p->kw) {
 		for (size_t i = 0; p->kw[i]; i++) {
 			free((void *)p->kw[i]);

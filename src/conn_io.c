@@ -21,6 +21,7 @@
 
 #include "exec.h"
 #include "manager.h"
+#include "role.h"
 
 struct io_uring_sqe *pgr__mgr_get_sqe(pgr_pool *p, unsigned need)
 {
@@ -257,7 +258,9 @@ void pgr__mgr_start_connect(pgr_pool *p, struct pgr_conn *c)
 	c->op_start_ns = pgr__mono_ns();
 	c->op_deadline_ns = pgr__sat_add(c->op_start_ns, pgr__ms_to_ns(p->cfg.connect_timeout_ms));
 	/* Name resolution happens inside this call; hostaddr= avoids it (README). */
+	pgr__hosts_rotate(p);
 	c->pg = PQconnectStartParams(p->kw, p->val, 0);
+	pgr__hosts_restore(p);
 	if (!c->pg) {
 		connect_failed(p, c, "out of memory starting a connection");
 		return;
@@ -321,6 +324,11 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 		ok = false;
 	if (ok && atomic_load_explicit(&c->server_error, memory_order_relaxed))
 		ok = false;
+	/* Whatever the statement was, its answer carried the server's role if it changed. */
+	if (ok && !pgr__role_ok(p, c->pg)) {
+		pgr__mgr_close(p, c, PGR_CLOSE_ROLE_CHANGED);
+		return;
+	}
 	int64_t now = pgr__mono_ns() / 1000000;
 	switch (after) {
 	case PGR__REQ_PING:

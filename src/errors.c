@@ -97,6 +97,8 @@ static const char *const close_reason_names[PGR_CLOSE_REASONS] = {
     [PGR_CLOSE_ACTIVE_QUERY] = "active_query",
     [PGR_CLOSE_POOL_CLOSING] = "pool_closing",
     [PGR_CLOSE_CONNECT_FAILED] = "connect_failed",
+    [PGR_CLOSE_RESIZED] = "resized",
+    [PGR_CLOSE_ROLE_CHANGED] = "role_changed",
 };
 
 const char *pgr_close_reason_name(enum pgr_close_reason reason)

@@ -47,6 +47,7 @@
 
 #include "exec.h"
 #include "pool.h"
+#include "role.h"
 
 #define XNONE UINT32_MAX
 
@@ -506,6 +507,8 @@ static void conn_release(struct xconn *xc)
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_SERVER_ERROR);
 	} else if (PQstatus(pg) != CONNECTION_OK) {
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_BROKEN);
+	} else if (!pgr__role_ok(p, pg)) {
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_ROLE_CHANGED);
 	} else if (PQtransactionStatus(pg) != PQTRANS_IDLE) {
 		/* A statement opened a transaction the refusal could not see: roll it back. */
 		pgr__manager_push(p, c, PGR__REQ_ROLLBACK, 0);

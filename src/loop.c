@@ -44,6 +44,7 @@
 
 #include "exec.h"
 #include "pool.h"
+#include "role.h"
 
 enum {
 	K_FUTEX = 1, /* the futex wait of an acquire */
@@ -432,7 +433,7 @@ int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, vo
 		}
 		if (!c) {
 			if (atomic_load_explicit(&p->nopen, memory_order_relaxed) <
-			        p->cfg.max_size &&
+			        pgr__lim_max_size(pgr__limits(p)) &&
 			    !atomic_exchange_explicit(&p->demand, 1, memory_order_relaxed))
 				pgr__manager_wake(p);
 			return -EAGAIN;
@@ -572,6 +573,17 @@ static void ping_done(pgr_loop *l, struct op *o, bool ok)
 	o->res = NULL;
 	atomic_fetch_add_explicit(&p->c_pings, 1, memory_order_relaxed);
 	int64_t now = pgr__mono_ns();
+	if (ok && !pgr__role_ok(p, c->pg)) {
+		/* Alive, but its server changed role: the caller gets another one. */
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_ROLE_CHANGED);
+		if (o->detached || o->done)
+			op_finish(l, o);
+		else if (l->destroying)
+			deliver_acquire(l, o, -ECANCELED, NULL);
+		else
+			acquire_retry(l, o);
+		return;
+	}
 	if (ok) {
 		atomic_store_explicit(&c->idle_since_ms, now / PGR__NS_PER_MS,
 		                      memory_order_relaxed);

@@ -150,6 +150,8 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 	bool closing = atomic_load_explicit(&p->closing, memory_order_relaxed);
 	uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
 	const pgr_config *cfg = &p->cfg;
+	uint64_t lim = pgr__limits(p);
+	uint32_t min_idle = pgr__lim_min_idle(lim), total = pgr__lim_total(lim);
 	int64_t due = INT64_MAX;
 	bool idle_timeout = cfg->idle_timeout_ms > 0;
 	for (uint32_t i = 0; i < p->cap; i++) {
@@ -159,7 +161,7 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 			int64_t idle_since =
 			    atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);
 			int64_t expire = atomic_load_explicit(&c->expire_ms, memory_order_relaxed);
-			int64_t idle_due = idle_timeout && open > cfg->min_idle
+			int64_t idle_due = idle_timeout && open > min_idle
 			                       ? pgr__sat_add(idle_since, cfg->idle_timeout_ms)
 			                       : INT64_MAX;
 			int64_t last_ka =
@@ -171,6 +173,8 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 			bool ping = false;
 			if (closing)
 				reason = PGR_CLOSE_POOL_CLOSING;
+			else if (open > total)
+				reason = PGR_CLOSE_RESIZED; /* pgr_pool_resize lowered the limit */
 			else if (now >= expire)
 				reason = PGR_CLOSE_MAX_LIFETIME;
 			else if (now >= idle_due)
@@ -196,7 +200,7 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 				pgr__mgr_start_exec(p, c, "", cfg->ping_timeout_ms,
 				                    AFTER_KEEPALIVE);
 			} else {
-				if (reason == PGR_CLOSE_IDLE_TIMEOUT)
+				if (reason == PGR_CLOSE_IDLE_TIMEOUT || reason == PGR_CLOSE_RESIZED)
 					open--;
 				pgr__mgr_close(p, c, reason);
 			}
@@ -245,8 +249,11 @@ static int64_t grow(pgr_pool *p, int64_t now)
 		return INT64_MAX;
 	/* While the server fails, probe with one connect at a time: no storm. */
 	uint32_t limit = p->consecutive_failures ? 1 : p->cfg.max_connecting;
+	uint64_t lim = pgr__limits(p);
+	uint32_t min_idle = pgr__lim_min_idle(lim), max_size = pgr__lim_max_size(lim);
+	uint32_t total = pgr__lim_total(lim);
 	uint32_t idle = pgr__idle_count(p);
-	if (idle < p->cfg.min_idle) {
+	if (idle < min_idle) {
 		/*
 		 * Connections the manager holds for a keepalive ping, a check or a rollback are on
 		 * their way back to idle: counting them keeps min_idle from opening one connection
@@ -260,10 +267,10 @@ static int64_t grow(pgr_pool *p, int64_t now)
 		uint32_t connecting = atomic_load_explicit(&p->nconnecting, memory_order_relaxed);
 		uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
 		uint32_t waiting = atomic_load_explicit(&p->nwaiters, memory_order_relaxed);
-		bool for_waiters = waiting > connecting && open < p->cap;
-		bool for_min = idle + connecting < p->cfg.min_idle && open < p->cfg.max_size;
-		bool for_try = atomic_load_explicit(&p->demand, memory_order_relaxed) > 0 &&
-		               open < p->cfg.max_size;
+		bool for_waiters = waiting > connecting && open < total;
+		bool for_min = idle + connecting < min_idle && open < max_size;
+		bool for_try =
+		    atomic_load_explicit(&p->demand, memory_order_relaxed) > 0 && open < max_size;
 		if (!for_waiters && !for_min && !for_try)
 			return INT64_MAX;
 		if (connecting >= limit)

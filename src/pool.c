@@ -232,7 +232,10 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 		pool_free(p);
 		return rc;
 	}
-	p->cap = p->cfg.max_size + p->cfg.max_overflow;
+	p->cap = p->cfg.max_capacity ? p->cfg.max_capacity : p->cfg.max_size + p->cfg.max_overflow;
+	atomic_store_explicit(
+	    &p->limits, pgr__limits_pack(p->cfg.min_idle, p->cfg.max_size, p->cfg.max_overflow),
+	    memory_order_relaxed);
 	p->nshards = p->cfg.shards;
 	p->nwords = (p->cap + 63) / 64;
 	for (uint32_t c = 0; c < PGR__MAX_CPUS; c++)
@@ -401,9 +404,10 @@ static void stats_fill(pgr_pool *p, pgr_stats *o)
 	o->acquires = o->acquired_immediately + o->waits;
 	o->idle = pgr__idle_count(p);
 	o->waiting = atomic_load_explicit(&p->nwaiters, memory_order_relaxed);
-	o->max_size = p->cfg.max_size;
-	o->max_overflow = p->cfg.max_overflow;
-	o->overflow_in_use = o->size > p->cfg.max_size ? o->size - p->cfg.max_size : 0;
+	uint64_t lim = pgr__limits(p);
+	o->max_size = pgr__lim_max_size(lim);
+	o->max_overflow = pgr__lim_max_overflow(lim);
+	o->overflow_in_use = o->size > o->max_size ? o->size - o->max_size : 0;
 	if (o->overflow_in_use > o->in_use)
 		o->overflow_in_use = o->in_use;
 	o->timeouts = atomic_load_explicit(&p->c_timeouts, memory_order_relaxed);

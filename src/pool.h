@@ -187,12 +187,14 @@ struct pgr_pool {
 	const char **kw; /* conninfo as keywords/values, keepalive defaults added */
 	const char **val;
 	char *password; /* to scrub from messages */
-	uint32_t cap;   /* max_size + max_overflow */
+	uint32_t cap;   /* slots allocated at create: cfg.max_capacity, the resize bound */
 	uint32_t nshards;
-	uint32_t nwords;         /* 64-bit words per shard bitmap */
-	uint32_t shard_stride;   /* words between shards, padded to a cache line */
-	uint32_t spin_iters;     /* pause loops a waiter spins before parking (0 on one CPU) */
-	uint32_t spin_positions; /* waiters that far from the head or closer spin */
+	uint8_t role;             /* enum pgr__role (role.h): what target_session_attrs asks for */
+	struct pgr__hosts *hosts; /* host rotation of a replica pool (role.h), or NULL */
+	uint32_t nwords;          /* 64-bit words per shard bitmap */
+	uint32_t shard_stride;    /* words between shards, padded to a cache line */
+	uint32_t spin_iters;      /* pause loops a waiter spins before parking (0 on one CPU) */
+	uint32_t spin_positions;  /* waiters that far from the head or closer spin */
 	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
 	const struct pgr__conn_ops *ops;
@@ -201,6 +203,9 @@ struct pgr_pool {
 	/* Read on every checkout, written rarely (drain). */
 	struct pgr__clock *clock PGR__ALIGNED; /* the runtime's; own_clock once detached */
 	_Atomic int closing;
+	/* min_idle, max_size, max_overflow as pgr_pool_resize last set them, packed so that a
+	 * reader never sees half of a resize (resize.c); cfg keeps the values given at create. */
+	_Atomic uint64_t limits;
 
 	/* Written by waiters and releasers; its own line. */
 	_Atomic uint32_t nwaiters PGR__ALIGNED;
@@ -257,6 +262,35 @@ struct pgr_pool {
 };
 
 /* ---- shared helpers ---- */
+
+/* The limits in force (resize.c): one relaxed load, decoded. */
+#define PGR__LIM_BITS 16
+static inline uint64_t pgr__limits_pack(uint32_t min_idle, uint32_t max_size, uint32_t overflow)
+{
+	return (uint64_t)min_idle | (uint64_t)max_size << PGR__LIM_BITS |
+	       (uint64_t)overflow << (2 * PGR__LIM_BITS);
+}
+static inline uint64_t pgr__limits(const pgr_pool *p)
+{
+	return atomic_load_explicit(&p->limits, memory_order_relaxed);
+}
+static inline uint32_t pgr__lim_min_idle(uint64_t l)
+{
+	return (uint32_t)(l & 0xffffu);
+}
+static inline uint32_t pgr__lim_max_size(uint64_t l)
+{
+	return (uint32_t)(l >> PGR__LIM_BITS & 0xffffu);
+}
+static inline uint32_t pgr__lim_max_overflow(uint64_t l)
+{
+	return (uint32_t)(l >> 2 * PGR__LIM_BITS & 0xffffu);
+}
+/* max_size + max_overflow: the most connections open at once, never above p->cap. */
+static inline uint32_t pgr__lim_total(uint64_t l)
+{
+	return pgr__lim_max_size(l) + pgr__lim_max_overflow(l);
+}
 
 static inline int64_t pgr__now_ms(pgr_pool *p)
 {

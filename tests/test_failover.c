@@ -1,0 +1,545 @@
+/* SPDX-License-Identifier: PostgreSQL */
+/*
+ * A primary with streaming standbys (scripts/pg_replica.sh, started and removed by each test):
+ * failover under write load, switchover, role changes seen without a round trip, and connects
+ * spread over replicas. Each test prints its measured figures (cr_log_info, --verbose).
+ */
+#include <errno.h>
+#include <libgen.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+/* ---- the replica set ---- */
+
+struct rs {
+	char dir[128];
+	char ctl[512];
+	int port[3]; /* primary, standby1, standby2 */
+	int nstandby;
+};
+
+/* The set a test started (a copy: the test's frame is gone when an assertion ends it early),
+ * stopped by rs_fini. */
+static struct rs started_rs;
+static bool started;
+
+static void rs_ctl(struct rs *r, const char *args)
+{
+	char cmd[1024];
+	snprintf(cmd, sizeof(cmd), "'%s' %s >/dev/null 2>&1", r->ctl, args);
+	int rc = system(cmd);
+	cr_assert(rc == 0, "%s failed (%d)", cmd, rc);
+}
+
+static void rs_start(struct rs *r, int nstandby, bool sync)
+{
+	memset(r, 0, sizeof(*r));
+	/* pg_replica.sh lies beside the single cluster's script. */
+	char path[512];
+	snprintf(path, sizeof(path), "%s", tu_env("PGR_TEST_CTL"));
+	snprintf(r->ctl, sizeof(r->ctl), "%s/pg_replica.sh", dirname(path));
+	snprintf(r->dir, sizeof(r->dir), "/tmp/pgr-rs.XXXXXX");
+	cr_assert(mkdtemp(r->dir), "mkdtemp");
+	r->nstandby = nstandby;
+	char cmd[1024];
+	snprintf(cmd, sizeof(cmd), "'%s' start '%s' %d %s 2>'%s.log'", r->ctl, r->dir, nstandby,
+	         sync ? "sync" : "", r->dir);
+	FILE *f = popen(cmd, "r");
+	cr_assert(f);
+	char line[1024];
+	while (fgets(line, sizeof(line), f)) {
+		static const char *const keys[] = {
+		    "PGR_REPL_PORT_PRIMARY=", "PGR_REPL_PORT_STANDBY1=", "PGR_REPL_PORT_STANDBY2="};
+		for (int i = 0; i < 3; i++) {
+			char *k = strstr(line, keys[i]);
+			if (k)
+				r->port[i] = atoi(k + strlen(keys[i]));
+		}
+	}
+	int rc = pclose(f);
+	started_rs = *r;
+	started = true;
+	cr_assert(rc == 0 && r->port[0] > 0, "%s failed (%d): its log is %s.log", cmd, rc, r->dir);
+	char log[160];
+	snprintf(log, sizeof(log), "%s.log", r->dir);
+	unlink(log);
+}
+
+static void rs_fini(void)
+{
+	if (!started)
+		return;
+	char cmd[1024];
+	snprintf(cmd, sizeof(cmd), "'%s' stop '%s' >/dev/null 2>&1", started_rs.ctl,
+	         started_rs.dir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "could not remove the replica set in %s\n", started_rs.dir);
+	started = false;
+}
+
+static void rs_stop(struct rs *r)
+{
+	char args[256];
+	snprintf(args, sizeof(args), "stop '%s'", r->dir);
+	started = false;
+	rs_ctl(r, args);
+}
+
+static void rs_node(struct rs *r, const char *what, const char *node)
+{
+	char args[256];
+	snprintf(args, sizeof(args), "%s '%s' %s", what, r->dir, node);
+	rs_ctl(r, args);
+}
+
+static PGconn *rs_connect(struct rs *r, int node)
+{
+	char ci[256];
+	snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d user=pgr_trust dbname=postgres",
+	         r->port[node]);
+	PGconn *c = PQconnectdb(ci);
+	cr_assert(PQstatus(c) == CONNECTION_OK, "node %d: %s", node, PQerrorMessage(c));
+	return c;
+}
+
+/* conninfo over the given nodes, in that order. */
+static char *rs_conninfo(struct rs *r, const int *nodes, int n, const char *tsa)
+{
+	char hosts[256] = "", ports[256] = "";
+	for (int i = 0; i < n; i++) {
+		size_t hl = strlen(hosts), pl = strlen(ports);
+		snprintf(hosts + hl, sizeof(hosts) - hl, "%s127.0.0.1", i ? "," : "");
+		snprintf(ports + pl, sizeof(ports) - pl, "%s%d", i ? "," : "", r->port[nodes[i]]);
+	}
+	char *ci = malloc(1024);
+	snprintf(ci, 1024,
+	         "host=%s port=%s user=pgr_trust dbname=postgres sslmode=disable "
+	         "target_session_attrs=%s",
+	         hosts, ports, tsa);
+	return ci;
+}
+
+/* ---- writers ---- */
+
+#define WRITERS    4
+#define MAX_WRITES 200000
+
+struct writes {
+	pgr_pool *p;
+	_Atomic int stop;
+	_Atomic long next_id;
+	/* per write id: 1 = acknowledged, 2 = failed */
+	_Atomic uint8_t outcome[MAX_WRITES];
+	_Atomic long ok, failed, ro_errors, dead_port_checkouts;
+	_Atomic int64_t first_fail_ms, last_fail_ms, first_ok_after_ms;
+	_Atomic int64_t ok_after_since_ms; /* set by the test: record the first success after */
+	_Atomic int dead_port;             /* checkouts landing here after dead_since count */
+	_Atomic int64_t dead_since_ms;
+	_Atomic int last_ok_port;
+	_Atomic int64_t
+	    max_write_ms; /* longest write, acquire included: the outage a caller feels */
+};
+
+static void *writer(void *arg)
+{
+	struct writes *W = arg;
+	while (!atomic_load(&W->stop)) {
+		long id = atomic_fetch_add(&W->next_id, 1);
+		if (id >= MAX_WRITES)
+			break;
+		int64_t t0 = tu_now_ms();
+		pgr_conn *c;
+		int rc = pgr_acquire(W->p, 1000, &c);
+		bool ok = false;
+		if (rc == 0) {
+			PGconn *pg = pgr_conn_pg(c);
+			int port = atoi(PQport(pg));
+			int64_t since = atomic_load(&W->dead_since_ms);
+			if (since && t0 >= since && port == atomic_load(&W->dead_port))
+				atomic_fetch_add(&W->dead_port_checkouts, 1);
+			char sql[96];
+			snprintf(sql, sizeof(sql), "insert into w(id) values (%ld)", id);
+			PGresult *r = PQexec(pg, sql);
+			ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+			const char *ss = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+			if (!ok && ss && strcmp(ss, "25006") == 0)
+				atomic_fetch_add(&W->ro_errors, 1);
+			PQclear(r);
+			if (ok)
+				atomic_store(&W->last_ok_port, port);
+			pgr_release(c);
+		}
+		int64_t t1 = tu_now_ms();
+		int64_t prev = atomic_load(&W->max_write_ms);
+		while (t1 - t0 > prev &&
+		       !atomic_compare_exchange_weak(&W->max_write_ms, &prev, t1 - t0))
+			;
+		atomic_store(&W->outcome[id], ok ? 1 : 2);
+		if (ok) {
+			atomic_fetch_add(&W->ok, 1);
+			int64_t since = atomic_load(&W->ok_after_since_ms);
+			int64_t zero = 0;
+			if (since && t0 >= since)
+				atomic_compare_exchange_strong(&W->first_ok_after_ms, &zero, t1);
+		} else {
+			atomic_fetch_add(&W->failed, 1);
+			int64_t zero = 0;
+			atomic_compare_exchange_strong(&W->first_fail_ms, &zero, t0);
+			atomic_store(&W->last_fail_ms, t1);
+			tu_sleep_ms(5); /* a failing server: do not spin */
+		}
+		tu_sleep_ms(1);
+	}
+	return NULL;
+}
+
+static pgr_pool *failover_pool(const char *ci, struct tu_events *ev)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = ci;
+	cfg.min_idle = 2;
+	cfg.max_size = 4;
+	cfg.backoff_min_ms = 50;
+	cfg.backoff_max_ms = 500;
+	cfg.connect_timeout_ms = 2000;
+	cfg.check_after_idle_ms = 0;
+	cfg.on_event = tu_events_cb;
+	cfg.user_data = ev;
+	return tu_pool(&cfg);
+}
+
+/* Every acknowledged write is on `node`; returns how many ids it holds. */
+static long check_acknowledged(struct rs *r, int node, struct writes *W)
+{
+	PGconn *c = rs_connect(r, node);
+	PGresult *res = PQexec(c, "select id from w");
+	cr_assert_eq(PQresultStatus(res), PGRES_TUPLES_OK, "%s", PQerrorMessage(c));
+	static uint8_t present[MAX_WRITES];
+	memset(present, 0, sizeof(present));
+	long n = PQntuples(res);
+	for (long i = 0; i < n; i++) {
+		long id = atol(PQgetvalue(res, (int)i, 0));
+		if (id >= 0 && id < MAX_WRITES)
+			present[id] = 1;
+	}
+	PQclear(res);
+	PQfinish(c);
+	long lost = 0, upto = atomic_load(&W->next_id);
+	for (long id = 0; id < upto && id < MAX_WRITES; id++)
+		if (atomic_load(&W->outcome[id]) == 1 && !present[id])
+			lost++;
+	cr_assert_eq(lost, 0, "%ld acknowledged commits are not on the new primary", lost);
+	return n;
+}
+
+static void writers_run(struct writes *W, pthread_t *t)
+{
+	for (int i = 0; i < WRITERS; i++)
+		pthread_create(&t[i], NULL, writer, W);
+}
+
+static void writers_stop(struct writes *W, pthread_t *t)
+{
+	atomic_store(&W->stop, 1);
+	for (int i = 0; i < WRITERS; i++)
+		pthread_join(t[i], NULL);
+}
+
+Test(failover, killed_primary_and_promoted_standby_lose_no_acknowledged_commit, .timeout = 90,
+     .fini = rs_fini)
+{
+	struct rs r;
+	rs_start(&r, 1, true);
+	PGconn *a = rs_connect(&r, 0);
+	tu_exec(a, "create table w(id bigint primary key)");
+	PQfinish(a);
+	int nodes[] = {0, 1};
+	char *ci = rs_conninfo(&r, nodes, 2, "read-write");
+	struct tu_events ev;
+	tu_events_init(&ev);
+	static struct writes W;
+	memset(&W, 0, sizeof(W));
+	W.p = failover_pool(ci, &ev);
+	pthread_t t[WRITERS];
+	writers_run(&W, t);
+	tu_sleep_ms(1000);
+	long before = atomic_load(&W.ok);
+	rs_node(&r, "kill", "primary");
+	int64_t killed = tu_now_ms();
+	atomic_store(&W.dead_port, r.port[0]);
+	atomic_store(&W.dead_since_ms, killed);
+	/* A promotion a little later, as a failover manager would decide it. */
+	tu_sleep_ms(300);
+	rs_node(&r, "promote", "standby1");
+	int64_t promoted = tu_now_ms();
+	atomic_store(&W.ok_after_since_ms, promoted);
+	bool resumed = TU_WAIT_UNTIL(atomic_load(&W.first_ok_after_ms) != 0, 10000);
+	tu_sleep_ms(500);
+	writers_stop(&W, t);
+	cr_assert(resumed, "writes did not resume after the promotion");
+	int64_t resume_ms = atomic_load(&W.first_ok_after_ms) - promoted;
+	int64_t outage = atomic_load(&W.last_fail_ms) - atomic_load(&W.first_fail_ms);
+	long held = check_acknowledged(&r, 1, &W);
+	cr_log_info(
+	    "kill+promote (sync): %ld writes acknowledged (%ld before the kill), %ld failed, "
+	    "outage %lld ms (first to last failed write; promotion %lld ms after the kill), "
+	    "writes resumed %lld ms after the promotion, %ld rows on the new primary, "
+	    "0 acknowledged commits lost, %ld checkouts of the dead host after the kill, "
+	    "longest write %lld ms",
+	    atomic_load(&W.ok), before, atomic_load(&W.failed), (long long)outage,
+	    (long long)(promoted - killed), (long long)resume_ms, held,
+	    atomic_load(&W.dead_port_checkouts), (long long)atomic_load(&W.max_write_ms));
+	/*
+	 * The pool retries a failing server after a backoff of at most backoff_max_ms (500 ms),
+	 * and one connect on loopback takes milliseconds; 1 s on top covers a loaded machine.
+	 */
+	cr_assert_lt(resume_ms, 500 + 1000, "writes resumed %lld ms after the promotion",
+	             (long long)resume_ms);
+	cr_assert_eq(atomic_load(&W.dead_port_checkouts), 0,
+	             "connections to the killed primary were handed out after its death");
+	cr_assert_eq(atomic_load(&W.last_ok_port), r.port[1]);
+	pgr_pool_destroy(W.p);
+	free(ci);
+	rs_stop(&r);
+}
+
+Test(failover, switchover_retires_connections_that_hit_a_read_only_server, .timeout = 90,
+     .fini = rs_fini)
+{
+	struct rs r;
+	rs_start(&r, 1, false);
+	PGconn *a = rs_connect(&r, 0);
+	tu_exec(a, "create table w(id bigint primary key)");
+	int nodes[] = {0, 1};
+	char *ci = rs_conninfo(&r, nodes, 2, "read-write");
+	struct tu_events ev;
+	tu_events_init(&ev);
+	static struct writes W;
+	memset(&W, 0, sizeof(W));
+	W.p = failover_pool(ci, &ev);
+	pthread_t t[WRITERS];
+	writers_run(&W, t);
+	tu_sleep_ms(1000);
+	rs_node(&r, "read-only", "primary on");
+	int64_t ro = tu_now_ms();
+	/* The standby replays up to the read-only primary's last commit, then takes over. */
+	PGconn *s = rs_connect(&r, 1);
+	char lsn[64];
+	PGresult *res = PQexec(a, "select pg_current_wal_lsn()");
+	snprintf(lsn, sizeof(lsn), "%s", PQgetvalue(res, 0, 0));
+	PQclear(res);
+	char q[160];
+	snprintf(q, sizeof(q), "select (pg_last_wal_replay_lsn() >= '%s')::int", lsn);
+	cr_assert(TU_WAIT_UNTIL(tu_query_long(s, q) == 1, 10000), "standby did not catch up");
+	PQfinish(s);
+	rs_node(&r, "promote", "standby1");
+	int64_t promoted = tu_now_ms();
+	atomic_store(&W.ok_after_since_ms, promoted);
+	bool resumed = TU_WAIT_UNTIL(atomic_load(&W.first_ok_after_ms) != 0, 10000);
+	tu_sleep_ms(500);
+	writers_stop(&W, t);
+	cr_assert(resumed, "writes did not resume after the promotion");
+	pgr_stats st = tu_stats(W.p);
+	int64_t outage = atomic_load(&W.last_fail_ms) - atomic_load(&W.first_fail_ms);
+	long held = check_acknowledged(&r, 1, &W);
+	cr_log_info("switchover: %ld writes acknowledged, %ld failed (%ld with 25006), outage "
+	            "%lld ms (promotion %lld ms after read-only), writes resumed %lld ms after the "
+	            "promotion; closes: server_error %llu role_changed %llu; %ld rows on the new "
+	            "primary; longest write %lld ms",
+	            atomic_load(&W.ok), atomic_load(&W.failed), atomic_load(&W.ro_errors),
+	            (long long)outage, (long long)(promoted - ro),
+	            (long long)(atomic_load(&W.first_ok_after_ms) - promoted),
+	            (unsigned long long)st.closes_by_reason[PGR_CLOSE_SERVER_ERROR],
+	            (unsigned long long)st.closes_by_reason[PGR_CLOSE_ROLE_CHANGED], held,
+	            (long long)atomic_load(&W.max_write_ms));
+	/* Each connection that hit 25006 was retired for it, and none was used again. */
+	cr_assert_eq(st.closes_by_reason[PGR_CLOSE_SERVER_ERROR],
+	             (uint64_t)atomic_load(&W.ro_errors));
+	cr_assert_gt(atomic_load(&W.ro_errors), 0, "no writer ran into the read-only primary");
+	cr_assert_eq(atomic_load(&W.last_ok_port), r.port[1],
+	             "new writes did not land on the new primary");
+	PQfinish(a);
+	pgr_pool_destroy(W.p);
+	free(ci);
+	rs_stop(&r);
+}
+
+/* ---- roles seen without a round trip ---- */
+
+Test(roles, a_pinged_connection_to_a_read_only_primary_is_never_handed_out, .timeout = 90,
+     .fini = rs_fini)
+{
+	struct rs r;
+	rs_start(&r, 1, false);
+	PGconn *a = rs_connect(&r, 0);
+	tu_exec(a, "create table w(id bigint primary key)");
+	PQfinish(a);
+	int nodes[] = {0, 1};
+	char *ci = rs_conninfo(&r, nodes, 2, "read-write");
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = ci;
+	cfg.min_idle = 3;
+	cfg.max_size = 3;
+	cfg.ping_after_idle_ms = 0; /* pre-ping every checkout */
+	cfg.backoff_min_ms = 50;
+	cfg.backoff_max_ms = 200;
+	pgr_pool *p = tu_pool(&cfg);
+	rs_node(&r, "read-only", "primary on");
+	long ro_errors = 0, timeouts = 0;
+	for (int i = 0; i < 20; i++) {
+		pgr_conn *c;
+		int rc = pgr_acquire(p, 100, &c);
+		if (rc) {
+			timeouts++;
+			continue;
+		}
+		char sql[64];
+		snprintf(sql, sizeof(sql), "insert into w(id) values (%d)", i);
+		PGresult *res = PQexec(pgr_conn_pg(c), sql);
+		const char *ss = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+		if (ss && strcmp(ss, "25006") == 0)
+			ro_errors++;
+		PQclear(res);
+		pgr_release(c);
+	}
+	pgr_stats st = tu_stats(p);
+	cr_log_info("read-write pool after read-only: %ld 25006 seen, %ld checkouts timed out, "
+	            "role_changed closes %llu",
+	            ro_errors, timeouts,
+	            (unsigned long long)st.closes_by_reason[PGR_CLOSE_ROLE_CHANGED]);
+	cr_assert_eq(ro_errors, 0, "a caller got a connection to the read-only server");
+	cr_assert_eq(st.closes_by_reason[PGR_CLOSE_ROLE_CHANGED], 3);
+	/* No read-write server is left until the promotion; then the pool recovers. */
+	rs_node(&r, "promote", "standby1");
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	cr_assert_eq(atoi(PQport(pgr_conn_pg(c))), r.port[1]);
+	pgr_release(c);
+	pgr_pool_destroy(p);
+	free(ci);
+	rs_stop(&r);
+}
+
+/* The ports of the pool's connections: every one checked out at once. */
+static void pool_ports(pgr_pool *p, int n, int *ports)
+{
+	pgr_conn *c[8];
+	for (int i = 0; i < n; i++) {
+		int rc = pgr_acquire(p, 5000, &c[i]);
+		cr_assert_eq(rc, 0, "%s", pgr_strerror(rc));
+		ports[i] = atoi(PQport(pgr_conn_pg(c[i])));
+	}
+	for (int i = 0; i < n; i++)
+		pgr_release(c[i]);
+}
+
+static int count_port(const int *ports, int n, int port)
+{
+	int k = 0;
+	for (int i = 0; i < n; i++)
+		k += ports[i] == port;
+	return k;
+}
+
+Test(roles, a_standby_pool_leaves_a_promoted_standby_for_another, .timeout = 90, .fini = rs_fini)
+{
+	struct rs r;
+	rs_start(&r, 2, false);
+	int nodes[] = {1, 2};
+	char *ci = rs_conninfo(&r, nodes, 2, "standby");
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = ci;
+	cfg.min_idle = 4;
+	cfg.max_size = 4;
+	cfg.keepalive_interval_ms = 100;
+	cfg.ping_after_idle_ms = -1;
+	pgr_pool *p = tu_pool(&cfg);
+	int ports[4];
+	pool_ports(p, 4, ports);
+	int on1 = count_port(ports, 4, r.port[1]);
+	cr_assert_gt(on1, 0, "no connection on standby1 to begin with");
+	rs_node(&r, "promote", "standby1");
+	int64_t t0 = tu_now_ms();
+	/* Keepalive pings carry in_hot_standby=off from the promoted server: retired, and the
+	 * reconnects skip it (libpq's target_session_attrs). */
+	bool moved =
+	    TU_WAIT_UNTIL(tu_stats(p).closes_by_reason[PGR_CLOSE_ROLE_CHANGED] >= (uint64_t)on1 &&
+	                      tu_stats(p).idle == 4,
+	                  5000);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert(moved, "role_changed closes %llu of %d",
+	          (unsigned long long)tu_stats(p).closes_by_reason[PGR_CLOSE_ROLE_CHANGED], on1);
+	pool_ports(p, 4, ports);
+	cr_log_info("standby pool: %d connections left the promoted standby within %lld ms "
+	            "(keepalive 100 ms)",
+	            on1, (long long)took);
+	cr_assert_eq(count_port(ports, 4, r.port[2]), 4,
+	             "connections still on the promoted server");
+	pgr_pool_destroy(p);
+	free(ci);
+	rs_stop(&r);
+}
+
+/* ---- replicas ---- */
+
+Test(replicas, connections_spread_over_the_standbys_and_come_back_to_a_returning_one, .timeout = 90,
+     .fini = rs_fini)
+{
+	struct rs r;
+	rs_start(&r, 2, false);
+	int nodes[] = {1, 2};
+	char *ci = rs_conninfo(&r, nodes, 2, "read-only");
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = ci;
+	cfg.min_idle = 6;
+	cfg.max_size = 6;
+	cfg.backoff_min_ms = 50;
+	cfg.backoff_max_ms = 200;
+	/* Connections are replaced within about a second: how traffic finds a returning one. */
+	cfg.max_lifetime_ms = 1000;
+	cfg.lifetime_jitter_ms = 500;
+	pgr_pool *p = tu_pool(&cfg);
+	int ports[6];
+	pool_ports(p, 6, ports);
+	int a = count_port(ports, 6, r.port[1]), b = count_port(ports, 6, r.port[2]);
+	cr_log_info("spread over two standbys: %d / %d", a, b);
+	cr_assert_eq(a, 3);
+	cr_assert_eq(b, 3);
+	/* standby2 goes down: its connections fail over to standby1. */
+	rs_node(&r, "server-stop", "standby2");
+	int64_t t0 = tu_now_ms();
+	cr_assert(TU_WAIT_UNTIL(({
+		                        pool_ports(p, 6, ports);
+		                        count_port(ports, 6, r.port[1]) == 6;
+	                        }),
+	                        10000));
+	int64_t gone = tu_now_ms() - t0;
+	rs_node(&r, "server-start", "standby2");
+	t0 = tu_now_ms();
+	/* Replaced connections start their connect at the next host in turn: about half of them
+	 * go back. One lifetime (1 s) replaces every connection; 2 s more covers backoff and a
+	 * loaded machine. */
+	bool back = TU_WAIT_UNTIL(({
+		                          pool_ports(p, 6, ports);
+		                          count_port(ports, 6, r.port[2]) >= 2;
+	                          }),
+	                          3000);
+	int64_t returned = tu_now_ms() - t0;
+	cr_log_info("standby2 down: all 6 on standby1 within %lld ms; back up: %d on standby2 "
+	            "after %lld ms (max_lifetime_ms 1000)",
+	            (long long)gone, count_port(ports, 6, r.port[2]), (long long)returned);
+	cr_assert(back, "connections did not come back to the returning standby");
+	pgr_pool_destroy(p);
+	free(ci);
+	rs_stop(&r);
+}
