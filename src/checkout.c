@@ -702,6 +702,7 @@ static __attribute__((noinline)) int acquire_wait(pgr_pool *p, int64_t timeout_m
 	}
 	/* Counted so that pgr_pool_destroy frees nothing while a woken waiter still runs here. */
 	atomic_fetch_add_explicit(&p->nblocked, 1, memory_order_seq_cst);
+	pgr__clock_kick(p->rt);
 	int rc = slow_acquire(p, timeout_ms, &c);
 	if (rc == 0)
 		*out = checked_out(c, file, line, func);

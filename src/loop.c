@@ -374,6 +374,7 @@ static void acquire_settle(pgr_loop *l, struct op *o, struct pgr_conn *mine)
 static void acquire_wait(pgr_loop *l, struct op *o)
 {
 	o->phase = PH_WAIT;
+	pgr__clock_kick(l->pool->rt);
 	int rc = pgr__wq_enqueue(l->pool, &o->wi);
 	if (rc) {
 		deliver_acquire(l, o, rc, NULL);

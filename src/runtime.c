@@ -51,6 +51,14 @@ int64_t pgr__clock_slow(struct pgr__clock *k)
 	return now;
 }
 
+/* From a slow path (a caller about to wait): a clock stopped while checkouts read it
+ * resumes now rather than at the runtime's next due time. */
+void pgr__clock_kick(pgr_runtime *rt)
+{
+	if (rt && atomic_load_explicit(&rt->clock.wake_req, memory_order_relaxed))
+		pgr__runtime_wake(rt);
+}
+
 void pgr__runtime_wake(pgr_runtime *rt)
 {
 	uint64_t one = 1;
@@ -309,6 +317,11 @@ int pgr__runtime_attach(pgr_runtime *rt, pgr_pool *p)
 	}
 	rt->pools[i] = p;
 	p->rt = rt;
+	/* A new pool's checkouts start soon: publish the clock until they stop reading it. */
+	atomic_store_explicit(&rt->clock.now_ms, pgr__coarse_ms(), memory_order_relaxed);
+	atomic_store_explicit(&rt->clock.live, 1, memory_order_relaxed);
+	rt->quiet_ticks = 0;
+	rt->last_tick_ms = pgr__coarse_ms();
 	p->rt_index = (uint16_t)i;
 	p->mgr_dirty = true;
 	atomic_store_explicit(&p->mgr_detached, 0, memory_order_relaxed);

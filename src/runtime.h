@@ -12,9 +12,10 @@
  * checkouts happen, the runtime publishes now_ms every PGR__TICK_MS and readers load it (one
  * relaxed load). Once no checkout has read it for PGR__CLOCK_QUIET ticks the runtime stops
  * ticking (live = 0); a reader that then finds the clock stopped reads CLOCK_MONOTONIC_COARSE
- * itself and leaves a request (wake_req) that the runtime's next round honours; no reader ever
- * makes a system call for it. Readers mark `used` only when it is clear, so the line sees two
- * writes per tick, not one per checkout.
+ * itself and leaves a request (wake_req) that the runtime's next round honours; no reader on
+ * the checkout path makes a system call for it (a caller about to wait does kick the runtime,
+ * and any due time or completion brings a round). Readers mark `used` only when it is clear, so the
+ * line sees two writes per tick, not one per checkout.
  */
 #ifndef PGR_RUNTIME_H
 #define PGR_RUNTIME_H
@@ -95,5 +96,6 @@ int pgr__runtime_attach(pgr_runtime *rt, pgr_pool *p);
 /* One round: rounds of every attached pool's manager; wait blocks in the ring (the thread). */
 void pgr__runtime_round(pgr_runtime *rt, bool wait);
 void pgr__runtime_wake(pgr_runtime *rt);
+void pgr__clock_kick(pgr_runtime *rt);
 
 #endif
