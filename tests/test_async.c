@@ -628,3 +628,159 @@ Test(async, pipeline_runs_several_statements_and_reports_each, .timeout = 60)
 	             -EINVAL);
 	env_fini(&e);
 }
+
+/*
+ * A pipeline past its deadline: the caller hears -ETIMEDOUT at the deadline with no results,
+ * the statement still running is cancelled on the server, and the connection is closed on
+ * return (active_query) instead of going to the next caller with a pipeline half read.
+ */
+Test(async, pipeline_past_its_deadline_times_out_and_its_connection_is_not_reused, .timeout = 60)
+{
+	static struct env e;
+	env_init(&e, 1, 1);
+	PGconn *admin = tu_admin();
+	struct await a = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_loop_acquire(e.loop, 1000, on_async_acquire, &a), 0);
+	cr_assert_eq(a.err, 0);
+	int pid = PQbackendPID(pgr_conn_pg(a.conn));
+	const char *sql[3] = {"select 1", "select pg_sleep(30)", "select 3"};
+	struct pres r = {0};
+	int64_t t0 = tu_now_ms();
+	cr_assert_eq(pgr_loop_pipeline(e.loop, a.conn, 3, sql, NULL, NULL, 150, on_pipeline, &r),
+	             0);
+	while (!r.done && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert(r.done, "the pipeline never completed");
+	cr_assert_eq(r.err, -ETIMEDOUT, "err=%d %s", r.err, pgr_strerror(r.err));
+	cr_assert(took >= 150 - 1 && took < 150 + LATE_MS, "took %lld ms", (long long)took);
+	for (int i = 0; i < r.n; i++)
+		cr_assert_eq(r.st[i], PGRES_FATAL_ERROR, "result %d delivered after a timeout", i);
+	char q[160];
+	snprintf(q, sizeof(q),
+	         "select count(*) from pg_stat_activity where pid = %d and state = 'active'", pid);
+	cr_assert(TU_WAIT_UNTIL(tu_query_long(admin, q) == 0, 5000), "pg_sleep still running");
+
+	pgr_release(a.conn);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(e.pool).closes == 1, 5000));
+	cr_assert_eq(tu_stats(e.pool).closes_by_reason[PGR_CLOSE_ACTIVE_QUERY], 1);
+	struct await b = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_loop_acquire(e.loop, 5000, on_async_acquire, &b), 0);
+	t0 = tu_now_ms();
+	while (b.err == 1 && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	cr_assert_eq(b.err, 0);
+	cr_assert_neq(PQbackendPID(pgr_conn_pg(b.conn)), pid,
+	              "the timed-out connection was reused");
+	struct pres r2 = {0};
+	cr_assert_eq(pgr_loop_pipeline(e.loop, b.conn, 1, sql, NULL, NULL, 5000, on_pipeline, &r2),
+	             0);
+	while (!r2.done && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	cr_assert_eq(r2.err, 0);
+	cr_assert_str_eq(r2.val[0], "1");
+	pgr_release(b.conn);
+	PQfinish(admin);
+	env_fini(&e);
+}
+
+/* ---- reset_sql on the loop's ring, over TLS ---- */
+
+struct qval {
+	int done, err;
+	char val[64];
+};
+
+static void on_qval(pgr_loop *l, int err, PGresult *res, void *arg)
+{
+	struct qval *q = arg;
+	q->err = err;
+	if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) > 0)
+		snprintf(q->val, sizeof(q->val), "%s", PQgetvalue(res, 0, 0));
+	else if (!err && res && PQresultStatus(res) != PGRES_COMMAND_OK)
+		q->err = -EIO;
+	PQclear(res);
+	q->done = 1;
+}
+
+static void loop_query_ok(struct env *e, pgr_conn *c, const char *sql, char *val, size_t len)
+{
+	struct qval q = {0};
+	cr_assert_eq(pgr_loop_query(e->loop, c, sql, 0, NULL, 5000, on_qval, &q), 0);
+	int64_t dl = tu_now_ms() + 5000;
+	while (!q.done && tu_now_ms() < dl)
+		turn(e);
+	cr_assert(q.done && q.err == 0, "%s: err %d", sql, q.err);
+	if (val)
+		snprintf(val, len, "%s", q.val);
+}
+
+static pgr_conn *loop_acquire_ok(struct env *e)
+{
+	struct await a = {.got = -1, .err = 1};
+	cr_assert_eq(pgr_loop_acquire(e->loop, 5000, on_async_acquire, &a), 0);
+	int64_t dl = tu_now_ms() + 5000;
+	while (a.err == 1 && tu_now_ms() < dl)
+		turn(e);
+	cr_assert_eq(a.err, 0, "%s", pgr_strerror(a.err));
+	return a.conn;
+}
+
+/*
+ * pgr_loop_release runs reset_sql (and a rollback first when needed) on the loop's ring, with
+ * the session's state gone afterwards; over TLS, where the answers come through OpenSSL.
+ */
+Test(async, reset_sql_runs_on_the_loop_ring_over_tls, .timeout = 60)
+{
+	static struct env e;
+	memset(&e, 0, sizeof(e));
+	cr_assert_eq(io_uring_queue_init(256, &e.ring, 0), 0);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_env("PGR_TEST_CONNINFO_TLS");
+	cfg.min_idle = cfg.max_size = 1;
+	cfg.reset_sql = "DISCARD ALL";
+	e.pool = tu_pool(&cfg);
+	cr_assert_eq(pgr_loop_create(e.pool, &e.ring, 0, &e.loop), 0);
+
+	pgr_conn *c = loop_acquire_ok(&e);
+	cr_assert(PQsslInUse(pgr_conn_pg(c)), "not a TLS connection");
+	int pid = PQbackendPID(pgr_conn_pg(c));
+	char wm[64], v[64];
+	loop_query_ok(&e, c, "show work_mem", wm, sizeof(wm));
+	enum {
+		ROUNDS = 3
+	};
+	for (int i = 0; i < ROUNDS; i++) {
+		loop_query_ok(&e, c, "set work_mem = '7MB'", NULL, 0);
+		loop_query_ok(&e, c, "prepare lr_stmt as select 1", NULL, 0);
+		if (i == ROUNDS - 1) /* last round: returned inside a transaction */
+			loop_query_ok(&e, c, "begin", NULL, 0);
+		uint64_t execs = atomic_load(&e.pool->c_loop_execs);
+		cr_assert_eq(pgr_loop_release(e.loop, c), 0);
+		uint64_t want = i == ROUNDS - 1 ? 2 : 1; /* ROLLBACK, then reset_sql */
+		int64_t dl = tu_now_ms() + 5000;
+		while (tu_stats(e.pool).resets < (uint64_t)i + 1 && tu_now_ms() < dl)
+			turn(&e);
+		cr_assert_eq(tu_stats(e.pool).resets, (uint64_t)i + 1, "round %d: no reset", i);
+		cr_assert_eq(atomic_load(&e.pool->c_loop_execs), execs + want,
+		             "round %d: the reset did not run on the loop's ring", i);
+		c = loop_acquire_ok(&e);
+		cr_assert_eq(PQbackendPID(pgr_conn_pg(c)), pid, "round %d: replaced, not reset", i);
+		cr_assert_eq(PQtransactionStatus(pgr_conn_pg(c)), PQTRANS_IDLE);
+		loop_query_ok(&e, c, "show work_mem", v, sizeof(v));
+		cr_assert_str_eq(v, wm, "round %d: work_mem survived the return", i);
+		loop_query_ok(&e, c, "select count(*) from pg_prepared_statements", v, sizeof(v));
+		cr_assert_str_eq(v, "0", "round %d: the prepared statement survived the return", i);
+	}
+	cr_assert_eq(pgr_loop_release(e.loop, c), 0);
+	int64_t dl = tu_now_ms() + 5000;
+	while (tu_stats(e.pool).resets < ROUNDS + 1 && tu_now_ms() < dl)
+		turn(&e);
+	pgr_stats s = tu_stats(e.pool);
+	cr_assert_eq(s.resets, ROUNDS + 1);
+	cr_assert_eq(s.rollbacks, 1);
+	cr_assert_eq(s.resets_failed, 0);
+	cr_assert_eq(s.closes, 0);
+	env_fini(&e);
+}
