@@ -22,6 +22,7 @@ struct env {
 	 * scheduler did not preempt. */
 	long vcsw, ivcsw;
 	int64_t max_unpreempted_ns;
+	int64_t max_cpu_ns; /* the thread's CPU time in its most expensive turn */
 };
 
 static int64_t now_ns(void)
@@ -67,6 +68,8 @@ static void turn(struct env *e)
 	io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, &ts, NULL);
 	struct rusage r0, r1;
 	getrusage(RUSAGE_THREAD, &r0);
+	struct timespec c0, c1;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
 	int64_t t0 = now_ns();
 	unsigned head, n = 0;
 	io_uring_for_each_cqe (&e->ring, head, cqe) {
@@ -76,6 +79,7 @@ static void turn(struct env *e)
 	}
 	io_uring_cq_advance(&e->ring, n);
 	int64_t d = now_ns() - t0;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
 	getrusage(RUSAGE_THREAD, &r1);
 	if (n && e->niter < 20000)
 		e->iter_ns[e->niter++] = d;
@@ -87,6 +91,9 @@ static void turn(struct env *e)
 		e->ivcsw += iv;
 		if (iv == 0 && d > e->max_unpreempted_ns)
 			e->max_unpreempted_ns = d;
+		int64_t cpu = (c1.tv_sec - c0.tv_sec) * 1000000000 + (c1.tv_nsec - c0.tv_nsec);
+		if (cpu > e->max_cpu_ns)
+			e->max_cpu_ns = cpu;
 	}
 }
 
@@ -199,23 +206,27 @@ Test(async, thousand_cycles_on_a_pool_smaller_than_concurrency, .timeout = 120)
 	cr_assert_eq(s.size, 4);
 	cr_assert_geq(s.waits, 1, "the pool should have been too small, making callers wait");
 	/*
-	 * The loop never blocks, checked on its worst turn, not its median. Each query sleeps
-	 * 1 ms on the server, 16 are in flight on 4 connections: a loop that waited for the
-	 * network inside pgring would sleep in the kernel (a voluntary context switch) and spend
-	 * at least that 1 ms in the turn. So: no voluntary switch in any turn, and no turn the
-	 * scheduler did not preempt may take 1 ms (measured on a busy 2-vCPU machine: 0.1-0.4 ms
-	 * for up to 16 completions with their sends). Preempted turns are left out of the bound:
-	 * on a loaded machine a quantum (4 ms) or more can land in any of them.
+	 * The loop never blocks, checked on every turn, not on the median. Each query sleeps 1 ms
+	 * on the server, 16 are in flight on 4 connections: a loop that waited for the network
+	 * (or a lock, or a futex) inside pgring would sleep in the kernel, which the kernel counts
+	 * as a voluntary context switch of this thread. None may happen in any turn.
+	 *
+	 * Why not a bound on the worst turn's duration: on a 2-vCPU machine at load 9 (others
+	 * building) turns the scheduler did not preempt were measured at up to 4.4 ms, and one
+	 * turn's own CPU time at up to 7.7 ms (the kernel delivers loopback TCP in the sender's
+	 * context and charges it to the sending thread), against 0.1-0.4 ms on a quieter machine:
+	 * no wall or CPU bound below the 1 ms a blocking wait would cost holds under such load.
+	 * The durations are logged.
 	 */
 	cr_assert_eq(e.vcsw, 0, "the loop slept %ld times inside pgring", e.vcsw);
-	cr_assert_lt(e.max_unpreempted_ns, 1000000, "worst turn %lld ns: the loop blocks",
-	             (long long)e.max_unpreempted_ns);
 	qsort(e.iter_ns, (size_t)e.niter, sizeof(int64_t), cmp64);
 	int64_t p50 = e.iter_ns[e.niter / 2], p99 = e.iter_ns[e.niter * 99 / 100];
-	cr_log_info("loop turn: p50 %lld ns, p99 %lld ns, max %lld ns (not preempted: %lld ns) "
-	            "over %d turns; context switches in them: %ld voluntary, %ld involuntary",
+	cr_log_info("loop turn: p50 %lld ns, p99 %lld ns, max %lld ns (not preempted: %lld ns, "
+	            "max CPU %lld ns) over %d turns; context switches in them: %ld voluntary, %ld "
+	            "involuntary",
 	            (long long)p50, (long long)p99, (long long)e.max_iter_ns,
-	            (long long)e.max_unpreempted_ns, e.niter, e.vcsw, e.ivcsw);
+	            (long long)e.max_unpreempted_ns, (long long)e.max_cpu_ns, e.niter, e.vcsw,
+	            e.ivcsw);
 	cr_assert_lt(p50, 500000, "median loop turn %lld ns: the loop blocks", (long long)p50);
 	env_fini(&e);
 }
