@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: PostgreSQL */
 /* The checkout core against a real server: round trip, exhaustion, deadlines, FIFO, waiters. */
 #include <errno.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
 
+#include "pool.h" /* cpu_shard: which CPUs map to which shard */
 #include "testutil.h"
 
 /*
@@ -277,5 +279,84 @@ Test(checkout, pool_grows_on_demand_up_to_max_size, .timeout = 30)
 	for (int i = 0; i < 3; i++)
 		pgr_release(c[i]);
 	cr_assert_eq(tu_stats(p).connects_ok, 3);
+	pgr_pool_destroy(p);
+}
+
+/* ---- stealing across shards ---- */
+
+struct steal_run {
+	pgr_pool *p;
+	int cpu_a, cpu_b; /* allowed CPUs whose shards differ */
+	uint64_t steals[4];
+};
+
+static void pin(int cpu)
+{
+	cpu_set_t set;
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	cr_assert_eq(sched_setaffinity(0, sizeof(set), &set), 0, "pin to CPU %d: %s", cpu,
+	             strerror(errno));
+	cr_assert_eq(sched_getcpu(), cpu);
+}
+
+static void *steal_main(void *arg)
+{
+	struct steal_run *r = arg;
+	pgr_conn *c[2];
+	/* Both connections go to CPU b's shard: returned from there. */
+	pin(r->cpu_b);
+	for (int i = 0; i < 2; i++)
+		cr_assert_eq(pgr_acquire(r->p, 5000, &c[i]), 0);
+	for (int i = 0; i < 2; i++)
+		cr_assert_eq(pgr_release(c[i]), 0);
+	r->steals[0] = tu_stats(r->p).steals;
+	/* CPU a's shard is empty: the checkout takes one from b's. */
+	pin(r->cpu_a);
+	cr_assert_eq(pgr_acquire(r->p, 5000, &c[0]), 0);
+	r->steals[1] = tu_stats(r->p).steals;
+	/* Returned on a, it sits in a's shard: taking it again is no steal. */
+	cr_assert_eq(pgr_release(c[0]), 0);
+	cr_assert_eq(pgr_acquire(r->p, 5000, &c[0]), 0);
+	r->steals[2] = tu_stats(r->p).steals;
+	/* The other one is still in b's shard. */
+	cr_assert_eq(pgr_acquire(r->p, 5000, &c[1]), 0);
+	r->steals[3] = tu_stats(r->p).steals;
+	for (int i = 0; i < 2; i++)
+		cr_assert_eq(pgr_release(c[i]), 0);
+	return NULL;
+}
+
+Test(checkout, a_caller_whose_shard_is_empty_steals_from_another_shard, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = cfg.max_size = 2;
+	cfg.shards = 2;
+	pgr_pool *p = tu_pool(&cfg);
+	struct steal_run r = {.p = p, .cpu_a = -1, .cpu_b = -1};
+	cpu_set_t allowed;
+	cr_assert_eq(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+	for (int cpu = 0; cpu < CPU_SETSIZE && cpu < (int)PGR__MAX_CPUS; cpu++) {
+		if (!CPU_ISSET(cpu, &allowed))
+			continue;
+		if (r.cpu_a < 0)
+			r.cpu_a = cpu;
+		else if (p->cpu_shard[cpu] != p->cpu_shard[r.cpu_a]) {
+			r.cpu_b = cpu;
+			break;
+		}
+	}
+	cr_assert_geq(r.cpu_b, 0,
+	              "this test needs two CPUs this process may run on whose shards differ "
+	              "(found %d CPU(s))",
+	              CPU_COUNT(&allowed));
+	pthread_t th;
+	cr_assert_eq(pthread_create(&th, NULL, steal_main, &r), 0);
+	pthread_join(th, NULL);
+	cr_assert_eq(r.steals[1], r.steals[0] + 1, "no steal from the other shard");
+	cr_assert_eq(r.steals[2], r.steals[1], "a connection in the caller's own shard was stolen");
+	cr_assert_eq(r.steals[3], r.steals[2] + 1);
 	pgr_pool_destroy(p);
 }

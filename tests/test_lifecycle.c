@@ -382,3 +382,113 @@ Test(lifecycle, connection_terminated_while_checked_out_is_not_reused, .timeout 
 	lc_events_free(ev);
 	PQfinish(admin);
 }
+
+/*
+ * An error with one of the SQLSTATEs that mean "this server is going away" (57P01 admin
+ * shutdown, 57P02 crash shutdown, 57P03 cannot connect now), raised by a statement so that
+ * the session itself stays healthy: only the pool's retirement rule can keep it from being
+ * reused.
+ */
+static void sqlstate_retires(const char *app, const char *code)
+{
+	struct lc_events *ev = lc_events_new();
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), app, ev, &ci);
+	cfg.min_idle = cfg.max_size = 1;
+	pgr_pool *p = tu_pool(&cfg);
+	free(ci);
+	PGconn *admin = tu_admin();
+
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	PGconn *pg = pgr_conn_pg(c);
+	int pid = PQbackendPID(pg);
+	uint32_t id = pgr_conn_id(c);
+	char sql[160], ss[8];
+	snprintf(sql, sizeof(sql), "do $$ begin raise exception using errcode = '%s'; end $$",
+	         code);
+	cr_assert_str_eq(lc_sqlstate(pg, sql, ss, sizeof(ss)), code);
+	/* Nothing else is wrong with it: idle, open, answering. */
+	cr_assert_eq(PQtransactionStatus(pg), PQTRANS_IDLE);
+	cr_assert(lc_ok(pg, "select 1"));
+	pgr_release(c);
+
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	cr_assert_neq(PQbackendPID(pgr_conn_pg(c)), pid, "a connection that saw %s was reused",
+	              code);
+	cr_assert(lc_ok(pgr_conn_pg(c), "select 1"));
+	pgr_release(c);
+	cr_assert_eq(tu_stats(p).closes, 1);
+	cr_assert_eq(tu_stats(p).closes_by_reason[PGR_CLOSE_SERVER_ERROR], 1);
+	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, "server_error", id), 1);
+	cr_assert(TU_WAIT_UNTIL(!lc_pid_alive(admin, pid), 5000), "retired backend still there");
+	pgr_pool_destroy(p);
+	lc_events_free(ev);
+	PQfinish(admin);
+}
+
+Test(lifecycle, connection_that_saw_admin_shutdown_57P01_is_not_reused, .timeout = 30)
+{
+	sqlstate_retires("lc_57p01", "57P01");
+}
+
+Test(lifecycle, connection_that_saw_crash_shutdown_57P02_is_not_reused, .timeout = 30)
+{
+	sqlstate_retires("lc_57p02", "57P02");
+}
+
+Test(lifecycle, connection_that_saw_cannot_connect_now_57P03_is_not_reused, .timeout = 30)
+{
+	sqlstate_retires("lc_57p03", "57P03");
+}
+
+/*
+ * A FATAL whose SQLSTATE is in no list: idle_session_timeout ends the session with FATAL 57P05
+ * while the holder sits idle, and the next statement reads it as its result. The close must
+ * say server_error (the severity was seen), not only broken (the socket died after it).
+ */
+Test(lifecycle, connection_that_saw_a_fatal_error_is_retired_as_server_error, .timeout = 30)
+{
+	const char *app = "lc_fatal";
+	struct lc_events *ev = lc_events_new();
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), app, ev, &ci);
+	cfg.min_idle = cfg.max_size = 1;
+	pgr_pool *p = tu_pool(&cfg);
+	free(ci);
+	PGconn *admin = tu_admin();
+
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	PGconn *pg = pgr_conn_pg(c);
+	int pid = PQbackendPID(pg);
+	uint32_t id = pgr_conn_id(c);
+	tu_exec(pg, "set idle_session_timeout = 50");
+	cr_assert(TU_WAIT_UNTIL(!lc_pid_alive(admin, pid), 5000),
+	          "idle_session_timeout did not end the session");
+	/* Result by result: PQexec would keep only the last one, libpq's "server closed". */
+	cr_assert(PQsendQuery(pg, "select 1"));
+	bool fatal = false;
+	PGresult *r;
+	while ((r = PQgetResult(pg)) != NULL) {
+		const char *sev = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+		fatal |= sev && !strcmp(sev, "FATAL");
+		PQclear(r);
+	}
+	cr_assert(fatal, "the statement did not see the FATAL");
+	pgr_release(c);
+
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	cr_assert_neq(PQbackendPID(pgr_conn_pg(c)), pid);
+	cr_assert(lc_ok(pgr_conn_pg(c), "select 1"));
+	pgr_release(c);
+	struct lc_ev e;
+	cr_assert(lc_events_first(ev, PGR_EV_CONN_CLOSED, NULL, id, 0, &e, NULL));
+	cr_assert_str_eq(e.reason, "server_error", "closed as %s", e.reason);
+	cr_assert_eq(tu_stats(p).closes, 1);
+	pgr_pool_destroy(p);
+	lc_events_free(ev);
+	PQfinish(admin);
+}

@@ -35,6 +35,14 @@ enum {
 	ACQ_MS = 300
 };
 
+/*
+ * Slack above a deadline: acquires wait on an absolute futex deadline and connects on a linked
+ * io_uring timeout, both exact in the kernel; what comes late is a thread's trip back onto a
+ * CPU (one for a waiter, two for the manager: to start the connect, then to see it time out),
+ * a few 4 ms scheduler quanta each on a busy 2-CPU machine. 40 ms leaves room for ten.
+ */
+#define LATE_MS 40
+
 struct load {
 	pgr_pool *p;
 	_Atomic int stop;
@@ -188,7 +196,7 @@ Test(lifecycle, server_restart_under_load_fails_fast_backs_off_and_recovers, .ti
 	             pgr_strerror(atomic_load(&l->down_bad_rc_value)));
 	cr_assert_geq(atomic_load(&l->down_min_ms), ACQ_MS - 2,
 	              "an acquire gave up before its deadline");
-	cr_assert_leq(atomic_load(&l->down_max_ms), ACQ_MS + 1000, "an acquire took %lld ms",
+	cr_assert_leq(atomic_load(&l->down_max_ms), ACQ_MS + LATE_MS, "an acquire took %lld ms",
 	              (long long)atomic_load(&l->down_max_ms));
 	cr_assert(strstr(l->down_error, "connection to server at") != NULL,
 	          "last error does not name the connection failure: '%s'", l->down_error);
@@ -246,15 +254,15 @@ Test(lifecycle, silent_server_fails_connect_after_connect_timeout, .timeout = 30
 	int64_t took = tu_now_ms() - t0;
 	cr_assert_eq(rc, -PGR_E_CONNECT_FAILED, "rc %d (%s)", rc, pgr_strerror(rc));
 	cr_assert_geq(took, ACQ - 2);
-	cr_assert_leq(took, ACQ + 1000);
+	cr_assert_lt(took, ACQ + LATE_MS, "acquire took %lld ms", (long long)took);
 
 	/* The attempt itself was abandoned at connect_timeout_ms, and said so. */
 	struct lc_ev e;
 	cr_assert(lc_events_first(ev, PGR_EV_CONNECT_FAILED, NULL, UINT32_MAX, 0, &e, NULL),
 	          "no connect-failed event");
 	cr_assert_geq(e.t_ms - t0, CONNECT_MS, "gave up after %lld ms", (long long)(e.t_ms - t0));
-	cr_assert_leq(e.t_ms - t0, CONNECT_MS + 1000, "gave up after %lld ms",
-	              (long long)(e.t_ms - t0));
+	cr_assert_lt(e.t_ms - t0, CONNECT_MS + LATE_MS, "gave up after %lld ms",
+	             (long long)(e.t_ms - t0));
 	cr_assert(strstr(e.msg, "timeout"), "connect-failed event: %s", e.msg);
 	char err[512];
 	pgr_pool_last_error(p, err, sizeof(err));

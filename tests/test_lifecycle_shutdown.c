@@ -136,7 +136,13 @@ Test(lifecycle, drain_times_out_while_a_connection_is_still_out, .timeout = 30)
 	int64_t took = tu_now_ms() - t0;
 	cr_assert_eq(rc, -ETIMEDOUT, "rc %d (%s)", rc, pgr_strerror(rc));
 	cr_assert_geq(took, DRAIN_MS - 2, "drain gave up after %lld ms", (long long)took);
-	cr_assert_leq(took, DRAIN_MS + 1000, "drain took %lld ms", (long long)took);
+	/*
+	 * Past its deadline the drain stops waiting within its 1 ms poll, then the manager closes
+	 * the idle connection (cancel its poll, reap, PQfinish: well under a millisecond) and
+	 * stops: a few thread wake-ups, a few 4 ms scheduler quanta each on a busy 2-CPU machine.
+	 */
+	cr_log_info("drain took %lld ms for a %d ms deadline", (long long)took, DRAIN_MS);
+	cr_assert_lt(took, DRAIN_MS + 40, "drain took %lld ms", (long long)took);
 	/* The idle one is closed already; the held one is still the holder's. */
 	cr_assert_eq(tu_stats(p).closes_by_reason[PGR_CLOSE_POOL_CLOSING], 1);
 	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, NULL, id), 0);
@@ -178,14 +184,20 @@ Test(lifecycle, drain_returns_when_connections_come_back_and_closes_them, .timeo
 	pthread_t th;
 	pthread_create(&th, NULL, late_release_main, &r);
 
-	int64_t t0 = tu_now_ms();
 	int rc = pgr_pool_drain(p, 10000);
 	int64_t t1 = tu_now_ms();
 	pthread_join(th, NULL);
 	cr_assert_eq(rc, 0, "rc %d (%s)", rc, pgr_strerror(rc));
 	cr_assert_geq(t1, r.released_ms, "drain returned before the connections came back");
-	cr_assert_leq(t1 - t0, r.delay_ms + 1000, "drain took %lld ms for a %lld ms hold",
-	              (long long)(t1 - t0), (long long)r.delay_ms);
+	/*
+	 * Measured from the last return, not from the hold: the drain sees it within its 1 ms
+	 * poll, then the manager closes three connections and stops (as above: 40 ms).
+	 */
+	cr_log_info("drain returned %lld ms after the last release",
+	            (long long)(t1 - r.released_ms));
+	cr_assert_lt(t1 - r.released_ms, 40,
+	             "drain returned %lld ms after the connections came back",
+	             (long long)(t1 - r.released_ms));
 	/* Returned during the drain: closed, as pool_closing, after their return. */
 	for (int i = 0; i < 2; i++) {
 		struct lc_ev e;

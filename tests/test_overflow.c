@@ -109,3 +109,63 @@ Test(overflow, server_never_sees_more_than_the_limit_under_load, .timeout = 120)
 	PQfinish(admin);
 	free(ci);
 }
+
+struct waiter {
+	pgr_pool *p;
+	int rc;
+	int pid;
+	pgr_conn *c;
+};
+
+static void *waiter_main(void *a)
+{
+	struct waiter *w = a;
+	w->rc = pgr_acquire(w->p, 5000, &w->c);
+	if (w->rc == 0)
+		w->pid = PQbackendPID(pgr_conn_pg(w->c));
+	return NULL;
+}
+
+/*
+ * The overflow rule closes a connection returned above max_size only when nobody waits: with
+ * a caller waiting, the returned overflow connection goes to it as it is, with no close and no
+ * new connect.
+ */
+Test(overflow, overflow_connection_returned_while_a_caller_waits_goes_to_that_caller, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = 1;
+	cfg.max_size = 1;
+	cfg.max_overflow = 1;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *base, *over;
+	cr_assert_eq(pgr_acquire(p, 5000, &base), 0);
+	cr_assert_eq(pgr_acquire(p, 5000, &over), 0);
+	cr_assert_eq(tu_stats(p).overflow_in_use, 1);
+	int over_pid = PQbackendPID(pgr_conn_pg(over));
+	uint64_t connects0 = tu_stats(p).connects_ok;
+
+	struct waiter w = {.p = p, .rc = 1};
+	pthread_t th;
+	cr_assert_eq(pthread_create(&th, NULL, waiter_main, &w), 0);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).waiting == 1, 5000));
+	cr_assert_eq(pgr_release(over), 0);
+	pthread_join(th, NULL);
+	cr_assert_eq(w.rc, 0, "waiter: %s", pgr_strerror(w.rc));
+	cr_assert_eq(w.pid, over_pid, "the waiter got backend %d, not the returned %d", w.pid,
+	             over_pid);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.closes, 0, "the overflow connection was closed with a caller waiting");
+	cr_assert_eq(s.connects_ok, connects0, "a new connection was opened for the waiter");
+	cr_assert_geq(s.handoffs, 1);
+	cr_assert_eq(s.size, 2);
+
+	/* Nobody waits now: the surplus one closes on return, as overflow. */
+	cr_assert_eq(pgr_release(w.c), 0);
+	cr_assert_eq(pgr_release(base), 0);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).size == 1, 5000), "size=%u", tu_stats(p).size);
+	cr_assert_eq(tu_stats(p).closes_by_reason[PGR_CLOSE_OVERFLOW], 1);
+	pgr_pool_destroy(p);
+}
