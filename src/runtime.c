@@ -168,10 +168,22 @@ static void handle_cqe(pgr_runtime *rt, struct io_uring_cqe *cqe)
 		pgr__mgr_cqe(rt->pools[idx], ud, cqe->res);
 }
 
-void pgr__runtime_round(pgr_runtime *rt, bool wait)
+/* Hand every completion that is in to its pool. Caller holds the lock. */
+static unsigned reap(pgr_runtime *rt)
 {
-	atomic_fetch_add_explicit(&rt->wakeups, 1, memory_order_relaxed);
-	pthread_mutex_lock(&rt->lock);
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+	io_uring_for_each_cqe (&rt->ring, head, cqe) {
+		handle_cqe(rt, cqe);
+		n++;
+	}
+	io_uring_cq_advance(&rt->ring, n);
+	return n;
+}
+
+/* Each pool's turn, then one timeout for the earliest due time. Caller holds the lock. */
+static void turn(pgr_runtime *rt)
+{
 	int64_t now = pgr__coarse_ms();
 	tick_clock(rt, now);
 	int64_t due = INT64_MAX;
@@ -191,30 +203,34 @@ void pgr__runtime_round(pgr_runtime *rt, bool wait)
 	if (due <= now)
 		due = now + 1;
 	arm_timeout(rt, due);
-	/*
-	 * Without a thread the round never blocks, so it keeps the lock to the end: liburing is
-	 * not thread-safe, and a drain on another thread that turns the crank while the loop's
-	 * thread calls pgr_runtime_run must not touch the ring at the same time.
-	 */
-	if (wait)
-		pthread_mutex_unlock(&rt->lock);
+	io_uring_submit(&rt->ring);
+}
 
-	struct io_uring_cqe *cqe;
-	if (wait) {
-		int r = io_uring_submit_and_wait(&rt->ring, 1);
-		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
-			usleep(1000); /* never spin on a broken ring */
-		pthread_mutex_lock(&rt->lock);
-	} else {
-		io_uring_submit(&rt->ring);
+void pgr__runtime_round(pgr_runtime *rt, bool wait)
+{
+	atomic_fetch_add_explicit(&rt->wakeups, 1, memory_order_relaxed);
+	pthread_mutex_lock(&rt->lock);
+	if (!wait) {
+		/*
+		 * Without a thread: completions first, then the pools' turn, so the timeout armed
+		 * last reflects what the completions changed. Nothing else would bring the caller's
+		 * loop back (its fd is readable only on a new completion). The round never blocks,
+		 * so it keeps the lock throughout: liburing is not thread-safe, and a drain on
+		 * another thread that turns the crank must not touch the ring at the same time as
+		 * the loop's thread.
+		 */
+		reap(rt);
+		turn(rt);
+		pthread_mutex_unlock(&rt->lock);
+		return;
 	}
-	unsigned head, n = 0;
-	io_uring_for_each_cqe (&rt->ring, head, cqe) {
-		handle_cqe(rt, cqe);
-		n++;
-	}
-	io_uring_cq_advance(&rt->ring, n);
-	if (n)
+	turn(rt);
+	pthread_mutex_unlock(&rt->lock);
+	int r = io_uring_submit_and_wait(&rt->ring, 1);
+	if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
+		usleep(1000); /* never spin on a broken ring */
+	pthread_mutex_lock(&rt->lock);
+	if (reap(rt))
 		io_uring_submit(&rt->ring); /* what the completions armed goes out now */
 	pthread_mutex_unlock(&rt->lock);
 }

@@ -294,9 +294,8 @@ static int run(int loops, int blocking, uint32_t conns, int seconds, bool livene
 	 * Each kind of waiter present must have queued, and been served. Not asked of a churn
 	 * phase with loops alone: a loop holds only inside its callback, so loops barely overlap.
 	 */
-	if ((liveness || blocking) &&
-	    (st.waits == 0 || st.handoffs == 0 || (loops && async_waited == 0) ||
-	     (blocking && st.waits <= async_waited))) {
+	if ((liveness || blocking) && (st.waits == 0 || (loops && async_waited == 0) ||
+	                               (blocking && st.waits <= async_waited))) {
 		fprintf(stderr,
 		        "FAIL: contended, yet %llu waits (%llu async), %llu handoffs: a kind of "
 		        "waiter never waited\n",

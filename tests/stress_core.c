@@ -129,8 +129,12 @@ static int run(int threads, uint32_t conns, int seconds, bool liveness)
 		        (unsigned long long)s.timeouts, LIVENESS_DEADLINE_MS);
 		bad = 1;
 	}
-	/* More threads than connections: callers must have queued and been handed connections. */
-	if ((uint32_t)threads > conns && (st.waits == 0 || st.handoffs == 0)) {
+	/*
+	 * More threads than connections: callers must have queued and been served. (Served by a
+	 * hand-off or, nudged awake, from a shard: the waiting policy decides which, so hand-offs
+	 * alone are not required; test_core pins the hand-off itself down.)
+	 */
+	if ((uint32_t)threads > conns && st.waits == 0) {
 		fprintf(stderr, "FAIL: contended, yet %llu waits and %llu handoffs\n",
 		        (unsigned long long)st.waits, (unsigned long long)st.handoffs);
 		bad = 1;

@@ -182,11 +182,10 @@ static void run(const char *conninfo, int threads, int pool_size, int seconds, i
 	CHECK(atomic_load(&release_errors) == 0, "%llu releases failed",
 	      (unsigned long long)atomic_load(&release_errors));
 	CHECK(errors == 0, "%llu errors", (unsigned long long)errors);
-	/* More threads than connections: callers queued and were handed connections. */
-	CHECK(after.waits > before.waits && after.handoffs > before.handoffs,
-	      "contended, yet %llu waits and %llu handoffs",
-	      (unsigned long long)(after.waits - before.waits),
-	      (unsigned long long)(after.handoffs - before.handoffs));
+	/* More threads than connections: callers queued and were served, by a hand-off or,
+	 * nudged awake, from a shard (the waiting policy decides which). */
+	CHECK(after.waits > before.waits, "contended, yet %llu waits",
+	      (unsigned long long)(after.waits - before.waits));
 	CHECK(max_wait_ms < MAX_WAIT_MS, "a caller waited %lld ms (bound %d ms)",
 	      (long long)max_wait_ms, MAX_WAIT_MS);
 	CHECK(ok > (uint64_t)threads * 10, "only %llu checkouts", (unsigned long long)ok);

@@ -329,6 +329,21 @@ Test(failover, switchover_retires_connections_that_hit_a_read_only_server, .time
 	tu_sleep_ms(1000);
 	rs_node(&r, "read-only", "primary on");
 	int64_t ro = tu_now_ms();
+	/*
+	 * Backends apply a reload when their next command arrives, and SIGHUP reaches them late
+	 * on a loaded machine: commits go on for a moment after the reload. Wait until none has
+	 * been acknowledged for 300 ms, so the LSN below is the old primary's last commit.
+	 */
+	long last_ok = -1;
+	int64_t quiet_since = tu_now_ms();
+	while (tu_now_ms() - quiet_since < 300 && tu_now_ms() - ro < 10000) {
+		long now_ok = atomic_load(&W.ok);
+		if (now_ok != last_ok) {
+			last_ok = now_ok;
+			quiet_since = tu_now_ms();
+		}
+		tu_sleep_ms(10);
+	}
 	/* The standby replays up to the read-only primary's last commit, then takes over. */
 	PGconn *s = rs_connect(&r, 1);
 	char lsn[64];
