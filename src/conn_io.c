@@ -253,6 +253,9 @@ void pgr__mgr_start_connect(pgr_pool *p, struct pgr_conn *c)
 	atomic_fetch_add_explicit(&p->nopen, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&p->nconnecting, 1, memory_order_relaxed);
 	pgr__conn_move(c, PGR__CONNECTING);
+	/* The slot's histograms are lazily backed (pool.h): their pages become resident here, on
+	 * the manager, so that the checkout path's first records into them never fault. */
+	pgr__lazy_populate(c->hist, sizeof(struct pgr__conn_hists));
 	c->op = PGR__OP_CONNECT;
 	c->op_start_ns = pgr__mono_ns();
 	c->op_deadline_ns = pgr__sat_add(c->op_start_ns, pgr__ms_to_ns(p->cfg.connect_timeout_ms));
