@@ -83,6 +83,10 @@ struct result {
 	int nalone;
 	double with_ns[ROUNDS];
 	int nwith;
+	/* what the runtime did meanwhile: its rounds (the clock ticks while checkouts read it)
+	 * and the CPU of every thread but the measuring one, per second */
+	double rt_rounds_per_s[2]; /* [0] alone (first set), [1] with the idle pools */
+	double rt_cpu_pct[2];
 };
 
 static double now_s(void)
@@ -312,6 +316,27 @@ static double checkout_ns(pgr_pool *p, uint32_t ops)
 	return (now_s() - t0) * 1e9 / ops;
 }
 
+static double thread_cpu_s(void)
+{
+	struct rusage ru;
+	getrusage(RUSAGE_THREAD, &ru);
+	return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+	       (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+/* ROUNDS checkout rounds into ns[]; the runtime's rounds and the other threads' CPU meanwhile. */
+static void busy_rounds(pgr_runtime *rt, pgr_pool *p, uint32_t ops, double *ns, int *n,
+                        double *rounds_per_s, double *cpu_pct)
+{
+	uint64_t w0 = atomic_load(&rt->wakeups);
+	double t0 = now_s(), other0 = cpu_s() - thread_cpu_s();
+	for (int i = 0; i < ROUNDS; i++)
+		ns[(*n)++] = checkout_ns(p, ops);
+	double t = now_s() - t0, other = cpu_s() - thread_cpu_s() - other0;
+	*rounds_per_s = (double)(atomic_load(&rt->wakeups) - w0) / t;
+	*cpu_pct = 100.0 * other / t;
+}
+
 static void child_busy(const struct opts *o, struct result *r)
 {
 	uint32_t min_idle;
@@ -332,8 +357,8 @@ static void child_busy(const struct opts *o, struct result *r)
 		goto out;
 	}
 	checkout_ns(pools[0], o->checkout_ops / 4); /* warm-up */
-	for (int i = 0; i < ROUNDS; i++)
-		r->alone_ns[r->nalone++] = checkout_ns(pools[0], o->checkout_ops);
+	busy_rounds(rt, pools[0], o->checkout_ops, r->alone_ns, &r->nalone, &r->rt_rounds_per_s[0],
+	            &r->rt_cpu_pct[0]);
 	if (create_pools(ci, rt, min_idle, 10, pools, 1, r->pools, r->note, sizeof(r->note)))
 		goto out;
 	if (min_idle && !wait_open(pools + 1, r->pools - 1, min_idle, 120)) {
@@ -342,12 +367,12 @@ static void child_busy(const struct opts *o, struct result *r)
 	}
 	sleep_s(0.5);
 	checkout_ns(pools[0], o->checkout_ops / 4);
-	for (int i = 0; i < ROUNDS; i++)
-		r->with_ns[r->nwith++] = checkout_ns(pools[0], o->checkout_ops);
+	busy_rounds(rt, pools[0], o->checkout_ops, r->with_ns, &r->nwith, &r->rt_rounds_per_s[1],
+	            &r->rt_cpu_pct[1]);
 	destroy_pools(pools, 1, r->pools);
 	checkout_ns(pools[0], o->checkout_ops / 4);
-	for (int i = 0; i < ROUNDS; i++)
-		r->alone_ns[r->nalone++] = checkout_ns(pools[0], o->checkout_ops);
+	double rps, cpu;
+	busy_rounds(rt, pools[0], o->checkout_ops, r->alone_ns, &r->nalone, &rps, &cpu);
 	r->ok = 1;
 	for (int i = 0; i < r->nalone; i++)
 		r->ok &= r->alone_ns[i] > 0;
@@ -445,6 +470,11 @@ static void print_json(const struct result *r)
 		       median(r->alone_ns, r->nalone), minimum(r->alone_ns, r->nalone),
 		       maximum(r->alone_ns, r->nalone), median(r->with_ns, r->nwith),
 		       minimum(r->with_ns, r->nwith), maximum(r->with_ns, r->nwith));
+		printf(
+		    ",\"runtime_rounds_per_s_alone\":%.1f,\"runtime_rounds_per_s_with_idle\":%.1f,"
+		    "\"runtime_cpu_pct_alone\":%.3f,\"runtime_cpu_pct_with_idle\":%.3f",
+		    r->rt_rounds_per_s[0], r->rt_rounds_per_s[1], r->rt_cpu_pct[0],
+		    r->rt_cpu_pct[1]);
 	} else {
 		printf(",\"rss_first_pool_kb\":%ld,\"rss_per_pool_kb\":%.1f,\"rss_avg_kb\":%.1f",
 		       r->rss_first_kb, r->rss_per_pool_kb, r->rss_avg_kb);
@@ -607,20 +637,24 @@ int main(int argc, char **argv)
 			    "\nCheckout of one busy pool (ns per acquire+release, 1 thread, %u ops "
 			    "x %d rounds): alone on a shared runtime vs beside idle pools on it\n",
 			    o.checkout_ops, ROUNDS);
-			printf("%-12s %14s %18s %14s %18s %8s\n", "idle pools", "alone median",
-			       "alone [min, max]", "with median", "with [min, max]", "ratio");
+			printf("%-12s %14s %18s %14s %18s %8s %16s %16s\n", "idle pools",
+			       "alone median", "alone [min, max]", "with median", "with [min, max]",
+			       "ratio", "rt rounds/s", "rt cpu %");
 			for (int i = 0; i < nres; i++) {
 				const struct result *r = &res[i];
 				if (strcmp(r->phase, "busy") != 0)
 					continue;
 				double a = median(r->alone_ns, r->nalone),
 				       w = median(r->with_ns, r->nwith);
-				printf("%-12u %14.1f   [%6.1f, %6.1f] %14.1f   [%6.1f, %6.1f] "
-				       "%8.3f%s%s\n",
-				       r->pools - 1, a, minimum(r->alone_ns, r->nalone),
-				       maximum(r->alone_ns, r->nalone), w,
-				       minimum(r->with_ns, r->nwith), maximum(r->with_ns, r->nwith),
-				       a > 0 ? w / a : 0, r->ok ? "" : "  FAILED ", r->note);
+				printf(
+				    "%-12u %14.1f   [%6.1f, %6.1f] %14.1f   [%6.1f, %6.1f] %8.3f "
+				    "%7.0f -> %-6.0f %7.2f -> %-6.2f%s%s\n",
+				    r->pools - 1, a, minimum(r->alone_ns, r->nalone),
+				    maximum(r->alone_ns, r->nalone), w,
+				    minimum(r->with_ns, r->nwith), maximum(r->with_ns, r->nwith),
+				    a > 0 ? w / a : 0, r->rt_rounds_per_s[0], r->rt_rounds_per_s[1],
+				    r->rt_cpu_pct[0], r->rt_cpu_pct[1], r->ok ? "" : "  FAILED ",
+				    r->note);
 			}
 		}
 		printf("\n");
