@@ -58,7 +58,7 @@ usage: ./run.sh test | bench [--idle] [args...] | demo | mutants [name...] | abi
               and the checks: format, shellcheck, ABI, man pages, install
   bench       build in Release mode and run the benchmarks (pgr_bench --help for
               its flags; --long for a longer run; --idle: what idle pools cost,
-              pgr_idle_bench, about 5 minutes)
+              pgr_idle_bench, about 2 minutes)
   demo        build and run the demo (HTTP server on the pool vs a
               connection per request, driven by wrk; about 15 s)
   mutants     apply each breakage of scripts/mutants.txt to a copy of the
