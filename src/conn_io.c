@@ -142,6 +142,7 @@ static void connect_failed(pgr_pool *p, struct pgr_conn *c, const char *why)
 		if (*q == '\n')
 			*q = ' ';
 	pgr__scrub(p, msg);
+	p->mgr_dirty = true; /* may end inside the round that started it (pgr__mgr_round) */
 	atomic_fetch_add_explicit(&p->c_connects_failed, 1, memory_order_relaxed);
 	atomic_store_explicit(&p->connect_failing, 1, memory_order_relaxed);
 	pgr__set_last_error(p, msg);
@@ -320,6 +321,7 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 {
 	int after = c->op_after;
 	c->op = PGR__OP_NONE;
+	p->mgr_dirty = true; /* may end inside the round that started it (pgr__mgr_round) */
 	if (ok && PQtransactionStatus(c->pg) != PQTRANS_IDLE)
 		ok = false;
 	if (ok && atomic_load_explicit(&c->server_error, memory_order_relaxed))
