@@ -9,6 +9,10 @@
 #   ./run.sh bench [ARGS...]  Release build, cluster + pgbouncer, the peer
 #                             pools' runtimes (Java, Python, Node), then
 #                             build-bench/bench/pgr_bench ARGS...
+#   ./run.sh bench --idle [ARGS...]
+#                             Release build, cluster + pgbouncer (room for
+#                             1000 idle pools), then
+#                             build-bench/bench/pgr_idle_bench ARGS...
 #   ./run.sh demo             build, start a cluster and run scripts/demo.sh:
 #                             examples/pgr_http_server driven by wrk, on the
 #                             pool and then with a connection per request
@@ -49,11 +53,12 @@ DEMO_PKGS=(wrk)
 
 usage() {
     cat >&2 <<'EOF'
-usage: ./run.sh test | bench [pgr_bench args...] | demo | mutants [name...] | abi-update
+usage: ./run.sh test | bench [--idle] [args...] | demo | mutants [name...] | abi-update
   test        build and run all test suites (plain, TSan stress, ASan+UBSan)
               and the checks: format, shellcheck, ABI, man pages, install
   bench       build in Release mode and run the benchmarks (pgr_bench --help for
-              its flags; --long for a longer run)
+              its flags; --long for a longer run; --idle: what idle pools cost,
+              pgr_idle_bench, about 2 minutes)
   demo        build and run the demo (HTTP server on the pool vs a
               connection per request, driven by wrk; about 15 s)
   mutants     apply each breakage of scripts/mutants.txt to a copy of the
@@ -264,7 +269,7 @@ unix_socket_dir = $dir
 auth_type = trust
 auth_file = $dir/userlist.txt
 pool_mode = transaction
-max_client_conn = 500
+max_client_conn = ${PGB_MAX_CLIENT_CONN:-500}
 default_pool_size = 20
 logfile = $dir/pgbouncer.log
 pidfile = $dir/pgbouncer.pid
@@ -449,9 +454,25 @@ cmd_test() {
 }
 
 cmd_bench() {
+    local idle=0
+    if [[ ${1:-} == --idle ]]; then
+        idle=1
+        shift
+    fi
     ensure_deps bench
     build_tree build-bench -DCMAKE_BUILD_TYPE=Release -DPGR_BUILD_BENCH=ON -DPGR_BUILD_TESTS=OFF ||
         pgr_die "build failed"
+    if ((idle)); then
+        local idle_bench=$ROOT/build-bench/bench/pgr_idle_bench
+        [[ -x $idle_bench ]] || pgr_die "$idle_bench was not built"
+        install_traps
+        start_cluster
+        # A thousand idle pools hold a thousand client connections; the server allows 300.
+        PGB_MAX_CLIENT_CONN=2500 start_pgbouncer ||
+            pgr_warn "pgbouncer did not start; pgr_idle_bench runs its largest counts with min_idle 0"
+        "$idle_bench" "$@"
+        return
+    fi
     local bench=$ROOT/build-bench/bench/pgr_bench
     [[ -x $bench ]] || pgr_die "$bench was not built"
     ensure_peer_deps

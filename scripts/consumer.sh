@@ -53,8 +53,10 @@ cmake -S "$ROOT/tests/consumer" -B "$tmp/cmake-build" -DCMAKE_PREFIX_PATH="$stag
     fail "configuring the find_package consumer: $(cat "$tmp/cmake.log")"
 cmake --build "$tmp/cmake-build" -j"$(nproc)" >"$tmp/build.log" 2>&1 ||
     fail "building the find_package consumer: $(cat "$tmp/build.log")"
-# The shared one must have picked the staged library, not one installed elsewhere.
-ldd "$tmp/cmake-build/consumer_shared" | grep -q "$stage" ||
+# The shared one must have picked the staged library, not one installed elsewhere. grep reads
+# all of ldd's output (no -q): under pipefail, ldd killed by SIGPIPE after an early match would
+# fail the check although the library was found.
+ldd "$tmp/cmake-build/consumer_shared" | grep "$stage" >/dev/null ||
     fail "consumer_shared does not load the staged libpgring: $(ldd "$tmp/cmake-build/consumer_shared")"
 "$tmp/cmake-build/consumer_shared" "$conninfo" || fail "consumer_shared (pgring::pgring)"
 "$tmp/cmake-build/consumer_static" "$conninfo" || fail "consumer_static (pgring::pgring_static)"
@@ -78,6 +80,6 @@ LD_LIBRARY_PATH=$libdir "$tmp/pc_shared" "$conninfo" || fail "pkg-config consume
 cc -std=c11 -Wall -Wextra -Werror "$ROOT/tests/consumer/consumer.c" -o "$tmp/pc_static" \
     $(pkg-config --cflags pgring) "$libdir/libpgring.a" \
     $(pkg-config --libs libpq liburing libssl) -lpthread || fail "building statically with pkg-config"
-readelf -d "$tmp/pc_static" | grep -q 'libpgring\.so' && fail "pc_static needs libpgring.so"
+readelf -d "$tmp/pc_static" | grep 'libpgring\.so' >/dev/null && fail "pc_static needs libpgring.so"
 "$tmp/pc_static" "$conninfo" || fail "pkg-config consumer (static)"
 say "pkg-config: shared and static consumers built and ran"

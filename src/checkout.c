@@ -476,6 +476,11 @@ int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 		return -ESHUTDOWN;
 	}
 	uint32_t wi = p->wq_free;
+	if (wi != PGR__NONE)
+		p->wq_free = p->waiters[wi].next;
+	else if (p->wq_fresh < p->nwaiter_slots)
+		wi = p->wq_fresh++; /* first use: may fault its page in, once, here off the fast
+		                       path */
 	if (wi == PGR__NONE) {
 		pthread_mutex_unlock(&p->wq_lock);
 		atomic_fetch_add_explicit(&p->c_rejected, 1, memory_order_relaxed);
@@ -485,7 +490,6 @@ int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 		return -PGR_E_TOO_MANY_WAITERS;
 	}
 	struct pgr__waiter *w = &p->waiters[wi];
-	p->wq_free = w->next;
 	w->gen++;
 	w->conn = PGR__NONE;
 	atomic_store_explicit(&w->since_ns, pgr__mono_ns(), memory_order_relaxed);

@@ -143,6 +143,7 @@ static void connect_failed(pgr_pool *p, struct pgr_conn *c, const char *why)
 		if (*q == '\n')
 			*q = ' ';
 	pgr__scrub(p, msg);
+	p->mgr_dirty = true; /* may end inside the round that started it (pgr__mgr_round) */
 	atomic_fetch_add_explicit(&p->c_connects_failed, 1, memory_order_relaxed);
 	atomic_store_explicit(&p->connect_failing, 1, memory_order_relaxed);
 	pgr__set_last_error(p, msg);
@@ -254,6 +255,9 @@ void pgr__mgr_start_connect(pgr_pool *p, struct pgr_conn *c)
 	atomic_fetch_add_explicit(&p->nopen, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&p->nconnecting, 1, memory_order_relaxed);
 	pgr__conn_move(c, PGR__CONNECTING);
+	/* The slot's histograms are lazily backed (pool.h): their pages become resident here, on
+	 * the manager, so that the checkout path's first records into them never fault. */
+	pgr__lazy_populate(c->hist, sizeof(struct pgr__conn_hists));
 	c->op = PGR__OP_CONNECT;
 	c->op_start_ns = pgr__mono_ns();
 	c->op_deadline_ns = pgr__sat_add(c->op_start_ns, pgr__ms_to_ns(p->cfg.connect_timeout_ms));
@@ -320,6 +324,7 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 {
 	int after = c->op_after;
 	c->op = PGR__OP_NONE;
+	p->mgr_dirty = true; /* may end inside the round that started it (pgr__mgr_round) */
 	if (ok && PQtransactionStatus(c->pg) != PQTRANS_IDLE)
 		ok = false;
 	if (ok && atomic_load_explicit(&c->server_error, memory_order_relaxed))

@@ -346,6 +346,14 @@ int64_t pgr__mgr_round(pgr_pool *p, int64_t now)
 	p->mgr_dirty = false;
 	int64_t due = maintain(p, now);
 	due = earliest(due, grow(p, now));
+	/*
+	 * An operation this round started can end inside it, with no completion to come: a ping
+	 * whose answer was already readable when it was sent, a connect refused at once (name
+	 * resolution). maintain and grow counted that slot as busy, so their due times miss it:
+	 * take another turn at once, or a keepalive or a retry would wait for an unrelated wake.
+	 */
+	if (p->mgr_dirty)
+		due = now;
 	p->next_due_ms = due;
 	return due;
 }

@@ -4,7 +4,10 @@
  * observability (stats, histograms, Prometheus).
  *
  * Everything a pool needs is allocated here, at create: the connection table, the shard
- * bitmaps, the waiter slots. Nothing on the checkout path allocates.
+ * bitmaps, the waiter slots, the histograms. Nothing on the checkout path allocates. The waiter
+ * slots and the histograms are sized for the pool's limits (max_waiters, max_size +
+ * max_overflow) but lazily backed (pgr__lazy_zalloc): an idle pool with one connection keeps
+ * resident only what it has used, a few KB, not the 110 KB its limits would take.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -179,7 +182,8 @@ static void pool_free_memory(pgr_pool *p)
 		pgr__pcache_free(&p->conns[i]);
 	free(p->conns);
 	free(p->bits);
-	free(p->waiters);
+	pgr__lazy_free(p->hists, sizeof(*p->hists) * p->cap);
+	pgr__lazy_free(p->waiters, sizeof(*p->waiters) * p->nwaiter_slots);
 	pthread_mutex_destroy(&p->wq_lock);
 	pthread_mutex_destroy(&p->err_lock);
 	pgr__config_free(p);
@@ -248,15 +252,16 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	p->shard_stride = (p->nwords + 7) & ~7u;
 	p->conns = aligned_alloc(PGR__CACHELINE, sizeof(struct pgr_conn) * p->cap);
 	p->bits = aligned_alloc(PGR__CACHELINE, sizeof(uint64_t) * p->shard_stride * p->nshards);
-	p->nwaiter_slots = p->cfg.max_waiters;
-	p->waiters = p->nwaiter_slots ? aligned_alloc(PGR__CACHELINE,
-	                                              sizeof(struct pgr__waiter) * p->nwaiter_slots)
-	                              : NULL;
-	if (!p->conns || !p->bits || (p->nwaiter_slots && !p->waiters)) {
+	if (p->conns) /* zeroed before anything can fail: pool_free reads every slot */
+		memset(p->conns, 0, sizeof(struct pgr_conn) * p->cap);
+	p->hists = pgr__lazy_zalloc(sizeof(*p->hists) * p->cap);
+	p->waiters = pgr__lazy_zalloc(sizeof(*p->waiters) * p->cfg.max_waiters);
+	if (p->waiters)
+		p->nwaiter_slots = p->cfg.max_waiters;
+	if (!p->conns || !p->bits || !p->hists || (p->cfg.max_waiters && !p->waiters)) {
 		pool_free(p);
 		return -ENOMEM;
 	}
-	memset(p->conns, 0, sizeof(struct pgr_conn) * p->cap);
 	/* Handles carry a lease number in the top 16 bits of the slot's address (pool.h). */
 	if (((uintptr_t)(p->conns + p->cap) & ~(uintptr_t)PGR__ADDR_MASK) != 0) {
 		pgr__emitf(p, PGR_EV_CONFIG_ERROR, PGR__NONE,
@@ -268,15 +273,11 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	for (uint32_t i = 0; i < p->cap; i++) {
 		p->conns[i].pool = p;
 		p->conns[i].id = i;
+		p->conns[i].hist = p->hists[i].h;
 		p->conns[i].expire_ms = INT64_MAX;
 	}
-	p->wq_head = p->wq_tail = PGR__NONE;
-	p->wq_free = p->nwaiter_slots ? 0 : PGR__NONE;
-	for (uint32_t i = 0; i < p->nwaiter_slots; i++) {
-		memset(&p->waiters[i], 0, sizeof(p->waiters[i]));
-		p->waiters[i].next = i + 1 < p->nwaiter_slots ? i + 1 : PGR__NONE;
-		p->waiters[i].prev = PGR__NONE;
-	}
+	/* No free list yet: slots are taken in index order the first time (pool.h). */
+	p->wq_head = p->wq_tail = p->wq_free = PGR__NONE;
 	p->req_head = PGR__NONE;
 	rc = manager ? pgr__manager_start(p) : 0;
 	if (rc != 0) {

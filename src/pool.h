@@ -111,7 +111,11 @@ struct pgr_conn {
 	struct pgr__pcache *pcache;   /* prepared statements of this libpq connection (exec.h);
 	                                 owner-only, freed with the connection */
 
-	/* Per-slot counters and histograms: single writer (the owner), merged on read. */
+	/* Per-slot counters and histograms: single writer (the owner), merged on read. hist: this
+	 * slot's PGR_HIST_KINDS histograms in the pool's lazily backed array (pgr_pool.hists), set
+	 * at create and never moved; next to n_immediate, whose line every checkout writes, so
+	 * that reaching the histograms costs no extra cache line. */
+	pgr__hist *hist;
 	_Atomic uint64_t n_immediate; /* checkouts = n_immediate + n_waits (also the leak seq) */
 	_Atomic uint64_t n_steals;
 	_Atomic uint64_t n_handoffs;
@@ -136,8 +140,11 @@ struct pgr_conn {
 	int64_t op_deadline_ns;
 	struct __kernel_timespec ts;
 	int64_t last_keepalive_ms;
+} PGR__ALIGNED;
 
-	pgr__hist hist[PGR_HIST_KINDS];
+/* A slot's histograms, a whole number of cache lines: two slots' owners never share a line. */
+struct pgr__conn_hists {
+	pgr__hist h[PGR_HIST_KINDS];
 } PGR__ALIGNED;
 
 /*
@@ -197,6 +204,7 @@ struct pgr_pool {
 	uint32_t spin_positions;  /* waiters that far from the head or closer spin */
 	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
+	struct pgr__conn_hists *hists; /* cap sets, lazily backed (see pgr_conn.hist) */
 	const struct pgr__conn_ops *ops;
 	_Atomic uint64_t *bits; /* nshards * shard_stride words */
 
@@ -217,10 +225,16 @@ struct pgr_pool {
 	_Atomic uint32_t demand;   /* try_acquire found nothing: open one */
 	_Atomic uint32_t nblocked; /* callers inside the blocking slow path */
 
-	/* Waiter FIFO: the slow path, guarded by a mutex (a caller here is about to sleep). */
+	/*
+	 * Waiter FIFO: the slow path, guarded by a mutex (a caller here is about to sleep). The
+	 * slots are lazily backed (pgr__lazy_zalloc) and handed out in index order the first time
+	 * (wq_fresh), then recycled through wq_free: a pool pays for as many slots as callers ever
+	 * waited at once, a 4 KB page per 64, not for max_waiters.
+	 */
 	pthread_mutex_t wq_lock PGR__ALIGNED;
 	struct pgr__waiter *waiters;
 	uint32_t wq_head, wq_tail, wq_free;
+	uint32_t wq_fresh; /* slots from here on were never used */
 	uint32_t nwaiter_slots;
 
 	/* Pool-level counters for events that are not a slot's (relaxed). */

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: PostgreSQL */
 /*
- * The system layer: clocks, saturating time arithmetic, futex wait/wake, the CPU id and the
- * fork guard. Knows nothing about pools.
+ * The system layer: clocks, saturating time arithmetic, futex wait/wake, the CPU id, the fork
+ * guard and lazily backed memory. Knows nothing about pools.
  *
  * Time: every duration a user gives is an int64_t of milliseconds, and "effectively forever"
  * (INT64_MAX) must stay forever: conversions to nanoseconds and additions to a clock reading
@@ -12,6 +12,7 @@
 
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -83,5 +84,18 @@ static inline bool pgr__forked(uint32_t epoch)
 {
 	return atomic_load_explicit(&pgr__fork_epoch_v, memory_order_relaxed) != epoch;
 }
+
+/*
+ * Zeroed memory whose pages become resident only when first written (an anonymous mapping, huge
+ * pages off). For a pool's arrays that are sized for the worst case but mostly never used (the
+ * waiter slots for max_waiters callers, a histogram set for every connection slot): an idle pool
+ * pays for the pages it touched, not for its limits. NULL on failure or for size 0.
+ */
+void *pgr__lazy_zalloc(size_t size);
+void pgr__lazy_free(void *mem, size_t size);
+/* Make the pages under [mem, mem + size) resident and writable without writing to them, so
+ * that a later write from a path that must not enter the kernel does not fault. Best effort
+ * (MADV_POPULATE_WRITE, Linux 5.14): on older kernels the first write faults instead. */
+void pgr__lazy_populate(void *mem, size_t size);
 
 #endif
