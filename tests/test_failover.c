@@ -408,6 +408,20 @@ Test(roles, a_pinged_connection_to_a_read_only_primary_is_never_handed_out, .tim
 	cfg.backoff_max_ms = 200;
 	pgr_pool *p = tu_pool(&cfg);
 	rs_node(&r, "read-only", "primary on");
+	/*
+	 * A backend applies the reload when its next command arrives, but only once the
+	 * postmaster's SIGHUP has reached it, which on a loaded machine takes a while: until then
+	 * no ping can see the change. Wait for a new session to see it, then for the signal to
+	 * reach the pool's idle backends (they are idle, so it is a matter of delivery).
+	 */
+	PGconn *probe = rs_connect(&r, 0);
+	cr_assert(TU_WAIT_UNTIL(tu_query_long(probe,
+	                                      "select (current_setting("
+	                                      "'default_transaction_read_only') = 'on')::int") == 1,
+	                        5000),
+	          "the primary never turned read-only");
+	PQfinish(probe);
+	tu_sleep_ms(300);
 	long ro_errors = 0, timeouts = 0;
 	for (int i = 0; i < 20; i++) {
 		pgr_conn *c;
