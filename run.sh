@@ -345,8 +345,11 @@ stage_pgbouncer() {
     PGR_TEST_CONNINFO=$ci "$dir/test_checkout" --jobs 1 || rc=1
     PGR_TEST_CONNINFO=$ci "$dir/test_lifecycle" --jobs 1 \
         --filter 'lifecycle/connection_returned_in_*' || rc=1
+    # The two deadline tests end in a cancel request, which Debian 12's PgBouncer (1.18) can
+    # answer by exiting (FATAL "disconnect_client(): bad client state: 0"): it would take the
+    # rest of the stage down with it. They run against the server directly in the main stage.
     PGR_TEST_CONNINFO=$ci "$dir/test_async" --jobs 1 \
-        --filter 'async/!(prepings_run_on_the_loop_ring_and_dead_backends_never_reach_the_caller)' ||
+        --filter 'async/!(prepings_run_on_the_loop_ring_and_dead_backends_never_reach_the_caller|*_past_*deadline*)' ||
         rc=1
     stop_pgbouncer || true
     return "$rc"
