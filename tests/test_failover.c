@@ -347,7 +347,12 @@ Test(failover, switchover_retires_connections_that_hit_a_read_only_server, .time
 	/* The standby replays up to the read-only primary's last commit, then takes over. */
 	PGconn *s = rs_connect(&r, 1);
 	char lsn[64];
-	PGresult *res = PQexec(a, "select pg_current_wal_lsn()");
+	/*
+	 * The insert position, not the write position: the throwaway cluster runs with
+	 * synchronous_commit = off, so a commit can be acknowledged before its WAL is written,
+	 * and pg_current_wal_lsn() would leave such commits out of the catch-up.
+	 */
+	PGresult *res = PQexec(a, "select pg_current_wal_insert_lsn()");
 	snprintf(lsn, sizeof(lsn), "%s", PQgetvalue(res, 0, 0));
 	PQclear(res);
 	char q[160];
