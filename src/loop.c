@@ -807,6 +807,24 @@ static int conn_check(pgr_loop *l, pgr_conn *h, const char *what, struct pgr_con
 	return 0;
 }
 
+/*
+ * A user's statement(s) are sent: mark the connection busy (a release now is refused) and drive
+ * the phase under the caller's deadline (< 0: none). nstmt > 0: a pipeline of that many.
+ */
+static void user_phase_start(pgr_loop *l, struct op *o, struct pgr_conn *c, int phase,
+                             int64_t timeout_ms, uint8_t nstmt)
+{
+	atomic_store_explicit(&c->qbusy, 1, memory_order_relaxed);
+	o->conn = c;
+	o->phase = (uint8_t)phase;
+	o->deadline_ns =
+	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
+	o->phase_deadline_ns = o->deadline_ns;
+	o->pq = (struct pgr__pq){
+	    .pg = c->pg, .sink = result_sink, .pipeline = nstmt > 0, .nstmt = nstmt};
+	drive(l, o, 0);
+}
+
 int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
                    const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb, void *arg)
 {
@@ -829,16 +847,9 @@ int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
 		op_free(l, o);
 		return -EIO;
 	}
-	atomic_store_explicit(&c->qbusy, 1, memory_order_relaxed);
-	o->conn = c;
 	o->qcb = cb;
 	o->arg = arg;
-	o->phase = PH_QUERY;
-	o->deadline_ns =
-	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
-	o->phase_deadline_ns = o->deadline_ns;
-	o->pq = (struct pgr__pq){.pg = c->pg, .sink = result_sink};
-	drive(l, o, 0);
+	user_phase_start(l, o, c, PH_QUERY, timeout_ms, 0);
 	return 0;
 }
 
@@ -885,17 +896,9 @@ int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, c
 		op_free(l, o);
 		return -EIO;
 	}
-	atomic_store_explicit(&c->qbusy, 1, memory_order_relaxed);
-	o->conn = c;
 	o->pcb = cb;
 	o->arg = arg;
-	o->phase = PH_PIPELINE;
-	o->deadline_ns =
-	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
-	o->phase_deadline_ns = o->deadline_ns;
-	o->pq =
-	    (struct pgr__pq){.pg = c->pg, .sink = result_sink, .pipeline = 1, .nstmt = (uint8_t)n};
-	drive(l, o, 0);
+	user_phase_start(l, o, c, PH_PIPELINE, timeout_ms, (uint8_t)n);
 	return 0;
 }
 

@@ -20,28 +20,13 @@
 #include <time.h>
 
 #include "pgring.h"
+#include "stressutil.h"
 
 #define POOL     4
 #define NLOOPS   2
 #define NTHREADS 2
 #define SLOTS    24
 #define RUN_MS   6000
-
-static _Atomic int failures;
-#define FAIL(...)                                                                                  \
-	do {                                                                                       \
-		fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                               \
-		fprintf(stderr, __VA_ARGS__);                                                      \
-		fprintf(stderr, "\n");                                                             \
-		atomic_fetch_add(&failures, 1);                                                    \
-	} while (0)
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static pgr_pool *pool;
 static _Atomic int64_t until_ms;

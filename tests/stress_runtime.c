@@ -15,26 +15,11 @@
 #include <time.h>
 
 #include "pgring.h"
+#include "stressutil.h"
 
 #define POOLS   3
 #define PER     2
 #define SECONDS 3
-
-static _Atomic int failures;
-#define FAIL(...)                                                                                  \
-	do {                                                                                       \
-		fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                               \
-		fprintf(stderr, __VA_ARGS__);                                                      \
-		fprintf(stderr, "\n");                                                             \
-		atomic_fetch_add(&failures, 1);                                                    \
-	} while (0)
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static const char *conninfo;
 static pgr_runtime *rt;
