@@ -30,6 +30,7 @@
 # Environment:
 #   PGR_SKIP_SANITIZERS=1     skip the TSan/ASan stages of `test` (for quick
 #                             local iterations only; CI runs them)
+#   PGR_SKIP_MUTANTS=1        skip the mutants stage of `test` (likewise)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -442,6 +443,14 @@ cmd_test() {
         stage_tsan || failed+=("tsan stress")
         pgr_log "=== stage: test suite under AddressSanitizer + UBSan (build-asan) ==="
         stage_asan || failed+=("asan+ubsan suite")
+    fi
+    # Every deliberate breakage of scripts/mutants.txt must make one of its tests fail (about
+    # 7 minutes on 2 CPUs; the whole `test` stays well inside CI's 25-minute budget).
+    if [[ ${PGR_SKIP_MUTANTS:-0} == 1 ]]; then
+        pgr_warn "PGR_SKIP_MUTANTS=1: skipping the mutants stage"
+    else
+        pgr_log "=== stage: mutants (scripts/mutants.txt) ==="
+        ensure_server_up && bash "$ROOT/scripts/mutants.sh" || failed+=("mutants")
     fi
 
     if ((${#failed[@]})); then
