@@ -743,7 +743,8 @@ int pgr__misuse(pgr_pool *p, uint32_t conn_id, int err, const char *fmt, ...)
  * and turning it into a connection shared by two holders (or an abort in production) would make
  * it everybody's.
  */
-int pgr__return_check(pgr_conn *h, const char *what, struct pgr_conn **out)
+static inline __attribute__((always_inline)) int return_check(pgr_conn *h, const char *what,
+                                                              struct pgr_conn **out)
 {
 	struct pgr_conn *c = pgr__slot(h);
 	if (unlikely(!c))
@@ -768,7 +769,10 @@ int pgr__return_check(pgr_conn *h, const char *what, struct pgr_conn **out)
 	return 0;
 }
 
-enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *reason)
+static enum pgr__rstate libpq_return_state(struct pgr_conn *c);
+
+static inline __attribute__((always_inline)) enum pgr__verdict
+return_verdict(struct pgr_conn *c, bool discard, int *reason)
 {
 	pgr_pool *p = c->pool;
 	int64_t now = pgr__now_ms(p);
@@ -794,7 +798,9 @@ enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *rea
 		*reason = PGR_CLOSE_ROLE_CHANGED;
 		return PGR__V_RETIRE;
 	}
-	enum pgr__rstate rs = p->ops->return_state(c);
+	/* A direct call for the libpq connections every real pool has (placeholders: tests). */
+	enum pgr__rstate rs =
+	    likely(p->ops == &pgr__libpq_ops) ? libpq_return_state(c) : p->ops->return_state(c);
 	if (unlikely(rs != PGR__RS_IDLE)) {
 		switch (rs) {
 		case PGR__RS_INTRANS:
@@ -843,17 +849,19 @@ enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *rea
 }
 
 /* What libpq says of a returned connection: one call on the common path. */
-static enum pgr__rstate libpq_return_state(struct pgr_conn *c)
+static inline enum pgr__rstate libpq_return_state(struct pgr_conn *c)
 {
 	/* A bad connection reports PQTRANS_UNKNOWN, so this one call answers both questions. */
 	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
 	if (likely(ts == PQTRANS_IDLE)) {
 		if (unlikely(PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF))
 			return PGR__RS_PIPELINE;
-		/* Handed out nonblocking, as a fresh one: idle means no output is pending, so
-		 * switching back neither flushes nor blocks. */
-		if (unlikely(!PQisnonblocking(c->pg)))
-			PQsetnonblocking(c->pg, 1);
+		/*
+		 * The blocking mode is not looked at here: a third libpq call on every return
+		 * costs more than the whole lock-free part of it. pgring's own I/O sets
+		 * nonblocking mode before it sends anything, and the README says a holder that
+		 * switches to blocking mode hands the connection on that way.
+		 */
 		return PGR__RS_IDLE;
 	}
 	if (ts == PQTRANS_UNKNOWN || PQstatus(c->pg) != CONNECTION_OK)
@@ -865,14 +873,25 @@ static enum pgr__rstate libpq_return_state(struct pgr_conn *c)
 
 const struct pgr__conn_ops pgr__libpq_ops = {.return_state = libpq_return_state};
 
+/* The same checks for the loop's release path (loop.c); release() below inlines them. */
+int pgr__return_check(pgr_conn *h, const char *what, struct pgr_conn **out)
+{
+	return return_check(h, what, out);
+}
+
+enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *reason)
+{
+	return return_verdict(c, discard, reason);
+}
+
 static int release(pgr_conn *h, bool discard)
 {
 	struct pgr_conn *c = NULL;
-	int rc = pgr__return_check(h, discard ? "discard" : "release", &c);
+	int rc = return_check(h, discard ? "discard" : "release", &c);
 	if (unlikely(rc))
 		return rc;
 	int reason = 0;
-	enum pgr__verdict v = pgr__return_verdict(c, discard, &reason);
+	enum pgr__verdict v = return_verdict(c, discard, &reason);
 	if (likely(v == PGR__V_PUBLISH))
 		pgr__publish(c->pool, c);
 	else if (v == PGR__V_RETIRE)

@@ -248,9 +248,12 @@ Test(misuse, a_connection_is_handed_out_as_a_fresh_one_is, .timeout = 30)
 	cr_assert_eq(pgr_release(c), 0);
 	cr_assert_eq(pgr_acquire(p, 2000, &c), 0);
 	cr_assert_eq(PQpipelineStatus(pgr_conn_pg(c)), PQ_PIPELINE_OFF);
-	/* Left in blocking mode: handed out nonblocking again. */
+	/* Left in blocking mode inside a transaction: pgring's rollback switches it back to
+	 * nonblocking before it sends (the manager never blocks), and it is handed out so. */
 	cr_assert_eq(PQsetnonblocking(pgr_conn_pg(c), 0), 0);
+	PQclear(PQexec(pgr_conn_pg(c), "begin"));
 	cr_assert_eq(pgr_release(c), 0);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).rollbacks == 1 && tu_stats(p).idle == 1, 3000));
 	cr_assert_eq(pgr_acquire(p, 2000, &c), 0);
 	cr_assert_eq(PQisnonblocking(pgr_conn_pg(c)), 1);
 	cr_assert_eq(PQtransactionStatus(pgr_conn_pg(c)), PQTRANS_IDLE);
