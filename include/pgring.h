@@ -568,8 +568,9 @@ typedef void (*pgr_loop_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, voi
 /*
  * Check out a connection without blocking the loop. Returns 0 when cb will be called (perhaps
  * already was, with an idle connection); or a negative error, cb not called: -ESHUTDOWN,
- * -PGR_E_TOO_MANY_WAITERS, -EBUSY (max_ops in flight, or no room in the SQ ring: submit and
- * retry), -EAGAIN (timeout_ms 0 and nothing idle), -EINVAL. cb gets err 0 and the
+ * -PGR_E_TOO_MANY_WAITERS, -EBUSY (max_ops operations in flight; a full SQ ring is not an
+ * error: see pgr_loop_flush), -EAGAIN (timeout_ms 0 and nothing idle that needs no round
+ * trip), -EINVAL, -PGR_E_FORKED. cb gets err 0 and the
  * connection, or -ETIMEDOUT / -PGR_E_CONNECT_FAILED / -ESHUTDOWN / -ECANCELED. Waits in the
  * same FIFO as pgr_acquire: a release serves blocking and async waiters in arrival order.
  * A connection that needs its pre-ping (ping_after_idle_ms) is pinged on the loop's ring.
