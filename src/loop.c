@@ -807,6 +807,21 @@ static int conn_check(pgr_loop *l, pgr_conn *h, const char *what, struct pgr_con
 	return 0;
 }
 
+/* What a call on a holder's connection does first: the pool and loop are usable, the
+ * connection passes conn_check, and what waits in the backlog gets its SQEs. */
+static int user_call_begin(pgr_loop *l, pgr_conn *h, const char *what, struct pgr_conn **out)
+{
+	int rc = pgr__pool_usable(l->pool);
+	if (rc)
+		return rc;
+	if (l->destroying)
+		return -ESHUTDOWN;
+	if ((rc = conn_check(l, h, what, out)) != 0)
+		return rc;
+	flush(l);
+	return 0;
+}
+
 /*
  * A user's statement(s) are sent: mark the connection busy (a release now is refused) and drive
  * the phase under the caller's deadline (< 0: none). nstmt > 0: a pipeline of that many.
@@ -830,15 +845,10 @@ int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
 {
 	if (!l || !h || !sql || !cb || nparams < 0 || (nparams > 0 && !params))
 		return -EINVAL;
-	int rc = pgr__pool_usable(l->pool);
+	struct pgr_conn *c;
+	int rc = user_call_begin(l, h, "pgr_loop_query", &c);
 	if (rc)
 		return rc;
-	if (l->destroying)
-		return -ESHUTDOWN;
-	struct pgr_conn *c;
-	if ((rc = conn_check(l, h, "pgr_loop_query", &c)) != 0)
-		return rc;
-	flush(l);
 	struct op *o = op_alloc(l, OP_QUERY);
 	if (!o)
 		return -EBUSY;
@@ -863,15 +873,10 @@ int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, c
 		if (!sql[i] || (nparams && nparams[i] < 0) ||
 		    (nparams && nparams[i] > 0 && (!params || !params[i])))
 			return -EINVAL;
-	int rc = pgr__pool_usable(l->pool);
+	struct pgr_conn *c;
+	int rc = user_call_begin(l, h, "pgr_loop_pipeline", &c);
 	if (rc)
 		return rc;
-	if (l->destroying)
-		return -ESHUTDOWN;
-	struct pgr_conn *c;
-	if ((rc = conn_check(l, h, "pgr_loop_pipeline", &c)) != 0)
-		return rc;
-	flush(l);
 	if (PQtransactionStatus(c->pg) == PQTRANS_ACTIVE)
 		return -EIO;
 	struct op *o = op_alloc(l, OP_QUERY);
