@@ -79,9 +79,126 @@ static int shard_take_mt(pgr_pool *p, unsigned s)
 	return -1;
 }
 
-/* Own shard first, then the others in a fixed rotation from the next one. */
+/* ---- per-CPU caches (percpu.h) ---- */
+
+/* A sequence interrupted this many times in a row gives way to the shards. */
+#define PCPU_TRIES 4
+
+static inline struct pgr_conn *pcpu_take(pgr_pool *p)
+{
+	for (int i = 0; i < PCPU_TRIES; i++) {
+		uint32_t id = pgr__pcpu_pop(p->pcpu, p->npcpu, &p->pcpu_gate);
+		if (likely(id < p->cap))
+			return &p->conns[id];
+		if (id != PGR__PCPU_ABORT)
+			break;
+	}
+	return NULL;
+}
+
+/* c's owner parks it in the calling CPU's cache; false: it goes the atomic way. */
+static inline bool pcpu_put(pgr_pool *p, struct pgr_conn *c)
+{
+	atomic_store_explicit(&c->home_shard, PGR__HOME_PCPU, memory_order_relaxed);
+	pgr__conn_move(c, PGR__IDLE);
+	for (int i = 0; i < PCPU_TRIES; i++) {
+		uint32_t r = pgr__pcpu_push(p->pcpu, p->npcpu, &p->pcpu_gate, c->id);
+		if (likely(r == 0))
+			return true;
+		if (r != PGR__PCPU_ABORT)
+			break;
+	}
+	return false;
+}
+
+static void shard_put(pgr_pool *p, struct pgr_conn *c);
+static void pump(pgr_pool *p);
+
+/*
+ * Move every cached connection into the shards. Only a thread that closed the gate calls this,
+ * after the fence: no sequence can commit meanwhile, and every commit before it is visible.
+ * Like a release, it reads nwaiters after publishing (the Dekker pair of the file comment): a
+ * waiter that counted itself in before these connections reached the shards is served.
+ */
+static void pcpu_flush(pgr_pool *p)
+{
+	bool moved = false;
+	for (uint32_t cpu = 0; cpu < p->npcpu_alloc; cpu++) {
+		if (atomic_load_explicit(&p->pcpu[cpu].id, memory_order_relaxed) == PGR__PCPU_EMPTY)
+			continue;
+		/* acquire: the owner's writes to the connection before its commit (see pcpu_push;
+		 * the fence made them visible). */
+		uint32_t id = atomic_exchange_explicit(&p->pcpu[cpu].id, PGR__PCPU_EMPTY,
+		                                       memory_order_acquire);
+		if (id < p->cap) {
+			shard_put(p, &p->conns[id]);
+			moved = true;
+		}
+	}
+	if (moved && atomic_load_explicit(&p->nwaiters, memory_order_seq_cst) > 0)
+		pump(p);
+}
+
+/*
+ * Close the gate (percpu.h): from here until gate_open, no sequence commits and the caches are
+ * empty. The first closer since the gate was open pays the fence and the flush; it marks the
+ * gate fenced only after both, so a later closer that sees the mark knows the caches are empty.
+ */
+static void gate_close(pgr_pool *p)
+{
+	if (p->npcpu_alloc == 0)
+		return;
+	uint64_t v = atomic_fetch_add_explicit(&p->pcpu_gate, PGR__GATE_ONE, memory_order_seq_cst);
+	if ((v + PGR__GATE_ONE) & PGR__GATE_FENCED)
+		return;
+	pgr__percpu_fence();
+	pcpu_flush(p);
+	atomic_fetch_or_explicit(&p->pcpu_gate, PGR__GATE_FENCED, memory_order_seq_cst);
+}
+
+/* The last one out clears the fenced mark with the count, in one step. */
+static void gate_open(pgr_pool *p)
+{
+	if (p->npcpu_alloc == 0)
+		return;
+	uint64_t v = atomic_load_explicit(&p->pcpu_gate, memory_order_relaxed);
+	for (;;) {
+		uint64_t n = v / PGR__GATE_ONE == 1 ? 0 : v - PGR__GATE_ONE;
+		if (atomic_compare_exchange_weak_explicit(
+		        &p->pcpu_gate, &v, n, memory_order_seq_cst, memory_order_relaxed))
+			return;
+	}
+}
+
+void pgr__pool_set_percpu(pgr_pool *p, bool on)
+{
+	if (!on && p->npcpu) {
+		/* A gate closed for good: what is cached goes to the shards, and a sequence that
+		 * still reads the old npcpu finds the gate closed. */
+		gate_close(p);
+		p->npcpu = 0;
+	} else if (on && !p->npcpu && p->npcpu_alloc) {
+		p->npcpu = p->npcpu_alloc;
+		gate_open(p);
+	}
+}
+
+bool pgr__pool_percpu(const pgr_pool *p)
+{
+	return p->npcpu != 0;
+}
+
+/* The calling CPU's cache, then its own shard, then the others in a fixed rotation from the
+ * next one. */
 static struct pgr_conn *take_any(pgr_pool *p, bool *stolen)
 {
+	if (p->npcpu) {
+		struct pgr_conn *c = pcpu_take(p);
+		if (c) {
+			*stolen = false;
+			return c;
+		}
+	}
 	unsigned home = cur_shard(p);
 	int id = shard_take_mt(p, home);
 	if (likely(id >= 0)) {
@@ -111,9 +228,11 @@ static void shard_put(pgr_pool *p, struct pgr_conn *c)
 	                         memory_order_seq_cst);
 }
 
-int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c)
+static int claim_in_shard(pgr_pool *p, struct pgr_conn *c)
 {
 	unsigned s = atomic_load_explicit(&c->home_shard, memory_order_relaxed);
+	if (s >= p->nshards)
+		return 0; /* in a cache, or on its way to one: not claimable now */
 	_Atomic uint64_t *w = &pgr__shard_words(p, s)[c->id / 64];
 	uint64_t bit = 1ull << (c->id % 64);
 	uint64_t v = atomic_load_explicit(w, memory_order_relaxed);
@@ -125,9 +244,24 @@ int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c)
 	return 0;
 }
 
+int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c)
+{
+	if (atomic_load_explicit(&c->home_shard, memory_order_relaxed) != PGR__HOME_PCPU)
+		return claim_in_shard(p, c);
+	/* In a CPU's cache (as far as a relaxed read can tell): closing the gate moves it to a
+	 * shard, unless a caller took it meanwhile. */
+	gate_close(p);
+	int rc = claim_in_shard(p, c);
+	gate_open(p);
+	return rc;
+}
+
 uint32_t pgr__idle_count(pgr_pool *p)
 {
 	uint32_t n = 0;
+	for (uint32_t cpu = 0; cpu < p->npcpu_alloc; cpu++)
+		n +=
+		    atomic_load_explicit(&p->pcpu[cpu].id, memory_order_relaxed) != PGR__PCPU_EMPTY;
 	for (uint32_t s = 0; s < p->nshards; s++)
 		for (uint32_t i = 0; i < p->nwords; i++)
 			n += (uint32_t)__builtin_popcountll(
@@ -270,13 +404,31 @@ static void pump(pgr_pool *p)
 		pgr__futex_wake1(&p->waiters[nudged].state);
 }
 
-void pgr__publish(pgr_pool *p, struct pgr_conn *c)
+static inline __attribute__((always_inline)) void publish(pgr_pool *p, struct pgr_conn *c,
+                                                          bool cache)
 {
 	if (atomic_load_explicit(&p->nwaiters, memory_order_relaxed) > 0 && handoff(p, c))
+		return;
+	/* A commit to the cache means the gate was open, so no caller was waiting (a waiter
+	 * closes the gate before it counts itself in): nothing to pump. */
+	if (cache && p->npcpu && pcpu_put(p, c))
 		return;
 	shard_put(p, c);
 	if (unlikely(atomic_load_explicit(&p->nwaiters, memory_order_seq_cst) > 0))
 		pump(p);
+}
+
+/* The manager's and the loops' own returns (a connect, a ping, a rollback): to a shard, where
+ * any CPU takes it without a fence; the CPU the manager ran on says nothing of who wants it. */
+void pgr__publish(pgr_pool *p, struct pgr_conn *c)
+{
+	publish(p, c, false);
+}
+
+/* A holder's return: the CPU that used it is the likeliest to want it next. */
+void pgr__publish_cached(pgr_pool *p, struct pgr_conn *c)
+{
+	publish(p, c, true);
 }
 
 void pgr__waiters_shutdown(pgr_pool *p)
@@ -427,19 +579,42 @@ static inline pgr_conn *checked_out(struct pgr_conn *c, const char *file, int li
 	return pgr__handle(c, lease);
 }
 
-/* The lock-free part: idle shards only. */
+/*
+ * Nothing in this CPU's cache or in any shard, but another CPU's cache may hold one: close and
+ * reopen the gate, which moves every cached connection to a shard (one membarrier: the price of
+ * a steal from a cache, paid only when the shards are empty). Returns whether it found any.
+ */
+static __attribute__((noinline)) bool pcpu_steal(pgr_pool *p)
+{
+	bool any = false;
+	for (uint32_t cpu = 0; cpu < p->npcpu && !any; cpu++)
+		any =
+		    atomic_load_explicit(&p->pcpu[cpu].id, memory_order_relaxed) != PGR__PCPU_EMPTY;
+	if (!any)
+		return false;
+	gate_close(p);
+	gate_open(p);
+	return true;
+}
+
+/* The lock-free part: the caches and the idle shards. */
 static struct pgr_conn *fast_take(pgr_pool *p)
 {
 	bool stolen;
 	struct pgr_conn *c;
-	while ((c = take_any(p, &stolen)) != NULL) {
-		if (likely(validate(p, c))) {
-			if (stolen)
-				pgr__inc(&c->n_steals);
-			return c;
+	bool flushed = false;
+	for (;;) {
+		while ((c = take_any(p, &stolen)) != NULL) {
+			if (likely(validate(p, c))) {
+				if (stolen || flushed)
+					pgr__inc(&c->n_steals);
+				return c;
+			}
 		}
+		if (flushed || !p->npcpu || !pcpu_steal(p))
+			return NULL;
+		flushed = true;
 	}
-	return NULL;
 }
 
 static int timeout_error(pgr_pool *p, int64_t waited_ms)
@@ -470,9 +645,13 @@ static int timeout_error(pgr_pool *p, int64_t waited_ms)
  */
 int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 {
+	/* Before counting itself in nwaiters (percpu.h): the caches are empty while it waits,
+	 * and every release reads nwaiters. Held until pgr__wq_free. */
+	gate_close(p);
 	pthread_mutex_lock(&p->wq_lock);
 	if (atomic_load_explicit(&p->closing, memory_order_relaxed)) {
 		pthread_mutex_unlock(&p->wq_lock);
+		gate_open(p);
 		return -ESHUTDOWN;
 	}
 	uint32_t wi = p->wq_free;
@@ -483,6 +662,7 @@ int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 		                       path */
 	if (wi == PGR__NONE) {
 		pthread_mutex_unlock(&p->wq_lock);
+		gate_open(p);
 		atomic_fetch_add_explicit(&p->c_rejected, 1, memory_order_relaxed);
 		pgr__emitf(p, PGR_EV_WAITER_REJECTED, PGR__NONE,
 		           "acquire rejected: %u callers already waiting (max_waiters)",
@@ -544,6 +724,7 @@ void pgr__wq_free(pgr_pool *p, uint32_t wi)
 	pthread_mutex_lock(&p->wq_lock);
 	wq_free_slot(p, wi);
 	pthread_mutex_unlock(&p->wq_lock);
+	gate_open(p);
 }
 
 /*
@@ -586,15 +767,20 @@ struct pgr_conn *pgr__fast_take_ping(pgr_pool *p, bool *ping)
 {
 	bool stolen;
 	struct pgr_conn *c;
+	bool flushed = false;
 	*ping = false;
-	while ((c = take_any(p, &stolen)) != NULL) {
-		if (validate_ex(p, c, ping)) {
-			if (stolen)
-				pgr__inc(&c->n_steals);
-			return c;
+	for (;;) {
+		while ((c = take_any(p, &stolen)) != NULL) {
+			if (validate_ex(p, c, ping)) {
+				if (stolen || flushed)
+					pgr__inc(&c->n_steals);
+				return c;
+			}
 		}
+		if (flushed || !p->npcpu || !pcpu_steal(p))
+			return NULL;
+		flushed = true;
 	}
-	return NULL;
 }
 
 pgr_conn *pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,
@@ -893,7 +1079,7 @@ static int release(pgr_conn *h, bool discard)
 	int reason = 0;
 	enum pgr__verdict v = return_verdict(c, discard, &reason);
 	if (likely(v == PGR__V_PUBLISH))
-		pgr__publish(c->pool, c);
+		publish(c->pool, c, true);
 	else if (v == PGR__V_RETIRE)
 		pgr__manager_push(c->pool, c, PGR__REQ_RETIRE, reason);
 	else

@@ -940,7 +940,7 @@ int pgr_loop_release(pgr_loop *l, pgr_conn *h)
 	enum pgr__verdict v = pgr__return_verdict(c, false, &reason);
 	pgr_pool *p = l->pool;
 	if (v == PGR__V_PUBLISH)
-		pgr__publish(p, c);
+		pgr__publish_cached(p, c);
 	else if (v == PGR__V_RETIRE)
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, reason);
 	else if (!loop_reset(l, c, v))

@@ -28,6 +28,7 @@
 #include <liburing.h>
 
 #include "hist.h"
+#include "percpu.h"
 #include "pgring.h"
 #include "pq.h"
 #include "runtime.h"
@@ -39,6 +40,7 @@
 #define PGR__MAX_SHARDS 64u
 #define PGR__MAX_CPUS   1024u /* cpu -> shard table; larger ids fall back to a modulo */
 #define PGR__NONE       UINT32_MAX
+#define PGR__HOME_PCPU  UINT32_MAX /* home_shard of a connection in a per-CPU cache */
 
 #define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
@@ -104,7 +106,8 @@ struct pgr_conn {
 	const char *_Atomic acq_file;
 	const char *_Atomic acq_func;
 	_Atomic int acq_line;
-	_Atomic uint32_t home_shard;  /* shard whose bitmap holds it while idle */
+	_Atomic uint32_t home_shard;  /* shard whose bitmap holds it while idle, or
+	                                 PGR__HOME_PCPU: a per-CPU cache (percpu.h) */
 	_Atomic uint8_t fresh;        /* validated by the manager; skip the next pre-ping */
 	_Atomic uint8_t server_error; /* saw FATAL / 57P0x / 25006: never reuse */
 	uint8_t uncounted;            /* already taken out of nopen by an overflow return */
@@ -207,6 +210,9 @@ struct pgr_pool {
 	struct pgr__conn_hists *hists; /* cap sets, lazily backed (see pgr_conn.hist) */
 	const struct pgr__conn_ops *ops;
 	_Atomic uint64_t *bits; /* nshards * shard_stride words */
+	struct pgr__pcpu *pcpu; /* npcpu per-CPU caches (percpu.h) */
+	uint32_t npcpu;         /* 0: the caches are off and every idle connection is in a shard */
+	uint32_t npcpu_alloc;   /* caches allocated (pgr__pool_set_percpu can turn them off) */
 
 	/* Read on every checkout, written rarely (drain). */
 	struct pgr__clock *clock PGR__ALIGNED; /* the runtime's; own_clock once detached */
@@ -215,8 +221,10 @@ struct pgr_pool {
 	 * reader never sees half of a resize (resize.c); cfg keeps the values given at create. */
 	_Atomic uint64_t limits;
 
-	/* Written by waiters and releasers; its own line. */
+	/* Written by waiters and releasers; its own line. The per-CPU caches' gate (percpu.h)
+	 * changes when waiting starts and ends, like nwaiters, and releasers read both. */
 	_Atomic uint32_t nwaiters PGR__ALIGNED;
+	_Atomic uint64_t pcpu_gate;
 
 	/* Slot accounting, written on connect/close and by growing waiters. */
 	_Atomic uint32_t nopen PGR__ALIGNED; /* reserved slots: connecting + open */
@@ -399,10 +407,15 @@ void pgr__set_last_error(pgr_pool *p, const char *msg);
 void pgr__scrub(const pgr_pool *p, char *msg);
 
 /* checkout.c */
-void pgr__publish(pgr_pool *p, struct pgr_conn *c);   /* owner hands an idle conn to the pool */
-int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c); /* manager takes a known-idle conn */
+void pgr__publish(pgr_pool *p, struct pgr_conn *c); /* owner hands an idle conn to the pool */
+void pgr__publish_cached(pgr_pool *p, struct pgr_conn *c); /* the same from a holder's release */
+int pgr__claim_idle(pgr_pool *p, struct pgr_conn *c);      /* manager takes a known-idle conn */
 void pgr__waiters_shutdown(pgr_pool *p);
 uint32_t pgr__idle_count(pgr_pool *p);
+/* Per-CPU caches on or off (percpu.h), for tests and benchmarks: call before the pool is used
+ * by other threads. Turning them on works only where pool_create could set them up. */
+void pgr__pool_set_percpu(pgr_pool *p, bool on);
+bool pgr__pool_percpu(const pgr_pool *p);
 bool pgr__waiter_park(struct pgr__waiter *w);
 /* A nudged waiter resumes looking: NUDGED -> WAITING. False when the state moved on meanwhile
  * (granted, shut down). */

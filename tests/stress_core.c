@@ -10,6 +10,11 @@
  * timeout there. Every contended case must show waits and hand-offs, and the longest wait is
  * bounded. Plain program (runs under ThreadSanitizer, where Criterion cannot start); prints
  * "N passed, N failed".
+ *
+ * Outside ThreadSanitizer the per-CPU caches are on (percpu.h): some cases add a claimer
+ * thread that takes idle connections the way the manager does (pgr__claim_idle, which closes
+ * the caches' gate for a connection in a cache) and gives them back, and one case turns the
+ * caches off, so the plain build runs both paths.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -44,7 +49,33 @@ struct shared {
 	_Atomic int64_t max_wait_ns;
 	int64_t until_ms;
 	bool liveness; /* long deadlines: a timeout is a failure */
+	_Atomic uint64_t claims;
 };
+
+#define CLAIMER_ID 1000000
+
+/* Like the manager's maintenance: claim an idle connection, own it a moment, publish it. */
+static void *claimer_main(void *a)
+{
+	struct shared *s = a;
+	unsigned seed = 12345;
+	while (now_ms() < s->until_ms) {
+		struct pgr_conn *c = &s->p->conns[rand_r(&seed) % s->p->cap];
+		if (atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IDLE ||
+		    !pgr__claim_idle(s->p, c))
+			continue;
+		pgr__conn_move(c, PGR__MANAGED);
+		int prev = atomic_exchange(&s->holder[c->id], CLAIMER_ID);
+		if (prev != 0)
+			atomic_fetch_add(&s->double_holds, 1);
+		atomic_fetch_add(&s->claims, 1);
+		for (volatile int i = rand_r(&seed) % 500; i > 0; i--)
+			;
+		atomic_store(&s->holder[c->id], 0);
+		pgr__publish(s->p, c);
+	}
+	return NULL;
+}
 
 /* Deadline of a liveness phase: far beyond any fair wait, so a timeout means a lost wake-up. */
 #define LIVENESS_DEADLINE_MS 5000
@@ -93,7 +124,7 @@ static void *worker_main(void *a)
 	return NULL;
 }
 
-static int run(int threads, uint32_t conns, int seconds, bool liveness)
+static int run(int threads, uint32_t conns, int seconds, bool liveness, bool claimer, bool nocache)
 {
 	static struct shared s;
 	memset(&s, 0, sizeof(s));
@@ -105,25 +136,37 @@ static int run(int threads, uint32_t conns, int seconds, bool liveness)
 		fprintf(stderr, "cannot create the pool\n");
 		return 1;
 	}
+	if (nocache)
+		pgr__pool_set_percpu(s.p, false);
+	bool cached = pgr__pool_percpu(s.p);
 	s.until_ms = now_ms() + seconds * 1000;
-	pthread_t th[64];
+	pthread_t th[64], cl;
 	struct worker w[64];
 	for (int i = 0; i < threads; i++) {
 		w[i] = (struct worker){.s = &s, .id = i};
 		pthread_create(&th[i], NULL, worker_main, &w[i]);
 	}
+	if (claimer)
+		pthread_create(&cl, NULL, claimer_main, &s);
 	for (int i = 0; i < threads; i++)
 		pthread_join(th[i], NULL);
+	if (claimer)
+		pthread_join(cl, NULL);
 	pgr_stats st;
 	pgr_pool_stats(s.p, &st);
 	int64_t max_wait_ms = atomic_load(&s.max_wait_ns) / 1000000;
-	printf("%s: %d threads, %u connections, %d s: %llu checkouts, %llu timeouts, %llu waits, "
-	       "%llu steals, %llu handoffs, longest wait %lld ms\n",
-	       liveness ? "liveness" : "churn", threads, conns, seconds,
-	       (unsigned long long)s.acquires, (unsigned long long)s.timeouts,
-	       (unsigned long long)st.waits, (unsigned long long)st.steals,
-	       (unsigned long long)st.handoffs, (long long)max_wait_ms);
+	printf("%s: %d threads, %u connections, %d s, caches %s%s: %llu checkouts, %llu timeouts, "
+	       "%llu waits, %llu steals, %llu handoffs, %llu claims, longest wait %lld ms\n",
+	       liveness ? "liveness" : "churn", threads, conns, seconds, cached ? "on" : "off",
+	       claimer ? ", claimer" : "", (unsigned long long)s.acquires,
+	       (unsigned long long)s.timeouts, (unsigned long long)st.waits,
+	       (unsigned long long)st.steals, (unsigned long long)st.handoffs,
+	       (unsigned long long)s.claims, (long long)max_wait_ms);
 	int bad = 0;
+	if (claimer && s.claims == 0) {
+		fprintf(stderr, "FAIL: the claimer never claimed a connection\n");
+		bad = 1;
+	}
 	if (liveness && s.timeouts) {
 		fprintf(stderr, "FAIL: %llu timeouts with %d ms deadlines: a lost wake-up\n",
 		        (unsigned long long)s.timeouts, LIVENESS_DEADLINE_MS);
@@ -188,13 +231,16 @@ int main(void)
 		int threads;
 		uint32_t conns;
 		int seconds;
-		bool liveness;
-	} cases[] = {{16, 4, 3, false}, {8, 8, 2, false}, {4, 1, 2, false}, {32, 70, 2, false},
-	             {16, 4, 2, true},  {4, 1, 1, true},  {8, 2, 1, true}};
+		bool liveness, claimer, nocache;
+	} cases[] = {{16, 4, 3, false, false, false}, {8, 8, 2, false, true, false},
+	             {4, 1, 2, false, false, false},  {32, 70, 2, false, true, false},
+	             {16, 4, 2, true, false, false},  {4, 1, 1, true, true, false},
+	             {8, 2, 1, true, false, false},   {2, 8, 1, true, true, false},
+	             {8, 8, 1, false, true, true}};
 	int n = (int)(sizeof(cases) / sizeof(cases[0])), failed = 0;
 	for (int i = 0; i < n; i++)
-		failed +=
-		    run(cases[i].threads, cases[i].conns, cases[i].seconds, cases[i].liveness);
+		failed += run(cases[i].threads, cases[i].conns, cases[i].seconds, cases[i].liveness,
+		              cases[i].claimer, cases[i].nocache);
 	printf("%d passed, %d failed\n", n - failed, failed);
 	return failed ? 1 : 0;
 }

@@ -335,6 +335,8 @@ Test(checkout, a_caller_whose_shard_is_empty_steals_from_another_shard, .timeout
 	cfg.min_idle = cfg.max_size = 2;
 	cfg.shards = 2;
 	pgr_pool *p = tu_pool(&cfg);
+	/* The shards alone: the per-CPU caches have their own test below. */
+	pgr__pool_set_percpu(p, false);
 	struct steal_run r = {.p = p, .cpu_a = -1, .cpu_b = -1};
 	cpu_set_t allowed;
 	cr_assert_eq(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
@@ -358,5 +360,78 @@ Test(checkout, a_caller_whose_shard_is_empty_steals_from_another_shard, .timeout
 	cr_assert_eq(r.steals[1], r.steals[0] + 1, "no steal from the other shard");
 	cr_assert_eq(r.steals[2], r.steals[1], "a connection in the caller's own shard was stolen");
 	cr_assert_eq(r.steals[3], r.steals[2] + 1);
+	pgr_pool_destroy(p);
+}
+
+/* ---- per-CPU caches ---- */
+
+struct cache_run {
+	pgr_pool *p;
+	int cpu_a, cpu_b;
+	int rc_try, rc_again;
+	int pid_first, pid_try;
+	uint64_t steals[2];
+};
+
+static void *cache_main(void *arg)
+{
+	struct cache_run *r = arg;
+	pgr_conn *c;
+	/* Returned on CPU a, the one connection sits in a's cache. */
+	pin(r->cpu_a);
+	cr_assert_eq(pgr_acquire(r->p, 5000, &c), 0);
+	r->pid_first = PQbackendPID(pgr_conn_pg(c));
+	cr_assert_eq(pgr_release(c), 0);
+	r->steals[0] = tu_stats(r->p).steals;
+	/* On CPU b nothing is in b's cache or in a shard: a try_acquire must still find it. */
+	pin(r->cpu_b);
+	r->rc_try = pgr_try_acquire(r->p, &c);
+	if (r->rc_try == 0) {
+		r->pid_try = PQbackendPID(pgr_conn_pg(c));
+		r->steals[1] = tu_stats(r->p).steals;
+		pgr_release(c);
+		/* Now cached on b: taken again without a steal. */
+		r->rc_again = pgr_try_acquire(r->p, &c);
+		if (r->rc_again == 0)
+			pgr_release(c);
+	}
+	return NULL;
+}
+
+Test(checkout, a_connection_cached_by_another_cpu_is_taken_even_without_waiting, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = cfg.max_size = 1;
+	pgr_pool *p = tu_pool(&cfg);
+	if (!pgr__pool_percpu(p))
+		cr_skip_test("per-CPU caches are not available in this build or on this machine");
+	struct cache_run r = {.p = p, .cpu_a = -1, .cpu_b = -1};
+	cpu_set_t allowed;
+	cr_assert_eq(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+	for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+		if (!CPU_ISSET(cpu, &allowed))
+			continue;
+		if (r.cpu_a < 0)
+			r.cpu_a = cpu;
+		else {
+			r.cpu_b = cpu;
+			break;
+		}
+	}
+	cr_assert_geq(r.cpu_b, 0, "this test needs two CPUs this process may run on");
+	pthread_t th;
+	cr_assert_eq(pthread_create(&th, NULL, cache_main, &r), 0);
+	pthread_join(th, NULL);
+	cr_assert_eq(r.rc_try, 0, "a connection idle in another CPU's cache was not found: %s",
+	             pgr_strerror(r.rc_try));
+	cr_assert_eq(r.pid_try, r.pid_first);
+	cr_assert_eq(r.steals[1], r.steals[0] + 1, "taking it from a's cache is a steal");
+	cr_assert_eq(r.rc_again, 0);
+	pgr_stats st = tu_stats(p);
+	cr_assert_eq(st.steals, r.steals[1], "taken again on b: no steal");
+	cr_assert_eq(st.idle, 1);
+	cr_assert_eq(st.connects_ok, 1);
 	pgr_pool_destroy(p);
 }

@@ -14,6 +14,7 @@
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -160,12 +161,26 @@ struct job {
 	int control; /* 1: one getpid(); 2: one malloc */
 	int failed_rc;
 	int failures;
+	bool pinned;
 	uint64_t syscalls, allocs;
 };
 
 static void *filtered_main(void *a)
 {
 	struct job *j = a;
+	/*
+	 * The promise is for a connection idle where the caller runs: in its CPU's cache or in a
+	 * shard. One cached by another CPU costs a membarrier to take (README, "The checkout
+	 * path"), so the thread stays on one CPU and takes the connection there once before the
+	 * filter goes on.
+	 */
+	cpu_set_t one;
+	CPU_ZERO(&one);
+	CPU_SET(sched_getcpu(), &one);
+	j->pinned = sched_setaffinity(0, sizeof(one), &one) == 0;
+	pgr_conn *w;
+	if (pgr_acquire(j->pool, 1000, &w) == 0)
+		pgr_release(w);
 	trap_syscalls_of_this_thread();
 	syscalls = 0;
 	allocs = 0;
@@ -238,6 +253,7 @@ Test(hotpath, acquire_and_release_of_an_idle_connection_make_no_system_call_or_a
 	pgr_pool *p = one_idle_conn();
 	struct job j = {.pool = p, .rounds = ROUNDS};
 	run_filtered(&j);
+	cr_assert(j.pinned, "could not pin the measuring thread to its CPU");
 	cr_assert_eq(j.failures, 0, "%d failed checkouts (%s)", j.failures,
 	             pgr_strerror(j.failed_rc));
 	cr_assert_eq(j.syscalls, 0, "%llu system calls in %d checkouts, first: nr %d",
@@ -245,8 +261,8 @@ Test(hotpath, acquire_and_release_of_an_idle_connection_make_no_system_call_or_a
 	cr_assert_eq(j.allocs, 0, "%llu allocations in %d checkouts", (unsigned long long)j.allocs,
 	             ROUNDS);
 	pgr_stats s = tu_stats(p);
-	cr_assert_eq(s.acquires, ROUNDS + 1);
-	cr_assert_eq(s.acquired_immediately, ROUNDS + 1,
+	cr_assert_eq(s.acquires, ROUNDS + 2);
+	cr_assert_eq(s.acquired_immediately, ROUNDS + 2,
 	             "every checkout found the idle connection");
 	pgr_pool_destroy(p);
 }
