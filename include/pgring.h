@@ -200,6 +200,23 @@ typedef struct pgr_config {
 	uint32_t max_capacity; /* connection slots allocated at create: the most that
 	                          pgr_pool_resize may set max_size + max_overflow to;
 	                          0 = max_size + max_overflow (no growth); at most 4096 */
+	/*
+	 * Replica pools (since 0.2): a replication-lag bound and rebalancing over the hosts of a
+	 * multi-host conninfo. README "Running in a fleet" describes how lag is measured and what
+	 * the measurement cannot see (an idle primary, clock skew, the interval).
+	 */
+	int64_t max_replica_lag_ms;      /* connections to a standby whose replay lags more are
+	                                    not handed out; 0 = off (default) */
+	int64_t replica_lag_interval_ms; /* how often the manager measures each host's lag (one
+	                                    statement on an idle connection); default 1000 */
+	int64_t replica_lag_grace_ms;    /* a connection held back for lag is closed after this
+	                                    long (reason replica_lag) when another host is fit to
+	                                    take its place; default 10000 */
+	int64_t rebalance_interval_ms;   /* replica pools (several hosts, target_session_attrs
+	                                    read-only / standby / prefer-standby): how often the
+	                                    manager checks the spread over hosts and moves an idle
+	                                    connection from the busiest host to one that has too
+	                                    few (reason rebalance); 0 = never; default 5000 */
 } pgr_config;
 
 /*
@@ -257,6 +274,10 @@ enum pgr_close_reason {
 	PGR_CLOSE_ROLE_CHANGED,   /* the server no longer has the role target_session_attrs
 	                             asks for: a standby promoted, a primary turned read-only
 	                             (0.2) */
+	PGR_CLOSE_REPLICA_LAG,    /* its standby lagged past max_replica_lag_ms for longer than
+	                             replica_lag_grace_ms (0.2) */
+	PGR_CLOSE_REBALANCE,      /* moved to a host with fewer of the pool's connections, such
+	                             as a standby that came back (0.2) */
 	PGR_CLOSE_REASONS,
 };
 /*

@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "pool.h"
+#include "replica.h"
 #include "role.h"
 
 /* ---- CPU and futex ---- */
@@ -523,6 +524,11 @@ static bool validate_ex(pgr_pool *p, struct pgr_conn *c, bool *ping_here)
 	int64_t now = pgr__now_ms(p);
 	if (unlikely(now >= atomic_load_explicit(&c->expire_ms, memory_order_relaxed))) {
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_MAX_LIFETIME);
+		return false;
+	}
+	/* Its standby lags past max_replica_lag_ms: the manager keeps it until it catches up. */
+	if (pgr__replica_lagging(p, c)) {
+		pgr__manager_push(p, c, PGR__REQ_HOLD, 0);
 		return false;
 	}
 	int64_t idle = now - atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "pool.h"
+#include "replica.h"
 #include "role.h"
 
 /*
@@ -60,6 +61,10 @@ static void config_defaults(pgr_config *cfg)
 	cfg->exec_idle_release_ms = 1000;
 	cfg->prepare_threshold = 5;
 	cfg->prepare_cache_size = 64;
+	cfg->max_replica_lag_ms = 0;
+	cfg->replica_lag_interval_ms = 1000;
+	cfg->replica_lag_grace_ms = 10000;
+	cfg->rebalance_interval_ms = 5000;
 }
 
 void pgr_config_init_size(pgr_config *cfg, size_t size)
@@ -184,6 +189,18 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 	if (c->tcp_user_timeout_ms > INT_MAX)
 		return reject(p, "tcp_user_timeout_ms",
 		              "must be at most 2147483647 (libpq's limit)");
+	if (c->max_replica_lag_ms < 0)
+		return reject(p, "max_replica_lag_ms", "must not be negative (0 = off)");
+	/* A config from a program built before these fields has them 0: lag off, no interval. */
+	if (c->max_replica_lag_ms > 0 && c->replica_lag_interval_ms <= 0)
+		return reject(p, "replica_lag_interval_ms",
+		              "must be positive when max_replica_lag_ms is set");
+	if (c->replica_lag_interval_ms < 0)
+		return reject(p, "replica_lag_interval_ms", "must not be negative");
+	if (c->replica_lag_grace_ms < 0)
+		return reject(p, "replica_lag_grace_ms", "must not be negative (0 = at once)");
+	if (c->rebalance_interval_ms < 0)
+		return reject(p, "rebalance_interval_ms", "must not be negative (0 = never)");
 	if (c->reset_sql && !c->reset_sql[0])
 		return reject(p, "reset_sql", "must be NULL or a statement");
 	return 0;
@@ -273,6 +290,8 @@ static int build_params(pgr_pool *p)
 	}
 	p->role = (uint8_t)pgr__role_parse(find(opts, "target_session_attrs"));
 	int rc = pgr__hosts_init(p, find(opts, "target_session_attrs"));
+	if (rc == 0)
+		rc = pgr__replica_init(p);
 	PQconninfoFree(opts);
 	return rc;
 nomem:
@@ -301,6 +320,7 @@ int pgr__config_copy(pgr_pool *p, const pgr_config *cfg)
 
 void pgr__config_free(pgr_pool *p)
 {
+	pgr__replica_free(p);
 	pgr__hosts_free(p);
 	if (p->kw) {
 		for (size_t i = 0; p->kw[i]; i++) {

@@ -21,6 +21,7 @@
 
 #include "exec.h"
 #include "manager.h"
+#include "replica.h"
 #include "role.h"
 
 struct io_uring_sqe *pgr__mgr_get_sqe(pgr_pool *p, unsigned need)
@@ -149,6 +150,7 @@ static void connect_failed(pgr_pool *p, struct pgr_conn *c, const char *why)
 	pgr__set_last_error(p, msg);
 	pgr__emitf(p, PGR_EV_CONNECT_FAILED, c->id, "connect failed: %s", msg);
 	backoff_after_failure(p, pgr__now_ms(p));
+	pgr__replica_connect_failed(p, c);
 	atomic_fetch_sub_explicit(&p->nconnecting, 1, memory_order_relaxed);
 	if (c->pg) {
 		PQfinish(c->pg);
@@ -219,6 +221,8 @@ static void connected(pgr_pool *p, struct pgr_conn *c)
 		pgr__mgr_close(p, c, PGR_CLOSE_POOL_CLOSING);
 		return;
 	}
+	if (pgr__replica_connected(p, c))
+		return; /* its standby's lag is measured first */
 	pgr__publish(p, c);
 }
 
@@ -286,6 +290,8 @@ static void exec_sink(struct pgr__pq *x, int stmt, PGresult *r)
 {
 	struct pgr_conn *c = (struct pgr_conn *)((char *)x - offsetof(struct pgr_conn, pq));
 	ExecStatusType st = PQresultStatus(r);
+	if (c->op_after == AFTER_LAG)
+		pgr__replica_sample(c, r);
 	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY)
 		c->exec_failed = 1;
 	PQclear(r);
@@ -329,6 +335,10 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 		ok = false;
 	if (ok && atomic_load_explicit(&c->server_error, memory_order_relaxed))
 		ok = false;
+	if (after == AFTER_LAG) {
+		pgr__replica_measured(p, c, ok);
+		return;
+	}
 	/* Whatever the statement was, its answer carried the server's role if it changed. */
 	if (ok && !pgr__role_ok(p, c->pg)) {
 		pgr__mgr_close(p, c, PGR_CLOSE_ROLE_CHANGED);

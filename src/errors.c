@@ -99,6 +99,8 @@ static const char *const close_reason_names[PGR_CLOSE_REASONS] = {
     [PGR_CLOSE_CONNECT_FAILED] = "connect_failed",
     [PGR_CLOSE_RESIZED] = "resized",
     [PGR_CLOSE_ROLE_CHANGED] = "role_changed",
+    [PGR_CLOSE_REPLICA_LAG] = "replica_lag",
+    [PGR_CLOSE_REBALANCE] = "rebalance",
 };
 
 const char *pgr_close_reason_name(enum pgr_close_reason reason)

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "manager.h"
+#include "replica.h"
 
 /* ---- requests from callers ---- */
 
@@ -74,6 +75,9 @@ static void take_requests(pgr_pool *p)
 			break;
 		case PGR__REQ_CHECK:
 			pgr__mgr_check(p, c);
+			break;
+		case PGR__REQ_HOLD:
+			pgr__replica_hold(p, c);
 			break;
 		case PGR__REQ_FINISH:
 			pgr__mgr_start_exec(p, c, NULL,
@@ -345,6 +349,7 @@ int64_t pgr__mgr_round(pgr_pool *p, int64_t now)
 		return p->next_due_ms;
 	p->mgr_dirty = false;
 	int64_t due = maintain(p, now);
+	due = earliest(due, pgr__replica_round(p, now));
 	due = earliest(due, grow(p, now));
 	/*
 	 * An operation this round started can end inside it, with no completion to come: a ping

@@ -79,6 +79,7 @@ enum pgr__req {
 	PGR__REQ_CHECK,    /* socket readable while idle: consume and re-check */
 	PGR__REQ_RETIRE,   /* close with c->close_reason */
 	PGR__REQ_FINISH,   /* a loop gave up mid-statement: read its results, then as req_arg */
+	PGR__REQ_HOLD,     /* its standby lags past max_replica_lag_ms: keep it out of use */
 };
 
 /* The manager's current network operation on a slot. */
@@ -111,8 +112,10 @@ struct pgr_conn {
 	_Atomic uint8_t fresh;        /* validated by the manager; skip the next pre-ping */
 	_Atomic uint8_t server_error; /* saw FATAL / 57P0x / 25006: never reuse */
 	uint8_t uncounted;            /* already taken out of nopen by an overflow return */
-	struct pgr__pcache *pcache;   /* prepared statements of this libpq connection (exec.h);
-	                                 owner-only, freed with the connection */
+	uint8_t host; /* index of its server in the conninfo's host list (replica.h); set at
+	                 connect by the manager, read at checkout by the next owners */
+	struct pgr__pcache *pcache; /* prepared statements of this libpq connection (exec.h);
+	                               owner-only, freed with the connection */
 
 	/* Per-slot counters and histograms: single writer (the owner), merged on read. hist: this
 	 * slot's PGR_HIST_KINDS histograms in the pool's lazily backed array (pgr_pool.hists), set
@@ -143,6 +146,7 @@ struct pgr_conn {
 	int64_t op_deadline_ns;
 	struct __kernel_timespec ts;
 	int64_t last_keepalive_ms;
+	int64_t held_since_ms; /* held back because its standby lags (replica.c); 0 = not */
 } PGR__ALIGNED;
 
 /* A slot's histograms, a whole number of cache lines: two slots' owners never share a line. */
@@ -201,10 +205,12 @@ struct pgr_pool {
 	uint32_t nshards;
 	uint8_t role;             /* enum pgr__role (role.h): what target_session_attrs asks for */
 	struct pgr__hosts *hosts; /* host rotation of a replica pool (role.h), or NULL */
-	uint32_t nwords;          /* 64-bit words per shard bitmap */
-	uint32_t shard_stride;    /* words between shards, padded to a cache line */
-	uint32_t spin_iters;      /* pause loops a waiter spins before parking (0 on one CPU) */
-	uint32_t spin_positions;  /* waiters that far from the head or closer spin */
+	struct pgr__replica *replica; /* lag and rebalance state (replica.h), manager-only; NULL
+	                                 when the pool measures no lag and never rebalances */
+	uint32_t nwords;              /* 64-bit words per shard bitmap */
+	uint32_t shard_stride;        /* words between shards, padded to a cache line */
+	uint32_t spin_iters;          /* pause loops a waiter spins before parking (0 on one CPU) */
+	uint32_t spin_positions;      /* waiters that far from the head or closer spin */
 	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
 	struct pgr__conn_hists *hists; /* cap sets, lazily backed (see pgr_conn.hist) */
@@ -217,6 +223,10 @@ struct pgr_pool {
 	/* Read on every checkout, written rarely (drain). */
 	struct pgr__clock *clock PGR__ALIGNED; /* the runtime's; own_clock once detached */
 	_Atomic int closing;
+	/* Bit h set: host h of the conninfo lags past max_replica_lag_ms, and its connections
+	 * are not handed out. Written by the manager only; 0 whenever the bound is off, so the
+	 * checkout's look at it is one load of a line it reads anyway. */
+	_Atomic uint64_t lag_mask;
 	/* min_idle, max_size, max_overflow as pgr_pool_resize last set them, packed so that a
 	 * reader never sees half of a resize (resize.c); cfg keeps the values given at create. */
 	_Atomic uint64_t limits;
@@ -359,7 +369,9 @@ static inline bool pgr__handle_current(const pgr_conn *h, const struct pgr_conn 
 #define PGR__PUBLISHED (PGR__B(PGR__IDLE) | PGR__B(PGR__GRANTED))
 static const uint16_t pgr__legal[PGR__STATES] = {
     [PGR__FREE] = PGR__B(PGR__CONNECTING),
-    [PGR__CONNECTING] = PGR__PUBLISHED | PGR__B(PGR__FREE) | PGR__B(PGR__CLOSING),
+    /* CONNECTING -> MANAGED: a lag-bounded pool measures a new connection's standby first. */
+    [PGR__CONNECTING] =
+        PGR__PUBLISHED | PGR__B(PGR__FREE) | PGR__B(PGR__MANAGED) | PGR__B(PGR__CLOSING),
     /* IDLE -> GRANTED: the pump takes a connection from a shard for a waiter. */
     /* IDLE -> IDLE: a caller that took it puts it back untouched (drain began meanwhile). */
     [PGR__IDLE] = PGR__PUBLISHED | PGR__B(PGR__IN_USE) | PGR__B(PGR__LOOP) | PGR__B(PGR__MANAGED) |

@@ -57,6 +57,7 @@ static const char *const list_kw[NLISTS] = {"host", "hostaddr", "port"};
 struct pgr__hosts {
 	uint32_t n;      /* hosts in the list */
 	uint32_t next;   /* rotation of the next connect */
+	uint32_t aim;    /* the next connect starts here (a rebalance), or UINT32_MAX */
 	int idx[NLISTS]; /* index in p->kw of each list that names every host, or -1 */
 	const char *orig[NLISTS];
 	char **item[NLISTS]; /* the list split at commas */
@@ -110,6 +111,7 @@ int pgr__hosts_init(pgr_pool *p, const char *tsa)
 	if (!h)
 		return -ENOMEM;
 	h->n = n;
+	h->aim = UINT32_MAX;
 	p->hosts = h;
 	for (int l = 0; l < NLISTS; l++) {
 		h->idx[l] = -1;
@@ -149,6 +151,16 @@ void pgr__hosts_rotate(pgr_pool *p)
 	if (!h)
 		return;
 	uint32_t k = h->next++ % h->n;
+	if (h->aim != UINT32_MAX) {
+		k = h->aim;
+		h->aim = UINT32_MAX;
+	} else {
+		/* Start at a host whose standby is not held back for lag, if there is one: libpq
+		 * still falls back to the lagging ones, which keep their connections unused. */
+		uint64_t lag = atomic_load_explicit(&p->lag_mask, memory_order_relaxed);
+		for (uint32_t i = 0; lag && i < h->n && k < 64 && (lag >> k & 1); i++)
+			k = h->next++ % h->n;
+	}
 	for (int l = 0; l < NLISTS; l++) {
 		if (h->idx[l] < 0)
 			continue;
@@ -174,4 +186,39 @@ void pgr__hosts_restore(pgr_pool *p)
 	for (int l = 0; l < NLISTS; l++)
 		if (h->idx[l] >= 0)
 			p->val[h->idx[l]] = h->orig[l];
+}
+
+uint32_t pgr__hosts_count(const pgr_pool *p)
+{
+	return p->hosts ? p->hosts->n : 1;
+}
+
+void pgr__hosts_aim(pgr_pool *p, uint32_t host)
+{
+	if (p->hosts && host < p->hosts->n)
+		p->hosts->aim = host;
+}
+
+static bool same(const char *a, const char *b)
+{
+	return a && b && strcmp(a, b) == 0;
+}
+
+uint32_t pgr__hosts_index(const pgr_pool *p, PGconn *pg)
+{
+	const struct pgr__hosts *h = p->hosts;
+	if (!h)
+		return 0;
+	/* libpq reports the host (or the hostaddr when no host was given) and port it reached. */
+	const char *host = PQhost(pg), *addr = PQhostaddr(pg), *port = PQport(pg);
+	for (uint32_t i = 0; i < h->n; i++) {
+		if (h->idx[0] >= 0 && !same(h->item[0][i], host))
+			continue;
+		if (h->idx[0] < 0 && h->idx[1] >= 0 && !same(h->item[1][i], addr))
+			continue;
+		if (h->idx[2] >= 0 && !same(h->item[2][i], port))
+			continue;
+		return i;
+	}
+	return UINT32_MAX;
 }

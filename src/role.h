@@ -49,6 +49,13 @@ void pgr__hosts_free(pgr_pool *p);
 void pgr__hosts_rotate(pgr_pool *p);
 void pgr__hosts_restore(pgr_pool *p);
 
+/* Hosts in the list (1 without rotation). */
+uint32_t pgr__hosts_count(const pgr_pool *p);
+/* The next connect starts at host (a rebalance toward it). */
+void pgr__hosts_aim(pgr_pool *p, uint32_t host);
+/* The index of the host pg reached, 0 without rotation, UINT32_MAX when it cannot tell. */
+uint32_t pgr__hosts_index(const pgr_pool *p, PGconn *pg);
+
 /* The cheap form for the return path: one byte compare when the pool asks for no role. */
 static inline bool pgr__role_ok(const pgr_pool *p, PGconn *pg)
 {

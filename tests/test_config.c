@@ -64,6 +64,10 @@ Test(config, defaults_are_filled_in)
 	cr_assert_null(c.on_connect);
 	cr_assert_null(c.on_event);
 	cr_assert_null(c.user_data);
+	cr_assert_eq(c.max_replica_lag_ms, 0, "lag bound off");
+	cr_assert_eq(c.replica_lag_interval_ms, 1000);
+	cr_assert_eq(c.replica_lag_grace_ms, 10000);
+	cr_assert_eq(c.rebalance_interval_ms, 5000);
 }
 
 Test(config, null_conninfo_rejected)
@@ -276,4 +280,21 @@ Test(config, negative_tcp_user_timeout_rejected, .timeout = 10)
 	pgr_config c = base();
 	c.tcp_user_timeout_ms = -1;
 	expect_rejected(&c, "tcp_user_timeout_ms");
+}
+
+Test(config, replica_fields_rejected_when_negative_or_inconsistent, .timeout = 10)
+{
+	pgr_config c = base();
+	c.max_replica_lag_ms = -1;
+	expect_rejected(&c, "max_replica_lag_ms");
+	c = base();
+	c.max_replica_lag_ms = 100;
+	c.replica_lag_interval_ms = 0;
+	expect_rejected(&c, "replica_lag_interval_ms");
+	c = base();
+	c.replica_lag_grace_ms = -1;
+	expect_rejected(&c, "replica_lag_grace_ms");
+	c = base();
+	c.rebalance_interval_ms = -5;
+	expect_rejected(&c, "rebalance_interval_ms");
 }

@@ -13,117 +13,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "replset.h"
 #include "testutil.h"
-
-/* ---- the replica set ---- */
-
-struct rs {
-	char dir[128];
-	char ctl[512];
-	int port[3]; /* primary, standby1, standby2 */
-	int nstandby;
-};
-
-/* The set a test started (a copy: the test's frame is gone when an assertion ends it early),
- * stopped by rs_fini. */
-static struct rs started_rs;
-static bool started;
-
-static void rs_ctl(struct rs *r, const char *args)
-{
-	char cmd[1024];
-	snprintf(cmd, sizeof(cmd), "'%s' %s >/dev/null 2>&1", r->ctl, args);
-	int rc = system(cmd);
-	cr_assert(rc == 0, "%s failed (%d)", cmd, rc);
-}
-
-static void rs_start(struct rs *r, int nstandby, bool sync)
-{
-	memset(r, 0, sizeof(*r));
-	/* pg_replica.sh lies beside the single cluster's script. */
-	char path[512];
-	snprintf(path, sizeof(path), "%s", tu_env("PGR_TEST_CTL"));
-	snprintf(r->ctl, sizeof(r->ctl), "%s/pg_replica.sh", dirname(path));
-	snprintf(r->dir, sizeof(r->dir), "/tmp/pgr-rs.XXXXXX");
-	cr_assert(mkdtemp(r->dir), "mkdtemp");
-	r->nstandby = nstandby;
-	char cmd[1024];
-	snprintf(cmd, sizeof(cmd), "'%s' start '%s' %d %s 2>'%s.log'", r->ctl, r->dir, nstandby,
-	         sync ? "sync" : "", r->dir);
-	FILE *f = popen(cmd, "r");
-	cr_assert(f);
-	char line[1024];
-	while (fgets(line, sizeof(line), f)) {
-		static const char *const keys[] = {
-		    "PGR_REPL_PORT_PRIMARY=", "PGR_REPL_PORT_STANDBY1=", "PGR_REPL_PORT_STANDBY2="};
-		for (int i = 0; i < 3; i++) {
-			char *k = strstr(line, keys[i]);
-			if (k)
-				r->port[i] = atoi(k + strlen(keys[i]));
-		}
-	}
-	int rc = pclose(f);
-	started_rs = *r;
-	started = true;
-	cr_assert(rc == 0 && r->port[0] > 0, "%s failed (%d): its log is %s.log", cmd, rc, r->dir);
-	char log[160];
-	snprintf(log, sizeof(log), "%s.log", r->dir);
-	unlink(log);
-}
-
-static void rs_fini(void)
-{
-	if (!started)
-		return;
-	char cmd[1024];
-	snprintf(cmd, sizeof(cmd), "'%s' stop '%s' >/dev/null 2>&1", started_rs.ctl,
-	         started_rs.dir);
-	if (system(cmd) != 0)
-		fprintf(stderr, "could not remove the replica set in %s\n", started_rs.dir);
-	started = false;
-}
-
-static void rs_stop(struct rs *r)
-{
-	char args[256];
-	snprintf(args, sizeof(args), "stop '%s'", r->dir);
-	started = false;
-	rs_ctl(r, args);
-}
-
-static void rs_node(struct rs *r, const char *what, const char *node)
-{
-	char args[256];
-	snprintf(args, sizeof(args), "%s '%s' %s", what, r->dir, node);
-	rs_ctl(r, args);
-}
-
-static PGconn *rs_connect(struct rs *r, int node)
-{
-	char ci[256];
-	snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d user=pgr_trust dbname=postgres",
-	         r->port[node]);
-	PGconn *c = PQconnectdb(ci);
-	cr_assert(PQstatus(c) == CONNECTION_OK, "node %d: %s", node, PQerrorMessage(c));
-	return c;
-}
-
-/* conninfo over the given nodes, in that order. */
-static char *rs_conninfo(struct rs *r, const int *nodes, int n, const char *tsa)
-{
-	char hosts[256] = "", ports[256] = "";
-	for (int i = 0; i < n; i++) {
-		size_t hl = strlen(hosts), pl = strlen(ports);
-		snprintf(hosts + hl, sizeof(hosts) - hl, "%s127.0.0.1", i ? "," : "");
-		snprintf(ports + pl, sizeof(ports) - pl, "%s%d", i ? "," : "", r->port[nodes[i]]);
-	}
-	char *ci = malloc(1024);
-	snprintf(ci, 1024,
-	         "host=%s port=%s user=pgr_trust dbname=postgres sslmode=disable "
-	         "target_session_attrs=%s",
-	         hosts, ports, tsa);
-	return ci;
-}
 
 /* ---- writers ---- */
 
@@ -462,27 +353,6 @@ Test(roles, a_pinged_connection_to_a_read_only_primary_is_never_handed_out, .tim
 	rs_stop(&r);
 }
 
-/* The ports of the pool's connections: every one checked out at once. */
-static void pool_ports(pgr_pool *p, int n, int *ports)
-{
-	pgr_conn *c[8];
-	for (int i = 0; i < n; i++) {
-		int rc = pgr_acquire(p, 5000, &c[i]);
-		cr_assert_eq(rc, 0, "%s", pgr_strerror(rc));
-		ports[i] = atoi(PQport(pgr_conn_pg(c[i])));
-	}
-	for (int i = 0; i < n; i++)
-		pgr_release(c[i]);
-}
-
-static int count_port(const int *ports, int n, int port)
-{
-	int k = 0;
-	for (int i = 0; i < n; i++)
-		k += ports[i] == port;
-	return k;
-}
-
 Test(roles, a_standby_pool_leaves_a_promoted_standby_for_another, .timeout = 90, .fini = rs_fini)
 {
 	struct rs r;
@@ -498,8 +368,8 @@ Test(roles, a_standby_pool_leaves_a_promoted_standby_for_another, .timeout = 90,
 	cfg.ping_after_idle_ms = -1;
 	pgr_pool *p = tu_pool(&cfg);
 	int ports[4];
-	pool_ports(p, 4, ports);
-	int on1 = count_port(ports, 4, r.port[1]);
+	rs_pool_ports(p, 4, ports);
+	int on1 = rs_count_port(ports, 4, r.port[1]);
 	cr_assert_gt(on1, 0, "no connection on standby1 to begin with");
 	rs_node(&r, "promote", "standby1");
 	int64_t t0 = tu_now_ms();
@@ -512,11 +382,11 @@ Test(roles, a_standby_pool_leaves_a_promoted_standby_for_another, .timeout = 90,
 	int64_t took = tu_now_ms() - t0;
 	cr_assert(moved, "role_changed closes %llu of %d",
 	          (unsigned long long)tu_stats(p).closes_by_reason[PGR_CLOSE_ROLE_CHANGED], on1);
-	pool_ports(p, 4, ports);
+	rs_pool_ports(p, 4, ports);
 	cr_log_info("standby pool: %d connections left the promoted standby within %lld ms "
 	            "(keepalive 100 ms)",
 	            on1, (long long)took);
-	cr_assert_eq(count_port(ports, 4, r.port[2]), 4,
+	cr_assert_eq(rs_count_port(ports, 4, r.port[2]), 4,
 	             "connections still on the promoted server");
 	pgr_pool_destroy(p);
 	free(ci);
@@ -544,8 +414,8 @@ Test(replicas, connections_spread_over_the_standbys_and_come_back_to_a_returning
 	cfg.lifetime_jitter_ms = 500;
 	pgr_pool *p = tu_pool(&cfg);
 	int ports[6];
-	pool_ports(p, 6, ports);
-	int a = count_port(ports, 6, r.port[1]), b = count_port(ports, 6, r.port[2]);
+	rs_pool_ports(p, 6, ports);
+	int a = rs_count_port(ports, 6, r.port[1]), b = rs_count_port(ports, 6, r.port[2]);
 	cr_log_info("spread over two standbys: %d / %d", a, b);
 	cr_assert_eq(a, 3);
 	cr_assert_eq(b, 3);
@@ -553,8 +423,8 @@ Test(replicas, connections_spread_over_the_standbys_and_come_back_to_a_returning
 	rs_node(&r, "server-stop", "standby2");
 	int64_t t0 = tu_now_ms();
 	cr_assert(TU_WAIT_UNTIL(({
-		                        pool_ports(p, 6, ports);
-		                        count_port(ports, 6, r.port[1]) == 6;
+		                        rs_pool_ports(p, 6, ports);
+		                        rs_count_port(ports, 6, r.port[1]) == 6;
 	                        }),
 	                        10000));
 	int64_t gone = tu_now_ms() - t0;
@@ -564,14 +434,14 @@ Test(replicas, connections_spread_over_the_standbys_and_come_back_to_a_returning
 	 * go back. One lifetime (1 s) replaces every connection; 2 s more covers backoff and a
 	 * loaded machine. */
 	bool back = TU_WAIT_UNTIL(({
-		                          pool_ports(p, 6, ports);
-		                          count_port(ports, 6, r.port[2]) >= 2;
+		                          rs_pool_ports(p, 6, ports);
+		                          rs_count_port(ports, 6, r.port[2]) >= 2;
 	                          }),
 	                          3000);
 	int64_t returned = tu_now_ms() - t0;
 	cr_log_info("standby2 down: all 6 on standby1 within %lld ms; back up: %d on standby2 "
 	            "after %lld ms (max_lifetime_ms 1000)",
-	            (long long)gone, count_port(ports, 6, r.port[2]), (long long)returned);
+	            (long long)gone, rs_count_port(ports, 6, r.port[2]), (long long)returned);
 	cr_assert(back, "connections did not come back to the returning standby");
 	pgr_pool_destroy(p);
 	free(ci);
