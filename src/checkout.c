@@ -164,6 +164,8 @@ static void gate_open(pgr_pool *p)
 		return;
 	uint64_t v = atomic_load_explicit(&p->pcpu_gate, memory_order_relaxed);
 	for (;;) {
+		if (v < PGR__GATE_ONE)
+			return; /* never closed: nothing to open (not reached by balanced use) */
 		uint64_t n = v / PGR__GATE_ONE == 1 ? 0 : v - PGR__GATE_ONE;
 		if (atomic_compare_exchange_weak_explicit(
 		        &p->pcpu_gate, &v, n, memory_order_seq_cst, memory_order_relaxed))
