@@ -145,6 +145,54 @@ Test(loop_exec, results_come_back_in_the_order_sent_on_one_connection, .timeout 
 	env_fini(&e);
 }
 
+/* Statements sent together are corked until their batch ends: none may wait for the kernel's
+ * own flush of a corked socket (200 ms), in batches issued from outside the engine's callbacks
+ * or from inside them. */
+struct chain {
+	int issued, done, bad;
+};
+
+static void on_chain(pgr_loop *l, int err, PGresult *r, void *arg)
+{
+	struct chain *c = arg;
+	c->done++;
+	if (err || PQresultStatus(r) != PGRES_TUPLES_OK)
+		c->bad++;
+	PQclear(r);
+	if (c->issued < 400) {
+		c->issued++;
+		cr_assert_eq(pgr_loop_exec(l, "select 1", 0, NULL, 10000, on_chain, c), 0);
+	}
+}
+
+Test(loop_exec, statements_sent_together_are_never_held_back_in_the_socket, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_cork", one_conn);
+	struct chain c = {.issued = 400}; /* the rounds: callbacks send nothing more */
+	int64_t t0 = tu_now_ms();
+	for (int round = 0; round < 10; round++) {
+		int goal = c.done + 8;
+		for (int i = 0; i < 8; i++)
+			cr_assert_eq(
+			    pgr_loop_exec(e.loop, "select 1", 0, NULL, 10000, on_chain, &c), 0);
+		while (c.done < goal)
+			turn(&e);
+	}
+	/* Then a chain: every answer's callback sends the next, eight in flight. */
+	c.issued = 8;
+	c.done = 0;
+	for (int i = 0; i < 8; i++)
+		cr_assert_eq(pgr_loop_exec(e.loop, "select 1", 0, NULL, 10000, on_chain, &c), 0);
+	while (c.done < 400)
+		turn(&e);
+	int64_t ms = tu_now_ms() - t0;
+	cr_assert_eq(c.bad, 0);
+	/* 480 statements; a batch held for 200 ms each time would take many seconds. */
+	cr_assert_lt(ms, 3000, "480 short statements took %lld ms", (long long)ms);
+	env_fini(&e);
+}
+
 Test(loop_exec, an_error_fails_only_its_own_statement_in_the_pipeline, .timeout = 30)
 {
 	struct env e;
