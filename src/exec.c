@@ -190,38 +190,8 @@ static void stmt_release(struct pgr__exec *x, struct xstmt *s)
  * larger than any before it on this record). */
 static int stmt_copy(struct xstmt *s, const char *sql, int nparams, const char *const *params)
 {
-	size_t need = (size_t)nparams * sizeof(char *);
-	size_t sl = strlen(sql) + 1;
-	need += sl;
-	for (int i = 0; i < nparams; i++)
-		if (params[i])
-			need += strlen(params[i]) + 1;
-	if (need > s->cap) {
-		size_t cap = need < 256 ? 256 : need;
-		char *b = realloc(s->buf, cap);
-		if (!b)
-			return -ENOMEM;
-		s->buf = b;
-		s->cap = cap;
-	}
-	const char **pv = (const char **)(void *)s->buf;
-	char *p = s->buf + (size_t)nparams * sizeof(char *);
-	memcpy(p, sql, sl);
-	s->sql = p;
-	p += sl;
-	for (int i = 0; i < nparams; i++) {
-		if (!params[i]) {
-			pv[i] = NULL;
-			continue;
-		}
-		size_t n = strlen(params[i]) + 1;
-		memcpy(p, params[i], n);
-		pv[i] = p;
-		p += n;
-	}
-	s->pv = nparams ? pv : NULL;
 	s->nparams = nparams;
-	return 0;
+	return pgr__stmt_copy(&s->buf, &s->cap, sql, nparams, params, &s->sql, &s->pv);
 }
 
 /* ---- the loop's queue (doubly linked, arrival order) ---- */

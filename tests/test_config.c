@@ -277,3 +277,10 @@ Test(config, negative_tcp_user_timeout_rejected, .timeout = 10)
 	c.tcp_user_timeout_ms = -1;
 	expect_rejected(&c, "tcp_user_timeout_ms");
 }
+
+Test(config, prepare_loop_query_other_than_zero_or_one_rejected)
+{
+	pgr_config c = base();
+	c.prepare_loop_query = 2;
+	expect_rejected(&c, "prepare_loop_query");
+}
