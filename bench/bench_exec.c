@@ -7,13 +7,23 @@
  * beside pgbench against the same server in the same run (-M extended and -M prepared, one
  * statement per transaction, and pipelined with \startpipeline at the same depths): the
  * server's own ceiling for this lookup. Latency is per statement, from the call to its callback.
+ *
+ * pgbench's pipeline ends in one sync point per transaction of `depth` statements, while
+ * pgr_loop_exec ends every statement in its own (that is what keeps them independent), and the
+ * server then commits and flushes once per statement. pgbench 15 cannot sync inside a pipeline,
+ * so a hand-written libpq loop with a sync point per statement (libpq_sync_each) shows the
+ * ceiling for independent statements beside it. CPU time per statement is given for the client
+ * (this process, or pgbench) and for the whole machine (all processes, steal excluded): on a
+ * small shared VM they say more than queries/s, which swing with the time stolen.
  */
 #include <errno.h>
 #include <liburing.h>
+#include <poll.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -30,6 +40,33 @@ static int64_t now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* CPU seconds: this process (or its waited-for children), and the machine's busy time. */
+struct cpu {
+	double self, children, machine;
+};
+
+static double tv_s(struct timeval t)
+{
+	return (double)t.tv_sec + (double)t.tv_usec / 1e6;
+}
+
+static void cpu_sample(struct cpu *c)
+{
+	struct rusage ru;
+	getrusage(RUSAGE_SELF, &ru);
+	c->self = tv_s(ru.ru_utime) + tv_s(ru.ru_stime);
+	getrusage(RUSAGE_CHILDREN, &ru);
+	c->children = tv_s(ru.ru_utime) + tv_s(ru.ru_stime);
+	c->machine = -1;
+	FILE *f = fopen("/proc/stat", "r");
+	unsigned long long u, n, sy, id, io, irq, sirq;
+	if (f && fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu", &u, &n, &sy, &id, &io, &irq,
+	                &sirq) == 7)
+		c->machine = (double)(u + n + sy + irq + sirq) / (double)sysconf(_SC_CLK_TCK);
+	if (f)
+		fclose(f);
 }
 
 struct run;
@@ -145,7 +182,8 @@ struct row {
 	char mode[48];
 	int depth;
 	double qps;
-	double p50_us, p99_us; /* < 0: not measured */
+	double p50_us, p99_us;                /* < 0: not measured */
+	double cpu_client_us, cpu_machine_us; /* per statement; < 0: not measured */
 	uint64_t errors;
 	char note[96];
 };
@@ -200,9 +238,26 @@ static void run_mode(const char *conninfo, const char *mode, bool checkout, int 
 		r->slots[i].r = r;
 		start(&r->slots[i]);
 	}
-	while (r->inflight > 0 || now_ns() < r->end)
+	struct cpu c0 = {0}, c1 = {0};
+	bool s0 = false, s1 = false;
+	for (;;) {
+		int64_t t = now_ns();
+		if (!s0 && t >= r->warm_end) {
+			cpu_sample(&c0);
+			s0 = true;
+		}
+		if (!s1 && t >= r->end) {
+			cpu_sample(&c1);
+			s1 = true;
+		}
+		if (r->inflight <= 0 && t >= r->end)
+			break;
 		turn(&ring, l);
+	}
 	w->qps = (double)r->done / dur_s;
+	w->cpu_client_us = r->done ? (c1.self - c0.self) * 1e6 / (double)r->done : -1;
+	w->cpu_machine_us =
+	    r->done && c0.machine >= 0 ? (c1.machine - c0.machine) * 1e6 / (double)r->done : -1;
 	w->errors = r->errors;
 	qsort(r->lat, r->nlat, sizeof(int64_t), cmp64);
 	w->p50_us = r->nlat ? (double)r->lat[r->nlat / 2] / 1e3 : -1;
@@ -223,6 +278,7 @@ static void run_pgbench(const char *conninfo, const char *mode, const char *prot
 	snprintf(w->mode, sizeof w->mode, "%s", mode);
 	w->depth = depth;
 	w->p50_us = w->p99_us = -1;
+	w->cpu_client_us = w->cpu_machine_us = -1;
 	w->qps = -1;
 	char path[] = "/tmp/pgr_bench_exec_XXXXXX";
 	int fd = mkstemp(path);
@@ -243,15 +299,121 @@ static void run_pgbench(const char *conninfo, const char *mode, const char *prot
 	         "pgbench -n -M %s -c %d -j 1 -T %d -f %s \"%s\" 2>&1 | sed -n 's/^tps = "
 	         "\\([0-9.]*\\).*/\\1/p'",
 	         proto, CONNS, (int)(dur_s < 1 ? 1 : dur_s + 0.5), path, conninfo);
+	struct cpu c0, c1;
+	cpu_sample(&c0);
 	FILE *p = popen(cmd, "r");
 	double tps = 0;
-	if (p && fscanf(p, "%lf", &tps) == 1 && tps > 0)
-		w->qps = tps * depth;
-	else
-		snprintf(w->note, sizeof w->note, "pgbench failed or not installed");
+	bool ok = p && fscanf(p, "%lf", &tps) == 1 && tps > 0;
 	if (p)
 		pclose(p);
+	cpu_sample(&c1);
+	if (ok) {
+		/* pgbench's own count covers -T seconds; its CPU time includes its two connects. */
+		double n = tps * depth * (double)(int)(dur_s < 1 ? 1 : dur_s + 0.5);
+		w->qps = tps * depth;
+		w->cpu_client_us = (c1.children - c0.children) * 1e6 / n;
+		if (c0.machine >= 0)
+			w->cpu_machine_us = (c1.machine - c0.machine) * 1e6 / n;
+	} else {
+		snprintf(w->note, sizeof w->note, "pgbench failed or not installed");
+	}
 	unlink(path);
+}
+
+/*
+ * The reference for independent statements: libpq alone, in pipeline mode, every statement
+ * prepared and followed by its own sync point, `depth` in flight on each connection, a new one
+ * sent as each answer's sync point is read, one thread polling both sockets with poll(2).
+ */
+static void run_libpq(const char *conninfo, int depth, double dur_s)
+{
+	struct row *w = &rows[nrows++];
+	snprintf(w->mode, sizeof w->mode, "libpq_sync_each");
+	w->depth = depth;
+	w->p50_us = w->p99_us = -1;
+	w->cpu_client_us = w->cpu_machine_us = -1;
+	w->qps = -1;
+	PGconn *c[CONNS] = {0};
+	uint32_t seed = 42;
+	uint64_t done = 0, errors = 0;
+	bool ok = true;
+	for (int i = 0; i < CONNS && ok; i++) {
+		c[i] = PQconnectdb(conninfo);
+		PGresult *r =
+		    PQstatus(c[i]) == CONNECTION_OK ? PQprepare(c[i], "l", LOOKUP, 1, NULL) : NULL;
+		ok = r && PQresultStatus(r) == PGRES_COMMAND_OK && PQsetnonblocking(c[i], 1) == 0 &&
+		     PQenterPipelineMode(c[i]) == 1;
+		PQclear(r);
+	}
+	int64_t t0 = now_ns(), warm_end = t0 + 200000000, end = warm_end + (int64_t)(dur_s * 1e9);
+	struct cpu c0 = {0}, c1 = {0};
+	bool s0 = false;
+	for (int i = 0; i < CONNS && ok; i++)
+		for (int k = 0; k < depth && ok; k++) {
+			char id[16];
+			seed = seed * 1103515245u + 12345u;
+			snprintf(id, sizeof id, "%u", 1 + (seed >> 8) % ROWS);
+			const char *pv[1] = {id};
+			ok = PQsendQueryPrepared(c[i], "l", 1, pv, NULL, NULL, 0) &&
+			     PQpipelineSync(c[i]);
+		}
+	while (ok) {
+		int64_t t = now_ns();
+		if (!s0 && t >= warm_end) {
+			cpu_sample(&c0);
+			s0 = true;
+		}
+		if (t >= end)
+			break;
+		struct pollfd pf[CONNS];
+		for (int i = 0; i < CONNS; i++)
+			pf[i] = (struct pollfd){
+			    .fd = PQsocket(c[i]),
+			    .events = (short)(POLLIN | (PQflush(c[i]) ? POLLOUT : 0))};
+		if (poll(pf, CONNS, 100) < 0)
+			break;
+		for (int i = 0; i < CONNS && ok; i++) {
+			if (!pf[i].revents)
+				continue;
+			if (!PQconsumeInput(c[i])) {
+				ok = false;
+				break;
+			}
+			while (ok && !PQisBusy(c[i])) {
+				PGresult *r = PQgetResult(c[i]);
+				if (!r)
+					continue; /* the end of one statement's results */
+				ExecStatusType st = PQresultStatus(r);
+				PQclear(r);
+				if (st == PGRES_TUPLES_OK)
+					continue;
+				if (st != PGRES_PIPELINE_SYNC) {
+					errors++;
+					continue;
+				}
+				if (t >= warm_end)
+					done++;
+				char id[16];
+				seed = seed * 1103515245u + 12345u;
+				snprintf(id, sizeof id, "%u", 1 + (seed >> 8) % ROWS);
+				const char *pv[1] = {id};
+				ok = PQsendQueryPrepared(c[i], "l", 1, pv, NULL, NULL, 0) &&
+				     PQpipelineSync(c[i]);
+			}
+		}
+	}
+	cpu_sample(&c1);
+	for (int i = 0; i < CONNS; i++)
+		PQfinish(c[i]);
+	if (!ok || !done) {
+		snprintf(w->note, sizeof w->note, "libpq reference failed");
+		return;
+	}
+	w->qps = (double)done / dur_s;
+	w->errors = errors;
+	w->cpu_client_us = (c1.self - c0.self) * 1e6 / (double)done;
+	if (c0.machine >= 0)
+		w->cpu_machine_us = (c1.machine - c0.machine) * 1e6 / (double)done;
 }
 
 static int exec_sql(PGconn *c, const char *sql)
@@ -288,12 +450,16 @@ int bench_exec_run(const char *conninfo, double dur_s, bool json)
 	run_mode(conninfo, "loop_query_per_checkout", true, -1, 1, dur_s);
 	run_mode(conninfo, "loop_exec_unprepared", false, -1, 1, dur_s);
 	run_mode(conninfo, "loop_exec_unprepared", false, -1, 16, dur_s);
-	static const int depths[] = {1, 4, 16};
-	for (int i = 0; i < 3; i++)
-		run_mode(conninfo, "loop_exec_prepared", false, 0, depths[i], dur_s);
 	run_pgbench(conninfo, "pgbench_extended", "extended", 1, dur_s);
-	for (int i = 0; i < 3; i++)
+	/* At each depth the three side by side, so that they see the same machine. */
+	static const int depths[] = {1, 4, 16};
+	int at[3];
+	for (int i = 0; i < 3; i++) {
+		at[i] = nrows;
+		run_mode(conninfo, "loop_exec_prepared", false, 0, depths[i], dur_s);
 		run_pgbench(conninfo, "pgbench_prepared", "prepared", depths[i], dur_s);
+		run_libpq(conninfo, depths[i], dur_s);
+	}
 	exec_sql(c, "DROP TABLE IF EXISTS pgr_bench_exec_users");
 	PQfinish(c);
 
@@ -302,38 +468,48 @@ int bench_exec_run(const char *conninfo, double dur_s, bool json)
 		printf("\n## exec: SELECT name FROM users WHERE id = $1, one loop thread, %d "
 		       "connections\n\n",
 		       CONNS);
-		printf("| mode | in flight per conn | queries/s | x checkout path | p50 | p99 |\n");
-		printf("|---|---|---|---|---|---|\n");
+		printf("| mode | in flight per conn | queries/s | x checkout path | p50 | p99 | "
+		       "CPU us/stmt client | CPU us/stmt machine |\n");
+		printf("|---|---|---|---|---|---|---|---|\n");
 		for (int i = 0; i < nrows; i++) {
 			struct row *w = &rows[i];
 			if (w->qps < 0) {
-				printf("| %s | %d | %s | | | |\n", w->mode, w->depth, w->note);
+				printf("| %s | %d | %s | | | | | |\n", w->mode, w->depth, w->note);
 				continue;
 			}
-			char p50[24] = "-", p99[24] = "-";
+			char p50[24] = "-", p99[24] = "-", cc[24] = "-", cm[24] = "-";
 			if (w->p50_us >= 0) {
 				snprintf(p50, sizeof p50, "%.0f us", w->p50_us);
 				snprintf(p99, sizeof p99, "%.0f us", w->p99_us);
 			}
-			printf("| %s | %d | %.0f | %.2f | %s | %s |%s\n", w->mode, w->depth, w->qps,
-			       base > 0 ? w->qps / base : 0, p50, p99,
+			if (w->cpu_client_us >= 0)
+				snprintf(cc, sizeof cc, "%.1f", w->cpu_client_us);
+			if (w->cpu_machine_us >= 0)
+				snprintf(cm, sizeof cm, "%.1f", w->cpu_machine_us);
+			printf("| %s | %d | %.0f | %.2f | %s | %s | %s | %s |%s\n", w->mode,
+			       w->depth, w->qps, base > 0 ? w->qps / base : 0, p50, p99, cc, cm,
 			       w->errors ? " (with errors)" : "");
 		}
 		/* The targets, stated beside the numbers. */
-		double best = rows[5].qps, pgb = rows[nrows - 1].qps;
-		if (base > 0 && pgb > 0)
-			printf("\nloop_exec prepared, 16 in flight: %.2fx the checkout path, "
-			       "%.0f%% of "
-			       "pgbench -M prepared pipelined at 16\n",
-			       best / base, 100.0 * best / pgb);
+		printf("\n");
+		for (int i = 0; i < 3; i++) {
+			double mine = rows[at[i]].qps, pgb = rows[at[i] + 1].qps,
+			       ref = rows[at[i] + 2].qps;
+			printf(
+			    "loop_exec prepared, %d in flight: %.2fx the checkout path, %.0f%% of "
+			    "pgbench -M prepared pipelined, %.0f%% of libpq with a sync per "
+			    "statement\n",
+			    depths[i], base > 0 ? mine / base : 0, pgb > 0 ? 100.0 * mine / pgb : 0,
+			    ref > 0 ? 100.0 * mine / ref : 0);
+		}
 	}
 	for (int i = 0; i < nrows; i++) {
 		struct row *w = &rows[i];
-		printf(
-		    "{\"bench\":\"exec_lookup\",\"mode\":\"%s\",\"depth\":%d,\"conns\":%d,"
-		    "\"threads\":1,\"qps\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,\"errors\":%llu}\n",
-		    w->mode, w->depth, CONNS, w->qps, w->p50_us, w->p99_us,
-		    (unsigned long long)w->errors);
+		printf("{\"bench\":\"exec_lookup\",\"mode\":\"%s\",\"depth\":%d,\"conns\":%d,"
+		       "\"threads\":1,\"qps\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,"
+		       "\"cpu_client_us\":%.2f,\"cpu_machine_us\":%.2f,\"errors\":%llu}\n",
+		       w->mode, w->depth, CONNS, w->qps, w->p50_us, w->p99_us, w->cpu_client_us,
+		       w->cpu_machine_us, (unsigned long long)w->errors);
 	}
 	return 0;
 }

@@ -217,6 +217,10 @@ typedef struct pgr_config {
 	                                    manager checks the spread over hosts and moves an idle
 	                                    connection from the busiest host to one that has too
 	                                    few (reason rebalance); 0 = never; default 5000 */
+	uint32_t prepare_loop_query;     /* 1: pgr_loop_query goes through the connection's
+	                                    prepared-statement cache too (prepare_threshold,
+	                                    prepare_cache_size); 0 (default): it sends every text
+	                                    unnamed */
 } pgr_config;
 
 /*
@@ -629,8 +633,18 @@ typedef void (*pgr_loop_query_cb)(pgr_loop *loop, int err, PGresult *res, void *
  * deadline) passed: the query is then cancelled from a helper thread (PostgreSQL 15's cancel
  * blocks) and the connection is marked so that its release closes it instead of handing it out
  * with a query still running; -EIO when the connection failed (res may say why).
- * Returns 0, or a negative error with cb not called (-EBUSY, -EINVAL, -EIO if the send failed).
- * One query at a time per connection.
+ * Returns 0, or a negative error with cb not called (-EBUSY, -EINVAL, -EIO if the send failed,
+ * -ENOMEM). One query at a time per connection.
+ *
+ * With cfg.prepare_loop_query set, texts used often on the connection go through its
+ * prepared-statement cache, the one pgr_loop_exec uses (prepare_threshold, prepare_cache_size):
+ * prepared once, then executed by name, in pipeline mode for that statement. A stale plan
+ * (0A000, e.g. after ALTER TABLE) or a name the server no longer knows (26000, e.g. after the
+ * holder's DISCARD ALL) is prepared again and the query re-sent once, transparently, when the
+ * connection was outside a transaction block; inside one the error is the caller's (it aborted
+ * their transaction) and the text's next use prepares it again. That re-send needs text and
+ * parameters after the call: they are then copied into the loop's own record, a buffer kept for
+ * reuse (no allocation once it is large enough). reset_sql makes the cache forget.
  */
 PGR_API int pgr_loop_query(pgr_loop *loop, pgr_conn *conn, const char *sql, int nparams,
                            const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb,

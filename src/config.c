@@ -144,6 +144,8 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 		return reject(p, "max_overflow", "with max_size exceeds 4096 connections");
 	if (c->min_idle > c->max_size)
 		return reject(p, "min_idle", "must not exceed max_size");
+	if (c->prepare_loop_query > 1)
+		return reject(p, "prepare_loop_query", "must be 0 or 1");
 	if (c->max_capacity > PGR__MAX_CONNS)
 		return reject(p, "max_capacity",
 		              "must be at most 4096 (0 = max_size + max_overflow)");

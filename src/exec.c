@@ -15,9 +15,14 @@
  * only), waiting in the pool's FIFO when none is usable. What finds no connection waits in the
  * loop's queue, in arrival order, under its own deadline.
  *
- * Writes. libpq 15's PQpipelineSync writes what it can at once; the rest (a full socket buffer,
- * a DEALLOCATE queued while reading) is written when a NOP on the ring (one per loop, armed by
- * the first statement after the last write) completes at the caller's next submit, or when the
+ * Writes. A statement is not sent by pgr_loop_exec itself: it waits in the loop's queue until
+ * the end of the loop's turn, marked by a NOP on the ring (one per loop, armed by the first
+ * statement after the last write) that completes at the caller's next submit. Then everything
+ * queued is dispatched at once. libpq 15's PQpipelineSync writes to the socket on every call, and
+ * on loopback each write delivers at once and wakes the backend, which on a small machine takes
+ * the CPU from the loop: a connection given two or more statements in one turn is corked
+ * (TCP_CORK) from its second one to the end of the turn, so the backend is woken once per batch
+ * rather than once per statement. What a full socket buffer leaves in libpq is written when the
  * connection's poll reports it writable.
  *
  * Deadlines. One timer (IORING_OP_TIMEOUT, absolute) serves every deadline of the engine: the
@@ -38,12 +43,15 @@
  * pgr_loop_exec again.
  */
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 
 #include "exec.h"
 #include "pool.h"
@@ -93,12 +101,16 @@ struct xconn {
 	uint8_t cancel_sent;
 	uint8_t dirty; /* statements in libpq's buffer not written yet */
 	uint8_t in_step;
+	uint8_t tcp;    /* TCP_CORK applies */
+	uint8_t corked; /* until the end of the batch (end_batch) */
 	short events;
 	uint16_t gen;
 	uint16_t cqes; /* CQEs owed */
 	uint32_t fhead, fn;
 	uint32_t nlive, nabandoned;
 	uint32_t syncs_read;
+	uint32_t turn; /* the batch it was last sent a statement in */
+	uint32_t plan; /* end_batch: statements in flight once the queue is dispatched */
 	int retire_reason;
 	int64_t cancel_deadline_ns; /* C_CANCELLING: close it anyway then */
 	int64_t idle_since_ns;
@@ -119,6 +131,9 @@ struct pgr__exec {
 	uint32_t depth, fifo_cap;
 	uint8_t acquiring, delivering, dispatching, redo, destroying;
 	uint8_t flush_armed, want_flush;
+	uint8_t in_flush; /* end_batch runs: what is sent now is written now */
+	uint8_t in_cqe;   /* handling one of its CQEs: end_batch follows */
+	uint32_t turn;    /* counts batches */
 	uint8_t want_timer;
 	uint8_t timer_out; /* the one timer is in flight */
 	uint8_t timer_cancel_sent;
@@ -175,38 +190,8 @@ static void stmt_release(struct pgr__exec *x, struct xstmt *s)
  * larger than any before it on this record). */
 static int stmt_copy(struct xstmt *s, const char *sql, int nparams, const char *const *params)
 {
-	size_t need = (size_t)nparams * sizeof(char *);
-	size_t sl = strlen(sql) + 1;
-	need += sl;
-	for (int i = 0; i < nparams; i++)
-		if (params[i])
-			need += strlen(params[i]) + 1;
-	if (need > s->cap) {
-		size_t cap = need < 256 ? 256 : need;
-		char *b = realloc(s->buf, cap);
-		if (!b)
-			return -ENOMEM;
-		s->buf = b;
-		s->cap = cap;
-	}
-	const char **pv = (const char **)(void *)s->buf;
-	char *p = s->buf + (size_t)nparams * sizeof(char *);
-	memcpy(p, sql, sl);
-	s->sql = p;
-	p += sl;
-	for (int i = 0; i < nparams; i++) {
-		if (!params[i]) {
-			pv[i] = NULL;
-			continue;
-		}
-		size_t n = strlen(params[i]) + 1;
-		memcpy(p, params[i], n);
-		pv[i] = p;
-		p += n;
-	}
-	s->pv = nparams ? pv : NULL;
 	s->nparams = nparams;
-	return 0;
+	return pgr__stmt_copy(&s->buf, &s->cap, sql, nparams, params, &s->sql, &s->pv);
 }
 
 /* ---- the loop's queue (doubly linked, arrival order) ---- */
@@ -448,6 +433,14 @@ static void conn_kick(struct xconn *xc, int revents);
 static void dispatch(struct pgr__exec *x);
 static void fifo_fail(struct xconn *xc, int err);
 
+/* Hold the connection's writes in the kernel until uncorked, or let them go. */
+static void cork(struct xconn *xc, int on)
+{
+	int fd = PQsocket(xc->c->pg);
+	bool ok = fd >= 0 && setsockopt(fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(on)) == 0;
+	xc->corked = (uint8_t)(on && ok);
+}
+
 static void conn_free(struct xconn *xc)
 {
 	struct pgr__exec *x = xc->x;
@@ -464,6 +457,8 @@ static void conn_free(struct xconn *xc)
 /* Hand the connection to the manager to be closed (its poll is no longer in flight). */
 static void conn_retire_now(struct xconn *xc)
 {
+	if (xc->corked)
+		cork(xc, 0);
 	pgr__manager_push(xc->x->pool, xc->c, PGR__REQ_RETIRE, xc->retire_reason);
 	conn_free(xc);
 }
@@ -496,6 +491,8 @@ static void conn_release(struct xconn *xc)
 	PGconn *pg = c->pg;
 	if (xc->armed) /* cannot be: an idle connection has nothing to wait for */
 		return;
+	if (xc->corked) /* the next holder's writes must not wait for a turn that never ends */
+		cork(xc, 0);
 	if (PQpipelineStatus(pg) != PQ_PIPELINE_OFF && PQexitPipelineMode(pg) != 1) {
 		conn_retire(xc, PGR_CLOSE_ACTIVE_QUERY, false);
 		return;
@@ -602,6 +599,8 @@ static void head_done(struct xconn *xc)
 		s->retried = 1;
 		q_push(x, s, true); /* first in line: it is the oldest waiting */
 		x->redo = 1;
+		if (!x->in_cqe)
+			flush_need(x);
 		return;
 	}
 	answer(x, s, 0);
@@ -672,7 +671,8 @@ static void send_dealloc(struct xconn *xc, uint64_t name)
 	if (!PQsendQueryParams(pg, sql, 0, NULL, NULL, NULL, NULL, 0) || !PQpipelineSync(pg))
 		return; /* the next step sees the failure */
 	fifo_push(xc, XNONE);
-	flush_need(xc->x);
+	if (!xc->x->in_flush)
+		flush_need(xc->x);
 }
 
 /* Put s into xc's pipeline. False when libpq refused it (the connection failed). */
@@ -682,6 +682,11 @@ static bool send_stmt(struct xconn *xc, struct xstmt *s)
 	PGconn *pg = xc->c->pg;
 	uint64_t name = 0, evicted = 0;
 	bool prep = false;
+	/* Its second statement in this batch: hold the writes until the batch ends (end_batch). */
+	if (xc->turn != x->turn)
+		xc->turn = x->turn;
+	else if (xc->tcp && !xc->corked)
+		cork(xc, 1);
 	pgr__pcache_decide(xc->c, s->sql, &name, &prep, &evicted);
 	if (evicted)
 		send_dealloc(xc, evicted);
@@ -693,7 +698,8 @@ static bool send_stmt(struct xconn *xc, struct xstmt *s)
 	s->conn = (uint32_t)(xc - x->xc);
 	xc->nlive++;
 	fifo_push(xc, (uint32_t)(s - x->st));
-	flush_need(x);
+	if (!x->in_flush)
+		flush_need(x);
 	bool ok;
 	if (name) {
 		char nm[24];
@@ -863,6 +869,11 @@ static void on_acquire(pgr_loop *l, int err, pgr_conn *h, void *arg)
 	xc->state = C_READY;
 	xc->idle_since_ns = pgr__mono_ns();
 	xc->pq = (struct pgr__pq){.pg = c->pg, .sink = sink};
+	struct sockaddr_storage sa;
+	socklen_t salen = sizeof(sa);
+	int fd = PQsocket(c->pg);
+	xc->tcp = fd >= 0 && getsockname(fd, (struct sockaddr *)&sa, &salen) == 0 &&
+	          (sa.ss_family == AF_INET || sa.ss_family == AF_INET6);
 	x->nheld++;
 	if (PQsetnonblocking(c->pg, 1) != 0 || PQenterPipelineMode(c->pg) != 1) {
 		xc->retire_reason = PGR_CLOSE_BROKEN;
@@ -998,6 +1009,71 @@ static void tick(struct pgr__exec *x)
 	timer_need(x, next);
 }
 
+/*
+ * Which connections will get two statements or more from the queue (dispatch gives each to the
+ * least loaded one below the depth): cork those before their first one goes. Only for a few
+ * connections; with more, a connection is corked at its second statement (send_stmt).
+ */
+static void plan_corks(struct pgr__exec *x)
+{
+	struct xconn *use[16];
+	uint32_t n = 0;
+	if (x->q_len < 2)
+		return;
+	for (uint32_t i = 0; i < x->nxc; i++) {
+		struct xconn *xc = &x->xc[i];
+		if (!xc->c || xc->state != C_READY || xc->nabandoned)
+			continue;
+		if (n == 16)
+			return;
+		xc->plan = xc->nlive;
+		use[n++] = xc;
+	}
+	for (uint32_t k = 0; k < x->q_len; k++) {
+		struct xconn *best = NULL;
+		for (uint32_t i = 0; i < n; i++)
+			if (use[i]->plan < x->depth && (!best || use[i]->plan < best->plan))
+				best = use[i];
+		if (!best)
+			break;
+		best->plan++;
+	}
+	for (uint32_t i = 0; i < n; i++)
+		if (use[i]->tcp && !use[i]->corked && use[i]->plan >= use[i]->nlive + 2)
+			cork(use[i], 1);
+}
+
+/*
+ * The end of a batch: after each of the engine's CQEs (the callbacks it ran may have queued
+ * statements) and when the flush NOP completes (statements queued from outside them). Send
+ * everything queued, then let the writes go. A connection whose poll is armed for results needs
+ * no reading here: once libpq has written everything, nothing else is left for the step.
+ */
+static void end_batch(struct pgr__exec *x)
+{
+	x->turn++;
+	x->in_flush = 1;
+	if (!x->destroying && x->q_head != XNONE) {
+		plan_corks(x);
+		dispatch(x);
+	}
+	for (uint32_t i = 0; i < x->nxc; i++) {
+		struct xconn *xc = &x->xc[i];
+		if (!xc->c)
+			continue;
+		if (xc->corked)
+			cork(xc, 0);
+		if (!xc->dirty)
+			continue;
+		if (xc->armed && PQflush(xc->c->pg) == 0) {
+			xc->dirty = 0;
+			continue;
+		}
+		conn_kick(xc, 0);
+	}
+	x->in_flush = 0;
+}
+
 /* ==== entry points ==== */
 
 void pgr__exec_cqe(struct pgr__exec *x, uint64_t u, int res)
@@ -1007,6 +1083,7 @@ void pgr__exec_cqe(struct pgr__exec *x, uint64_t u, int res)
 	unsigned kind = u & 0xff;
 	uint32_t idx = (uint32_t)(u >> 8) & 0xffffff;
 	uint16_t gen = (uint16_t)(u >> 32);
+	x->in_cqe++;
 	switch (kind) {
 	case PGR__XK_TIMER:
 		x->aux_cqes--;
@@ -1015,12 +1092,9 @@ void pgr__exec_cqe(struct pgr__exec *x, uint64_t u, int res)
 		if (res != -ECANCELED)
 			tick(x);
 		break;
-	case PGR__XK_FLUSH:
+	case PGR__XK_FLUSH: /* end_batch below does the work */
 		x->aux_cqes--;
 		x->flush_armed = 0;
-		for (uint32_t i = 0; i < x->nxc; i++)
-			if (x->xc[i].c && x->xc[i].dirty)
-				conn_kick(&x->xc[i], 0);
 		break;
 	case PGR__XK_CANCEL:
 		if (idx < x->nxc)
@@ -1052,9 +1126,12 @@ void pgr__exec_cqe(struct pgr__exec *x, uint64_t u, int res)
 	default:
 		break;
 	}
-	if (!x->destroying)
-		dispatch(x);
-	deliver(x);
+	/* Answers first: their callbacks may queue statements, which go in this batch. */
+	do {
+		deliver(x);
+		end_batch(x);
+	} while (x->d_head != XNONE);
+	x->in_cqe--;
 }
 
 uint32_t pgr__exec_pending(const struct pgr__exec *x)
@@ -1134,6 +1211,7 @@ static struct pgr__exec *exec_create(pgr_loop *l)
 	x->free_head = 0;
 	x->q_head = x->q_tail = x->d_head = x->d_tail = XNONE;
 	x->timer_at = INT64_MAX;
+	x->turn = 1;
 	return x;
 }
 
@@ -1185,8 +1263,10 @@ int pgr_loop_exec(pgr_loop *l, const char *sql, int nparams, const char *const *
 	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(pgr__mono_ns(), pgr__ms_to_ns(timeout_ms));
 	q_push(x, s, false);
 	timer_need(x, s->deadline_ns);
-	dispatch(x);
-	deliver(x);
+	/* Sent at the end of the batch, with whatever else comes in it: when the engine's own
+	 * callback runs, at its end; otherwise when the flush NOP completes at the next submit. */
+	if (!x->in_cqe)
+		flush_need(x);
 	return 0;
 }
 

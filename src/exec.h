@@ -75,4 +75,27 @@ void pgr__pcache_name(uint64_t name_id, char *buf, size_t len);
  * type changed (0A000) or the name is unknown (26000, e.g. after DISCARD ALL by a holder). */
 bool pgr__pcache_retryable(const PGresult *r);
 
+/* What pgr__pcache_send put in the pipeline. */
+struct pgr__pcache_sent {
+	uint64_t name_id;    /* executed by this name; 0: unnamed */
+	uint8_t prepared;    /* a Prepare of name_id went first */
+	uint8_t nstmt;       /* statements in the pipeline, 0: none (sent unnamed, no pipeline) */
+	uint8_t first;       /* index of the statement's own first (Prepare or Execute) */
+	uint8_t extra_syncs; /* sync points before the statement's own (the DEALLOCATEs) */
+};
+/*
+ * Send sql on the idle, checked-out connection c through its cache (pgr_loop_query): below the
+ * threshold unnamed as usual; otherwise in pipeline mode, each DEALLOCATE (stale: a name to
+ * drop first, or 0; and what the cache evicts) in a group of its own so that its failure
+ * cannot abort the statement, then Prepare if due and Execute by name, then a sync point.
+ * Returns 0 (sent), or -1 when libpq refused (the connection is unusable: in pipeline mode
+ * with part of it queued).
+ */
+int pgr__pcache_send(struct pgr_conn *c, const char *sql, int nparams, const char *const *pv,
+                     uint64_t stale, struct pgr__pcache_sent *out);
+/* Copy a statement's text and parameters into *buf (grown only when it is larger than any
+ * before): 0 or -ENOMEM. */
+int pgr__stmt_copy(char **buf, size_t *cap, const char *sql, int nparams, const char *const *params,
+                   const char **sql_out, const char *const **pv_out);
+
 #endif

@@ -104,6 +104,17 @@ struct op {
 	struct pgr__pq pq;
 	PGresult *res;
 	PGresult *pres[PGR_PIPELINE_MAX]; /* pipeline: one result per statement */
+	/* pgr_loop_query through the prepared-statement cache (prepare_loop_query). */
+	uint64_t q_name;       /* executed by this name; 0: unnamed */
+	uint8_t q_prep;        /* its Prepare went first */
+	uint8_t q_prep_failed; /* and failed: the name does not exist */
+	uint8_t q_first;       /* pipeline index of the statement's first part */
+	uint8_t q_retry;       /* may be re-sent once (autocommit; text and parameters copied) */
+	int q_nparams;
+	const char *q_sql;       /* into q_buf */
+	const char *const *q_pv; /* into q_buf */
+	char *q_buf;             /* kept across uses of the record: no allocation once grown */
+	size_t q_cap;
 };
 
 struct pgr_loop {
@@ -149,8 +160,12 @@ static struct op *op_alloc(pgr_loop *l, int kind)
 	struct op *o = &l->ops[l->free_head];
 	l->free_head = o->next_free;
 	uint16_t gen = o->gen;
+	char *q_buf = o->q_buf;
+	size_t q_cap = o->q_cap;
 	memset(o, 0, sizeof(*o));
 	o->gen = gen;
+	o->q_buf = q_buf;
+	o->q_cap = q_cap;
 	o->kind = (uint8_t)kind;
 	o->next_bl = PGR__NONE;
 	o->t0_ns = pgr__mono_ns();
@@ -506,6 +521,16 @@ static void result_sink(struct pgr__pq *x, int stmt, PGresult *r)
 		PQclear(r);
 		return;
 	}
+	if (o->phase == PH_QUERY && o->q_name) {
+		/* The cache's pipeline: DEALLOCATEs (before q_first) are the pool's own; of the
+		 * Prepare only an error counts. */
+		if (stmt < o->q_first) {
+			PQclear(r);
+			return;
+		}
+		if (o->q_prep && stmt == o->q_first && is_error(r))
+			o->q_prep_failed = 1;
+	}
 	if (*slot && is_error(*slot)) {
 		PQclear(r);
 		return;
@@ -669,10 +694,61 @@ static void deliver_pipeline(pgr_loop *l, struct op *o, int err)
 	cb(l, err, res, n, arg);
 }
 
+static void query_sent(struct op *o, const struct pgr__pcache_sent *s)
+{
+	o->q_name = s->name_id;
+	o->q_prep = s->prepared;
+	o->q_prep_failed = 0;
+	o->q_first = s->first;
+}
+
+/*
+ * A statement executed by a cached name came back with a stale plan (0A000) or an unknown name
+ * (26000): forget the name, and when it ran in autocommit (its failure rolled back nothing else)
+ * send it again, prepared afresh, once, under the same deadline. In a transaction block the
+ * error goes to the caller, whose transaction it aborted; the text's next use prepares again.
+ */
+static bool query_retry(pgr_loop *l, struct op *o)
+{
+	struct pgr_conn *c = o->conn;
+	if (!o->q_name)
+		return false;
+	if (o->q_prep_failed) {
+		pgr__pcache_drop(c, o->q_name);
+		return false;
+	}
+	if (!pgr__pcache_retryable(o->res))
+		return false;
+	const char *ss = PQresultErrorField(o->res, PG_DIAG_SQLSTATE);
+	uint64_t stale = ss && strcmp(ss, "0A000") == 0 ? o->q_name : 0; /* still on the server */
+	pgr__pcache_drop(c, o->q_name);
+	if (!o->q_retry || PQtransactionStatus(c->pg) != PQTRANS_IDLE)
+		return false;
+	o->q_retry = 0;
+	PQclear(o->res);
+	o->res = NULL;
+	struct pgr__pcache_sent s;
+	if (pgr__pcache_send(c, o->q_sql, o->q_nparams, o->q_pv, stale, &s) != 0) {
+		atomic_store_explicit(&c->server_error, 1, memory_order_relaxed);
+		deliver_query(l, o, -EIO);
+		return true;
+	}
+	query_sent(o, &s);
+	o->pq = (struct pgr__pq){.pg = c->pg,
+	                         .sink = result_sink,
+	                         .pipeline = s.nstmt > 0,
+	                         .nstmt = s.nstmt,
+	                         .extra_syncs = s.extra_syncs};
+	drive(l, o, 0);
+	return true;
+}
+
 static void phase_done(pgr_loop *l, struct op *o, int err)
 {
 	switch (o->phase) {
 	case PH_QUERY:
+		if (!err && query_retry(l, o))
+			return;
 		deliver_query(l, o, err);
 		return;
 	case PH_PIPELINE:
@@ -827,7 +903,7 @@ static int user_call_begin(pgr_loop *l, pgr_conn *h, const char *what, struct pg
  * the phase under the caller's deadline (< 0: none). nstmt > 0: a pipeline of that many.
  */
 static void user_phase_start(pgr_loop *l, struct op *o, struct pgr_conn *c, int phase,
-                             int64_t timeout_ms, uint8_t nstmt)
+                             int64_t timeout_ms, uint8_t nstmt, uint8_t extra_syncs)
 {
 	atomic_store_explicit(&c->qbusy, 1, memory_order_relaxed);
 	o->conn = c;
@@ -835,8 +911,11 @@ static void user_phase_start(pgr_loop *l, struct op *o, struct pgr_conn *c, int 
 	o->deadline_ns =
 	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
 	o->phase_deadline_ns = o->deadline_ns;
-	o->pq = (struct pgr__pq){
-	    .pg = c->pg, .sink = result_sink, .pipeline = nstmt > 0, .nstmt = nstmt};
+	o->pq = (struct pgr__pq){.pg = c->pg,
+	                         .sink = result_sink,
+	                         .pipeline = nstmt > 0,
+	                         .nstmt = nstmt,
+	                         .extra_syncs = extra_syncs};
 	drive(l, o, 0);
 }
 
@@ -852,14 +931,42 @@ int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
 	struct op *o = op_alloc(l, OP_QUERY);
 	if (!o)
 		return -EBUSY;
-	if (PQsetnonblocking(c->pg, 1) != 0 ||
-	    !PQsendQueryParams(c->pg, sql, nparams, NULL, params, NULL, NULL, 0)) {
+	if (PQsetnonblocking(c->pg, 1) != 0) {
+		op_free(l, o);
+		return -EIO;
+	}
+	struct pgr__pcache_sent s = {0};
+	bool sent;
+	PGTransactionStatusType ts = PQtransactionStatus(c->pg);
+	if (l->pool->cfg.prepare_loop_query && l->pool->cfg.prepare_threshold >= 0 &&
+	    (ts == PQTRANS_IDLE || ts == PQTRANS_INTRANS)) {
+		/* In autocommit a stale plan is re-sent transparently, which needs the text and
+		 * parameters after the caller's have gone: copied into the record's own buffer. */
+		if (ts == PQTRANS_IDLE) {
+			if (pgr__stmt_copy(&o->q_buf, &o->q_cap, sql, nparams, params, &o->q_sql,
+			                   &o->q_pv)) {
+				op_free(l, o);
+				return -ENOMEM;
+			}
+			o->q_nparams = nparams;
+			o->q_retry = 1;
+			sql = o->q_sql;
+			params = o->q_pv;
+		}
+		sent = pgr__pcache_send(c, sql, nparams, params, 0, &s) == 0;
+		if (!sent && PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF)
+			atomic_store_explicit(&c->server_error, 1, memory_order_relaxed);
+		query_sent(o, &s);
+	} else {
+		sent = PQsendQueryParams(c->pg, sql, nparams, NULL, params, NULL, NULL, 0);
+	}
+	if (!sent) {
 		op_free(l, o);
 		return -EIO;
 	}
 	o->qcb = cb;
 	o->arg = arg;
-	user_phase_start(l, o, c, PH_QUERY, timeout_ms, 0);
+	user_phase_start(l, o, c, PH_QUERY, timeout_ms, s.nstmt, s.extra_syncs);
 	return 0;
 }
 
@@ -903,7 +1010,7 @@ int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, c
 	}
 	o->pcb = cb;
 	o->arg = arg;
-	user_phase_start(l, o, c, PH_PIPELINE, timeout_ms, (uint8_t)n);
+	user_phase_start(l, o, c, PH_PIPELINE, timeout_ms, (uint8_t)n, 0);
 	return 0;
 }
 
@@ -1086,6 +1193,8 @@ int pgr_loop_destroy(pgr_loop *l)
 	if (l->pending || xrc)
 		return -EBUSY;
 	atomic_fetch_sub_explicit(&l->pool->nloops, 1, memory_order_release);
+	for (uint32_t i = 0; i < l->nops; i++)
+		free(l->ops[i].q_buf);
 	free(l->ops);
 	free(l);
 	return 0;

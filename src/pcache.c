@@ -4,6 +4,7 @@
  * used how often on it, and which it holds prepared under which name. Owned by the slot's owner
  * like every other non-atomic field of the slot; freed with the libpq connection.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -194,4 +195,81 @@ bool pgr__pcache_retryable(const PGresult *r)
 	 * back, and the retry fails the same way.
 	 */
 	return ss && (strcmp(ss, "0A000") == 0 || strcmp(ss, "26000") == 0);
+}
+
+int pgr__pcache_send(struct pgr_conn *c, const char *sql, int nparams, const char *const *pv,
+                     uint64_t stale, struct pgr__pcache_sent *out)
+{
+	PGconn *pg = c->pg;
+	uint64_t name = 0, evicted = 0;
+	bool prep = false;
+	*out = (struct pgr__pcache_sent){0};
+	pgr__pcache_decide(c, sql, &name, &prep, &evicted);
+	if (!name && !stale && !evicted)
+		return PQsendQueryParams(pg, sql, nparams, NULL, pv, NULL, NULL, 0) ? 0 : -1;
+	if (PQenterPipelineMode(pg) != 1)
+		return -1;
+	char nm[24];
+	const uint64_t gone[2] = {stale, evicted};
+	for (int i = 0; i < 2; i++) {
+		if (!gone[i])
+			continue;
+		char q[48];
+		pgr__pcache_name(gone[i], nm, sizeof(nm));
+		snprintf(q, sizeof(q), "DEALLOCATE %s", nm);
+		if (!PQsendQueryParams(pg, q, 0, NULL, NULL, NULL, NULL, 0) || !PQpipelineSync(pg))
+			return -1;
+		out->nstmt++;
+		out->extra_syncs++;
+	}
+	out->first = out->nstmt;
+	if (name) {
+		pgr__pcache_name(name, nm, sizeof(nm));
+		if (prep && !PQsendPrepare(pg, nm, sql, nparams, NULL))
+			return -1;
+		out->nstmt += prep;
+		if (!PQsendQueryPrepared(pg, nm, nparams, pv, NULL, NULL, 0))
+			return -1;
+	} else if (!PQsendQueryParams(pg, sql, nparams, NULL, pv, NULL, NULL, 0)) {
+		return -1;
+	}
+	out->nstmt++;
+	out->name_id = name;
+	out->prepared = prep;
+	return PQpipelineSync(pg) ? 0 : -1;
+}
+
+int pgr__stmt_copy(char **buf, size_t *cap, const char *sql, int nparams, const char *const *params,
+                   const char **sql_out, const char *const **pv_out)
+{
+	size_t sl = strlen(sql) + 1;
+	size_t need = (size_t)nparams * sizeof(char *) + sl;
+	for (int i = 0; i < nparams; i++)
+		if (params[i])
+			need += strlen(params[i]) + 1;
+	if (need > *cap) {
+		size_t n = need < 256 ? 256 : need;
+		char *b = realloc(*buf, n);
+		if (!b)
+			return -ENOMEM;
+		*buf = b;
+		*cap = n;
+	}
+	const char **pv = (const char **)(void *)*buf;
+	char *p = *buf + (size_t)nparams * sizeof(char *);
+	memcpy(p, sql, sl);
+	*sql_out = p;
+	p += sl;
+	for (int i = 0; i < nparams; i++) {
+		if (!params[i]) {
+			pv[i] = NULL;
+			continue;
+		}
+		size_t n = strlen(params[i]) + 1;
+		memcpy(p, params[i], n);
+		pv[i] = p;
+		p += n;
+	}
+	*pv_out = nparams ? pv : NULL;
+	return 0;
 }

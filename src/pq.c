@@ -48,8 +48,12 @@ static enum pgr__pq_want read_results(struct pgr__pq *x)
 				continue;
 			}
 			if (x->pipeline && PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
-				/* The sync is not followed by NULL: it ends the pipeline. */
 				PQclear(r);
+				if (x->extra_syncs) {
+					x->extra_syncs--; /* the end of a group; more follow */
+					continue;
+				}
+				/* The last sync is not followed by NULL: it ends the pipeline. */
 				bool ok = x->stmt == x->nstmt && PQexitPipelineMode(pg) == 1;
 				return ok ? PGR__PQ_DONE : PGR__PQ_ERROR;
 			}

@@ -31,10 +31,12 @@ struct pgr__pq {
 	/* Receives every result (and owns it). stmt: the statement it belongs to (0 outside a
 	 * pipeline). */
 	void (*sink)(struct pgr__pq *x, int stmt, PGresult *r);
-	uint8_t pipeline; /* results end with PGRES_PIPELINE_SYNC, then pipeline mode is left */
-	uint8_t nstmt;    /* pipeline: statements sent */
-	uint8_t stmt;     /* pipeline: the statement whose results are being read */
-	uint32_t syncs;   /* stream mode: sync points sent and not read yet */
+	uint8_t pipeline;    /* results end with PGRES_PIPELINE_SYNC, then pipeline mode is left */
+	uint8_t nstmt;       /* pipeline: statements sent */
+	uint8_t stmt;        /* pipeline: the statement whose results are being read */
+	uint8_t extra_syncs; /* pipeline: sync points before the last one (each ends a group of
+	                        statements that an error in another group must not abort) */
+	uint32_t syncs;      /* stream mode: sync points sent and not read yet */
 };
 
 /* Send one statement (no parameters: ping "", ROLLBACK, reset_sql) the nonblocking way. */

@@ -298,3 +298,10 @@ Test(config, replica_fields_rejected_when_negative_or_inconsistent, .timeout = 1
 	c.rebalance_interval_ms = -5;
 	expect_rejected(&c, "rebalance_interval_ms");
 }
+
+Test(config, prepare_loop_query_other_than_zero_or_one_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	c.prepare_loop_query = 2;
+	expect_rejected(&c, "prepare_loop_query");
+}

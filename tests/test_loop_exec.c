@@ -145,6 +145,54 @@ Test(loop_exec, results_come_back_in_the_order_sent_on_one_connection, .timeout 
 	env_fini(&e);
 }
 
+/* Statements sent together are corked until their batch ends: none may wait for the kernel's
+ * own flush of a corked socket (200 ms), in batches issued from outside the engine's callbacks
+ * or from inside them. */
+struct chain {
+	int issued, done, bad;
+};
+
+static void on_chain(pgr_loop *l, int err, PGresult *r, void *arg)
+{
+	struct chain *c = arg;
+	c->done++;
+	if (err || PQresultStatus(r) != PGRES_TUPLES_OK)
+		c->bad++;
+	PQclear(r);
+	if (c->issued < 400) {
+		c->issued++;
+		cr_assert_eq(pgr_loop_exec(l, "select 1", 0, NULL, 10000, on_chain, c), 0);
+	}
+}
+
+Test(loop_exec, statements_sent_together_are_never_held_back_in_the_socket, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_cork", one_conn);
+	struct chain c = {.issued = 400}; /* the rounds: callbacks send nothing more */
+	int64_t t0 = tu_now_ms();
+	for (int round = 0; round < 10; round++) {
+		int goal = c.done + 8;
+		for (int i = 0; i < 8; i++)
+			cr_assert_eq(
+			    pgr_loop_exec(e.loop, "select 1", 0, NULL, 10000, on_chain, &c), 0);
+		while (c.done < goal)
+			turn(&e);
+	}
+	/* Then a chain: every answer's callback sends the next, eight in flight. */
+	c.issued = 8;
+	c.done = 0;
+	for (int i = 0; i < 8; i++)
+		cr_assert_eq(pgr_loop_exec(e.loop, "select 1", 0, NULL, 10000, on_chain, &c), 0);
+	while (c.done < 400)
+		turn(&e);
+	int64_t ms = tu_now_ms() - t0;
+	cr_assert_eq(c.bad, 0);
+	/* 480 statements; a batch held for 200 ms each time would take many seconds. */
+	cr_assert_lt(ms, 3000, "480 short statements took %lld ms", (long long)ms);
+	env_fini(&e);
+}
+
 Test(loop_exec, an_error_fails_only_its_own_statement_in_the_pipeline, .timeout = 30)
 {
 	struct env e;
@@ -471,6 +519,175 @@ Test(loop_exec, cache_survives_a_discard_by_a_holder_and_a_reset, .timeout = 30)
 		cr_assert_lt(tu_now_ms(), dl + 5000);
 		turn(&e);
 	}
+	cr_assert_eq(pgr_loop_release(e.loop, h), 0);
+	env_fini(&e);
+}
+
+/* ---- the cache through pgr_loop_query on a checked-out connection ---- */
+
+static void on_acq(pgr_loop *l, int err, pgr_conn *h, void *arg)
+{
+	(void)l;
+	cr_assert_eq(err, 0, "acquire: %s", pgr_strerror(err));
+	*(pgr_conn **)arg = h;
+}
+
+static pgr_conn *acquire1(struct env *e)
+{
+	pgr_conn *h = NULL;
+	cr_assert_eq(pgr_loop_acquire(e->loop, 5000, on_acq, &h), 0);
+	int64_t dl = tu_now_ms() + 5000;
+	while (!h) {
+		cr_assert_lt(tu_now_ms(), dl, "no connection");
+		turn(e);
+	}
+	return h;
+}
+
+static void q1(struct env *e, pgr_conn *h, const char *sql, const char *p1, struct res *r)
+{
+	const char *pv[1] = {p1};
+	memset(r, 0, sizeof(*r));
+	int rc = pgr_loop_query(e->loop, h, sql, p1 ? 1 : 0, p1 ? pv : NULL, 5000, on_res, r);
+	cr_assert_eq(rc, 0, "pgr_loop_query(%s): %s", sql, pgr_strerror(rc));
+	wait_all(e, r, 1, 5000);
+}
+
+static bool q_prepared(struct env *e, pgr_conn *h, const char *text)
+{
+	struct res r;
+	q1(e, h, "select count(*) from pg_prepared_statements where statement = $1", text, &r);
+	cr_assert_eq(r.err, 0);
+	cr_assert_eq(r.st, PGRES_TUPLES_OK, "%s", r.sqlstate);
+	return atoi(r.val) > 0;
+}
+
+static void q_ok(struct env *e, pgr_conn *h, const char *sql, const char *p1, int ncols)
+{
+	struct res r;
+	q1(e, h, sql, p1, &r);
+	cr_assert_eq(r.err, 0, "%s: %s", sql, pgr_strerror(r.err));
+	cr_assert(r.st == PGRES_TUPLES_OK || r.st == PGRES_COMMAND_OK, "%s: %s %s", sql,
+	          PQresStatus(r.st), r.sqlstate);
+	if (ncols >= 0)
+		cr_assert_eq(r.ncols, ncols, "%s: %d columns", sql, r.ncols);
+}
+
+static void q_prep2(pgr_config *cfg)
+{
+	cfg->max_size = 1;
+	cfg->prepare_threshold = 2;
+	cfg->prepare_loop_query = 1;
+}
+
+Test(loop_exec, loop_query_prepares_a_text_after_threshold_uses_when_enabled, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_qthr", q_prep2);
+	pgr_conn *h = acquire1(&e);
+	const char *t = "select $1::int + 50";
+	q_ok(&e, h, t, "1", 1);
+	q_ok(&e, h, t, "2", 1);
+	cr_assert_not(q_prepared(&e, h, t), "prepared before its threshold");
+	q_ok(&e, h, t, "3", 1);
+	cr_assert(q_prepared(&e, h, t), "not prepared at use threshold + 1");
+	struct res r;
+	q1(&e, h, t, "4", &r); /* executed by name */
+	cr_assert_str_eq(r.val, "54");
+	cr_assert_eq(pgr_loop_release(e.loop, h), 0);
+	env_fini(&e);
+}
+
+static void q_off(pgr_config *cfg)
+{
+	cfg->max_size = 1;
+	cfg->prepare_threshold = 0;
+}
+
+Test(loop_exec, loop_query_never_prepares_unless_enabled, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_qoff", q_off);
+	pgr_conn *h = acquire1(&e);
+	for (int i = 0; i < 5; i++)
+		q_ok(&e, h, "select $1::int + 51", "1", 1);
+	cr_assert_not(q_prepared(&e, h, "select $1::int + 51"));
+	cr_assert_eq(pgr_loop_release(e.loop, h), 0);
+	env_fini(&e);
+}
+
+static void q_at_once(pgr_config *cfg)
+{
+	cfg->max_size = 1;
+	cfg->prepare_threshold = 0;
+	cfg->prepare_loop_query = 1;
+	cfg->prepare_cache_size = 4;
+}
+
+Test(loop_exec, loop_query_re_prepares_after_alter_table_and_a_discard, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_q0a000", q_at_once);
+	pgr_conn *h = acquire1(&e);
+	q_ok(&e, h, "drop table if exists pgr_exec_qalter", NULL, -1);
+	q_ok(&e, h, "create table pgr_exec_qalter (a int)", NULL, -1);
+	q_ok(&e, h, "insert into pgr_exec_qalter values (1)", NULL, -1);
+	const char *t = "select * from pgr_exec_qalter";
+	q_ok(&e, h, t, NULL, 1);
+	cr_assert(q_prepared(&e, h, t));
+	/* Autocommit: the stale plan (0A000) is prepared again and the statement re-sent. */
+	q_ok(&e, h, "alter table pgr_exec_qalter add column b int default 7", NULL, -1);
+	q_ok(&e, h, t, NULL, 2);
+	/* Inside a transaction block the 0A000 aborted the caller's transaction: it is theirs. */
+	q_ok(&e, h, "alter table pgr_exec_qalter add column c int", NULL, -1);
+	q_ok(&e, h, "begin", NULL, -1);
+	struct res r;
+	q1(&e, h, t, NULL, &r);
+	cr_assert_eq(r.err, 0);
+	cr_assert_eq(r.st, PGRES_FATAL_ERROR, "re-sent inside a transaction block");
+	cr_assert_str_eq(r.sqlstate, "0A000");
+	q_ok(&e, h, "rollback", NULL, -1);
+	q_ok(&e, h, t, NULL, 3); /* prepared afresh at its next use */
+	/* The holder drops every statement behind the cache's back: 26000, prepared again. */
+	q_ok(&e, h, "deallocate all", NULL, -1);
+	q_ok(&e, h, t, NULL, 3);
+	/* Evicted names are deallocated even when the text is executed unnamed meanwhile. */
+	for (int i = 0; i < 6; i++) {
+		char sql[64];
+		snprintf(sql, sizeof(sql), "select $1::int + %d", 60 + i);
+		q_ok(&e, h, sql, "1", 1);
+	}
+	struct res n;
+	q1(&e, h, "select count(*) from pg_prepared_statements", NULL, &n);
+	cr_assert_leq(atoi(n.val), 4, "%s statements prepared with a cache of 4", n.val);
+	q_ok(&e, h, "drop table pgr_exec_qalter", NULL, -1);
+	cr_assert_eq(pgr_loop_release(e.loop, h), 0);
+	env_fini(&e);
+}
+
+static void q_reset(pgr_config *cfg)
+{
+	cfg->max_size = 1;
+	cfg->prepare_threshold = 0;
+	cfg->prepare_loop_query = 1;
+	cfg->reset_sql = "DISCARD ALL";
+}
+
+Test(loop_exec, loop_query_cache_forgets_what_reset_sql_dropped, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_qreset", q_reset);
+	pgr_conn *h = acquire1(&e);
+	const char *t = "select $1::int + 70";
+	q_ok(&e, h, t, "1", 1);
+	cr_assert(q_prepared(&e, h, t));
+	cr_assert_eq(pgr_loop_release(e.loop, h), 0); /* DISCARD ALL on the loop's ring */
+	h = acquire1(&e);
+	cr_assert_not(q_prepared(&e, h, t), "reset_sql did not run");
+	/* Had the cache not forgotten, this would be a 26000 (retried unseen): the server log
+	 * would show it; what the caller sees is that the text is prepared again at once. */
+	q_ok(&e, h, t, "2", 1);
+	cr_assert(q_prepared(&e, h, t), "the cache did not prepare the text again");
 	cr_assert_eq(pgr_loop_release(e.loop, h), 0);
 	env_fini(&e);
 }
