@@ -59,6 +59,7 @@ static void config_defaults(pgr_config *cfg)
 	cfg->exec_max_pending = 256;
 	cfg->exec_max_conns = 4;
 	cfg->exec_idle_release_ms = 1000;
+	cfg->exec_sync_group = 1;
 	cfg->prepare_threshold = 5;
 	cfg->prepare_cache_size = 64;
 	cfg->max_replica_lag_ms = 0;
@@ -136,6 +137,9 @@ int pgr__config_validate(pgr_pool *p, const pgr_config *c)
 		return reject(p, "exec_max_conns", "must be at most 4096 (0 = default 4)");
 	if (c->exec_idle_release_ms < 0)
 		return reject(p, "exec_idle_release_ms", "must not be negative");
+	if (c->exec_sync_group > 1024)
+		return reject(p, "exec_sync_group",
+		              "must be at most 1024 (0 or 1 = a sync point per statement)");
 	if (c->prepare_threshold < -1)
 		return reject(p, "prepare_threshold", "must be -1 (never), 0 (always) or a count");
 	if (c->prepare_cache_size > 4096)

@@ -288,6 +288,13 @@ void pgr__exec_dispatch(struct pgr__exec *x)
 				pgr__xconn_fail(xc);
 		}
 	} while (x->redo);
+	/* A group spans one dispatch at most: what was sent now is answered without waiting for
+	 * statements that may never come. */
+	for (uint32_t i = 0; i < x->nxc; i++) {
+		struct xconn *xc = &x->xc[i];
+		if (xc->c && xc->gopen && !pgr__xconn_close_group(xc))
+			pgr__xconn_fail(xc);
+	}
 	x->dispatching = 0;
 }
 
@@ -485,14 +492,10 @@ uint32_t pgr__exec_pending(const struct pgr__exec *x)
 	return n;
 }
 
-/* Refuse what breaks the autocommit rule where the text shows it (its first keyword). */
-static const char *refused_keyword(const char *sql)
+/* The statement's first keyword (after blanks, comments and opening parentheses); *n: its
+ * length, 0 when the text starts with no word. */
+static const char *first_keyword(const char *sql, size_t *n)
 {
-	static const char *const kw[] = {
-	    "BEGIN",   "START",   "COMMIT", "END",   "ROLLBACK", "ABORT",      "SAVEPOINT",
-	    "RELEASE", "PREPARE", "SET",    "RESET", "DISCARD",  "LISTEN",     "UNLISTEN",
-	    "DECLARE", "FETCH",   "MOVE",   "CLOSE", "COPY",     "DEALLOCATE", "LOCK",
-	};
 	const char *p = sql;
 	for (;;) {
 		while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == '(')
@@ -507,13 +510,44 @@ static const char *refused_keyword(const char *sql)
 			break;
 		}
 	}
-	size_t n = 0;
-	while ((p[n] >= 'a' && p[n] <= 'z') || (p[n] >= 'A' && p[n] <= 'Z'))
-		n++;
-	for (size_t i = 0; i < sizeof(kw) / sizeof(kw[0]); i++)
+	size_t k = 0;
+	while ((p[k] >= 'a' && p[k] <= 'z') || (p[k] >= 'A' && p[k] <= 'Z'))
+		k++;
+	*n = k;
+	return p;
+}
+
+static const char *keyword_in(const char *p, size_t n, const char *const *kw, size_t nkw)
+{
+	for (size_t i = 0; i < nkw; i++)
 		if (strlen(kw[i]) == n && strncasecmp(p, kw[i], n) == 0)
 			return kw[i];
 	return NULL;
+}
+
+/* Refuse what breaks the autocommit rule where the text shows it (its first keyword). */
+static const char *refused_keyword(const char *p, size_t n)
+{
+	static const char *const kw[] = {
+	    "BEGIN",   "START",   "COMMIT", "END",   "ROLLBACK", "ABORT",      "SAVEPOINT",
+	    "RELEASE", "PREPARE", "SET",    "RESET", "DISCARD",  "LISTEN",     "UNLISTEN",
+	    "DECLARE", "FETCH",   "MOVE",   "CLOSE", "COPY",     "DEALLOCATE", "LOCK",
+	};
+	return keyword_in(p, n, kw, sizeof(kw) / sizeof(kw[0]));
+}
+
+/*
+ * Whether a statement may share a sync point with others (exec_sync_group): only plain DML and
+ * queries. Everything else is sent with a sync point of its own, which keeps out what cannot run
+ * in a transaction block (VACUUM, CREATE DATABASE, CREATE INDEX CONCURRENTLY, ALTER SYSTEM, a
+ * CALL that commits) without a list of them that would always be incomplete.
+ */
+static bool groupable_keyword(const char *p, size_t n)
+{
+	static const char *const kw[] = {
+	    "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "VALUES", "TABLE",
+	};
+	return keyword_in(p, n, kw, sizeof(kw) / sizeof(kw[0])) != NULL;
 }
 
 static struct pgr__exec *exec_create(pgr_loop *l)
@@ -527,6 +561,7 @@ static struct pgr__exec *exec_create(pgr_loop *l)
 	x->pool = p;
 	x->ring = pgr__loop_ring(l);
 	x->depth = cfg->exec_pipeline_depth ? cfg->exec_pipeline_depth : 16;
+	x->group = cfg->exec_sync_group ? cfg->exec_sync_group : 1;
 	/* Room for depth statements, a DEALLOCATE each, and the re-send of a stale one. */
 	x->fifo_cap = 2 * x->depth + 2;
 	x->nst = cfg->exec_max_pending ? cfg->exec_max_pending : 256;
@@ -579,7 +614,9 @@ int pgr_loop_exec(pgr_loop *l, const char *sql, int nparams, const char *const *
 		return rc;
 	if (pgr__loop_destroying(l) || atomic_load_explicit(&p->closing, memory_order_relaxed))
 		return -ESHUTDOWN;
-	const char *kw = refused_keyword(sql);
+	size_t kwlen;
+	const char *kwp = first_keyword(sql, &kwlen);
+	const char *kw = refused_keyword(kwp, kwlen);
 	if (kw)
 		return pgr__misuse(
 		    p, PGR__NONE, -EINVAL,
@@ -600,6 +637,7 @@ int pgr_loop_exec(pgr_loop *l, const char *sql, int nparams, const char *const *
 	}
 	s->cb = cb;
 	s->arg = arg;
+	s->groupable = groupable_keyword(kwp, kwlen);
 	s->deadline_ns =
 	    timeout_ms < 0 ? INT64_MAX : pgr__sat_add(pgr__mono_ns(), pgr__ms_to_ns(timeout_ms));
 	pgr__exec_q_push(x, s, false);

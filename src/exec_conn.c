@@ -202,6 +202,8 @@ static void fifo_fail(struct xconn *xc, int err)
 		pgr__exec_answer(x, s, err);
 	}
 	xc->pq.syncs = 0;
+	xc->gopen = xc->gcur = 0;
+	xc->gerr = XNONE;
 }
 
 /* The connection failed: exactly what was sent on it is answered -EIO. */
@@ -224,27 +226,37 @@ static void note_server_error(struct pgr_conn *c, const PGresult *r)
 
 static void send_dealloc(struct xconn *xc, uint64_t name);
 
-/* The sync point of the statement at the head of the FIFO was read. */
-static void head_done(struct xconn *xc)
+static inline uint32_t fifo_at(const struct xconn *xc, uint32_t k)
+{
+	return xc->fifo[(xc->fhead + k) % xc->x->fifo_cap];
+}
+
+/* Whether a sync point follows the FIFO's entry k (a DEALLOCATE always has its own). */
+static bool ends_group(const struct xconn *xc, uint32_t k)
+{
+	uint32_t si = fifo_at(xc, k);
+	return si == XNONE || xc->x->st[si].sync_end;
+}
+
+/*
+ * Errors that grouping itself can cause, never the statement's own doing alone: a deadlock
+ * (the group holds every lock it took until its sync point) and a serialization failure (under
+ * default_transaction_isolation above read committed the group shares one snapshot). The whole
+ * group runs again, one statement per sync point, as it would have without grouping.
+ */
+static bool group_caused(const PGresult *r)
+{
+	const char *ss = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+	return ss && (strcmp(ss, "40P01") == 0 || strcmp(ss, "40001") == 0);
+}
+
+/*
+ * A statement whose result is final: answered, or re-sent once when its prepared statement was
+ * stale or unknown. True when it goes back to the queue (the caller puts it there).
+ */
+static bool stmt_finish(struct xconn *xc, struct xstmt *s)
 {
 	struct pgr__exec *x = xc->x;
-	uint32_t si = xc->fifo[xc->fhead];
-	xc->fhead = (xc->fhead + 1) % x->fifo_cap;
-	xc->fn--;
-	xc->syncs_read++;
-	if (si == XNONE)
-		return;
-	struct xstmt *s = &x->st[si];
-	s->in_fifo = 0;
-	if (s->abandoned) {
-		xc->nabandoned--;
-		pgr__exec_stmt_release(x, s);
-		return;
-	}
-	xc->nlive--;
-	if (s->name_id && s->prep_failed)
-		pgr__pcache_drop(xc->c,
-		                 s->name_id); /* the Prepare failed: the name does not exist */
 	if (s->name_id && !s->retried && !s->prep_failed && pgr__pcache_retryable(s->res)) {
 		const char *ss = PQresultErrorField(s->res, PG_DIAG_SQLSTATE);
 		bool exists = ss && strcmp(ss, "0A000") == 0;
@@ -254,37 +266,123 @@ static void head_done(struct xconn *xc)
 		PQclear(s->res);
 		s->res = NULL;
 		s->retried = 1;
-		pgr__exec_q_push(x, s, true); /* first in line: it is the oldest waiting */
+		return true;
+	}
+	pgr__exec_answer(x, s, 0);
+	return false;
+}
+
+/*
+ * The sync point of the group at the head of the FIFO was read: its statements are final. A
+ * group of one (grouping off, a statement sent alone, a DEALLOCATE) is answered as it is. A
+ * larger group ran in one implicit transaction: when every statement succeeded it committed and
+ * all are answered, in order; when one failed, the server rolled back those before it and
+ * aborted those after it, so none of them took effect: that one is answered with its error and
+ * every other goes back to the front of the queue, in order, to run again with a sync point of
+ * its own and the rest of its deadline.
+ */
+static void group_done(struct xconn *xc)
+{
+	struct pgr__exec *x = xc->x;
+	uint32_t n = 0;
+	while (n < xc->fn && !ends_group(xc, n++))
+		;
+	bool failed = n > 1 && xc->gerr != XNONE;
+	uint32_t culprit = xc->gerr;
+	if (failed && culprit < n) {
+		uint32_t si = fifo_at(xc, culprit);
+		if (si != XNONE && !x->st[si].abandoned && group_caused(x->st[si].res))
+			culprit = XNONE; /* nobody's own error: all run again */
+	}
+	xc->gcur = 0;
+	xc->gerr = XNONE;
+	xc->syncs_read++;
+	bool requeue = false;
+	for (uint32_t k = 0; k < n; k++) {
+		uint32_t si = fifo_at(xc, k);
+		if (si == XNONE)
+			continue;
+		struct xstmt *s = &x->st[si];
+		s->in_fifo = 0;
+		s->requeue = 0;
+		if (s->abandoned) {
+			xc->nabandoned--;
+			pgr__exec_stmt_release(x, s);
+			continue;
+		}
+		xc->nlive--;
+		if (s->name_id &&
+		    s->prep_failed) /* its Prepare failed or was aborted: no such name */
+			pgr__pcache_drop(xc->c, s->name_id);
+		if (failed && k != culprit) {
+			PQclear(s->res);
+			s->res = NULL;
+			s->solo = 1;
+			s->requeue = 1;
+		} else {
+			s->requeue = stmt_finish(xc, s);
+		}
+		requeue |= s->requeue;
+	}
+	/* Back to the front of the queue in their order: they are the oldest waiting. */
+	for (uint32_t k = n; requeue && k-- > 0;) {
+		uint32_t si = fifo_at(xc, k);
+		if (si != XNONE && x->st[si].requeue) {
+			x->st[si].requeue = 0;
+			pgr__exec_q_push(x, &x->st[si], true);
+		}
+	}
+	xc->fhead = (xc->fhead + n) % x->fifo_cap;
+	xc->fn -= n;
+	if (requeue) {
 		x->redo = 1;
 		if (!x->in_cqe)
 			pgr__exec_flush_need(x);
-		return;
 	}
-	pgr__exec_answer(x, s, 0);
 }
 
 static void sink(struct pgr__pq *pq, int stmt, PGresult *r)
 {
+	(void)stmt;
 	struct xconn *xc = (struct xconn *)((char *)pq - offsetof(struct xconn, pq));
 	struct pgr__exec *x = xc->x;
 	if (!xc->fn) {
 		PQclear(r);
 		return;
 	}
-	uint32_t si = xc->fifo[xc->fhead];
+	if (r && PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+		PQclear(r);
+		group_done(xc);
+		return;
+	}
+	/*
+	 * Results go to the statement at gcur, the first of the head group whose results have not
+	 * ended. Once every one has ended, what comes before the sync point (an error raised at
+	 * commit, e.g. by a deferred constraint) belongs to the group as a whole: to its last
+	 * statement, and to none of them alone when there are several (gerr past them all).
+	 */
+	uint32_t at = xc->gcur;
+	bool tail = at > 0 && ends_group(xc, at - 1);
+	if (tail)
+		at--;
+	else if (at >= xc->fn) {
+		PQclear(r); /* cannot be: more results than statements sent */
+		return;
+	}
+	uint32_t si = fifo_at(xc, at);
 	struct xstmt *s = si == XNONE ? NULL : &x->st[si];
 	if (!r) {
-		if (s && stmt < 0)
-			s->groups_seen++;
+		/* One query's results ended: its Prepare's, or its own (then the next one's come).
+		 */
+		if (!tail && (!s || ++s->groups_seen > s->prep_groups))
+			xc->gcur++;
 		return;
 	}
-	if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
-		PQclear(r);
-		head_done(xc);
-		return;
-	}
-	if (is_error(r))
+	if (is_error(r)) {
 		note_server_error(xc->c, r);
+		if (xc->gerr == XNONE)
+			xc->gerr = tail ? xc->gcur : at;
+	}
 	if (!s || s->abandoned) {
 		PQclear(r);
 		return;
@@ -294,8 +392,9 @@ static void sink(struct pgr__pq *pq, int stmt, PGresult *r)
 		return;
 	}
 	if (s->groups_seen < s->prep_groups) {
-		/* The Prepare sent with it: only its error matters. */
-		if (is_error(r)) {
+		/* The Prepare sent with it: only its failure matters (an aborted one did not run).
+		 */
+		if (is_error(r) || PQresultStatus(r) == PGRES_PIPELINE_ABORTED) {
 			s->prep_failed = 1;
 			PQclear(s->res);
 			s->res = r;
@@ -313,14 +412,27 @@ static void fifo_push(struct xconn *xc, uint32_t si)
 	struct pgr__exec *x = xc->x;
 	xc->fifo[(xc->fhead + xc->fn) % x->fifo_cap] = si;
 	xc->fn++;
-	xc->pq.syncs++;
 	xc->dirty = 1;
+}
+
+bool pgr__xconn_close_group(struct xconn *xc)
+{
+	if (!xc->gopen)
+		return true;
+	/* The open group's statements are the FIFO's last gopen entries, none a DEALLOCATE. */
+	xc->x->st[fifo_at(xc, xc->fn - 1)].sync_end = 1;
+	xc->gopen = 0;
+	xc->pq.syncs++;
+	return PQpipelineSync(xc->c->pg) == 1;
 }
 
 static void send_dealloc(struct xconn *xc, uint64_t name)
 {
 	if (xc->fn + 1 > xc->x->fifo_cap)
 		return; /* no room: the name stays until the connection closes */
+	/* In a group of its own: its failure must not abort a statement. */
+	if (!pgr__xconn_close_group(xc))
+		return; /* the next step sees the failure */
 	char sql[48], nm[24];
 	pgr__pcache_name(name, nm, sizeof(nm));
 	snprintf(sql, sizeof(sql), "DEALLOCATE %s", nm);
@@ -328,6 +440,7 @@ static void send_dealloc(struct xconn *xc, uint64_t name)
 	if (!PQsendQueryParams(pg, sql, 0, NULL, NULL, NULL, NULL, 0) || !PQpipelineSync(pg))
 		return; /* the next step sees the failure */
 	fifo_push(xc, XNONE);
+	xc->pq.syncs++;
 	if (!xc->x->in_flush)
 		pgr__exec_flush_need(xc->x);
 }
@@ -339,14 +452,20 @@ bool pgr__xconn_send(struct xconn *xc, struct xstmt *s)
 	PGconn *pg = xc->c->pg;
 	uint64_t name = 0, evicted = 0;
 	bool prep = false;
+	/* Shares a sync point with the statements sent after it (exec_sync_group), or has its own
+	 * and ends the open group first. */
+	bool grouped = x->group > 1 && s->groupable && !s->solo;
 	/* Its second statement in this batch: hold the writes until the batch ends (end_batch). */
 	if (xc->turn != x->turn)
 		xc->turn = x->turn;
 	else if (xc->tcp && !xc->corked)
 		pgr__xconn_cork(xc, 1);
+	if (!grouped && !pgr__xconn_close_group(xc))
+		return false;
 	pgr__pcache_decide(xc->c, s->sql, &name, &prep, &evicted);
 	if (evicted)
 		send_dealloc(xc, evicted);
+	s->sync_end = 0;
 	s->name_id = name;
 	s->prep_groups = prep ? 1 : 0;
 	s->groups_seen = 0;
@@ -366,7 +485,10 @@ bool pgr__xconn_send(struct xconn *xc, struct xstmt *s)
 	} else {
 		ok = PQsendQueryParams(pg, s->sql, s->nparams, NULL, s->pv, NULL, NULL, 0);
 	}
-	return ok && PQpipelineSync(pg);
+	xc->gopen++;
+	if (!ok)
+		return false;
+	return grouped && xc->gopen < x->group ? true : pgr__xconn_close_group(xc);
 }
 
 /* Read what came, write what waits; arm the poll the engine asks for. */
@@ -524,6 +646,7 @@ static void on_acquire(pgr_loop *l, int err, pgr_conn *h, void *arg)
 	xc->x = x;
 	xc->c = c;
 	xc->state = C_READY;
+	xc->gerr = XNONE;
 	xc->idle_since_ns = pgr__mono_ns();
 	xc->pq = (struct pgr__pq){.pg = c->pg, .sink = sink};
 	struct sockaddr_storage sa;

@@ -32,6 +32,10 @@ struct xstmt {
 	uint8_t prep_groups; /* result groups before its own: 1 when a Prepare went with it */
 	uint8_t groups_seen;
 	uint8_t prep_failed;
+	uint8_t groupable; /* its first keyword lets it share a sync point (exec_sync_group) */
+	uint8_t solo;      /* re-sent from a failed group: with a sync point of its own */
+	uint8_t sync_end;  /* sent: a sync point follows it (the last of its group) */
+	uint8_t requeue;   /* group_done: goes back to the queue */
 	int nparams;
 	int err;
 	uint32_t conn;    /* connection record it was sent on */
@@ -71,8 +75,11 @@ struct xconn {
 	uint32_t fhead, fn;
 	uint32_t nlive, nabandoned;
 	uint32_t syncs_read;
-	uint32_t turn; /* the batch it was last sent a statement in */
-	uint32_t plan; /* end_batch: statements in flight once the queue is dispatched */
+	uint32_t gopen; /* statements sent since the last sync point (the open group) */
+	uint32_t gcur;  /* head group: statements whose results have ended */
+	uint32_t gerr;  /* head group: where the first error was read, XNONE: none */
+	uint32_t turn;  /* the batch it was last sent a statement in */
+	uint32_t plan;  /* end_batch: statements in flight once the queue is dispatched */
 	int retire_reason;
 	int64_t cancel_deadline_ns; /* C_CANCELLING: close it anyway then */
 	int64_t idle_since_ns;
@@ -91,6 +98,7 @@ struct pgr__exec {
 	struct xconn *xc;
 	uint32_t nxc, nheld;
 	uint32_t depth, fifo_cap;
+	uint32_t group; /* statements per sync point at most (exec_sync_group); 1: each its own */
 	uint8_t acquiring, delivering, dispatching, redo, destroying;
 	uint8_t flush_armed, want_flush;
 	uint8_t in_flush; /* end_batch runs: what is sent now is written now */
@@ -144,8 +152,11 @@ void pgr__xconn_retire(struct xconn *xc, int reason, bool cancel_query);
 void pgr__xconn_release(struct xconn *xc);
 /* The connection failed: exactly what was sent on it is answered -EIO. */
 void pgr__xconn_fail(struct xconn *xc);
-/* Put s into xc's pipeline. False when libpq refused it (the connection failed). */
+/* Put s into xc's pipeline: in the open group, or with a sync point of its own. False when
+ * libpq refused it (the connection failed). */
 bool pgr__xconn_send(struct xconn *xc, struct xstmt *s);
+/* End xc's open group, if any, with a sync point. False when libpq refused it. */
+bool pgr__xconn_close_group(struct xconn *xc);
 /* Read what came, write what waits; arm the poll the connection needs. */
 void pgr__xconn_kick(struct xconn *xc, int revents);
 /* The held connection to send the next statement on (NULL: none below the depth); *any_usable:

@@ -305,3 +305,10 @@ Test(config, prepare_loop_query_other_than_zero_or_one_rejected, .timeout = 10)
 	c.prepare_loop_query = 2;
 	expect_rejected(&c, "prepare_loop_query");
 }
+
+Test(config, exec_sync_group_above_1024_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	c.exec_sync_group = 1025;
+	expect_rejected(&c, "exec_sync_group");
+}

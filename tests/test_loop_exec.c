@@ -784,3 +784,202 @@ Test(loop_exec, destroy_cancels_statements_in_flight_and_stops_them_on_the_serve
 	free(e.conninfo);
 	PQfinish(admin);
 }
+
+/* ---- grouped sync points (exec_sync_group) ---- */
+
+static void grouped8(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->exec_pipeline_depth = 64;
+	cfg->exec_sync_group = 8;
+}
+
+/* Statements that share a sync point run in one transaction: txid_current() tells them. */
+static int distinct_txids(struct res *r, int n)
+{
+	int d = 0;
+	for (int i = 0; i < n; i++) {
+		bool seen = false;
+		for (int j = 0; j < i && !seen; j++)
+			seen = strcmp(r[i].val, r[j].val) == 0;
+		d += !seen;
+	}
+	return d;
+}
+
+Test(loop_exec, grouping_is_off_by_default_and_each_statement_commits_alone, .timeout = 30)
+{
+	pgr_config def;
+	pgr_config_init(&def);
+	cr_assert_eq(def.exec_sync_group, 1);
+	struct env e;
+	env_init(&e, "pgr_exec_nogroup", one_conn);
+	static struct res r[16];
+	memset(r, 0, sizeof(r));
+	for (int i = 0; i < 16; i++)
+		exec1(&e, "select txid_current()::text", NULL, 10000, &r[i]);
+	wait_all(&e, r, 16, 10000);
+	cr_assert_eq(distinct_txids(r, 16), 16, "statements shared a transaction");
+	env_fini(&e);
+}
+
+Test(loop_exec, grouped_statements_share_a_sync_point_and_come_back_in_order, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_grporder", grouped8);
+	enum {
+		N = 64
+	};
+	static struct res r[N], t[16];
+	memset(r, 0, sizeof(r));
+	memset(t, 0, sizeof(t));
+	char p[N][12];
+	for (int i = 0; i < N; i++) {
+		snprintf(p[i], sizeof(p[i]), "%d", i);
+		exec1(&e, "select $1::int", p[i], 10000, &r[i]);
+	}
+	wait_all(&e, r, N, 10000);
+	for (int i = 0; i < N; i++) {
+		cr_assert_eq(r[i].err, 0);
+		cr_assert_eq(atoi(r[i].val), i);
+		cr_assert_eq(r[i].order, i, "statement %d answered at position %d", i, r[i].order);
+	}
+	/* Sixteen sent in one turn: two groups of eight. */
+	for (int i = 0; i < 16; i++)
+		exec1(&e, "select txid_current()::text", NULL, 10000, &t[i]);
+	wait_all(&e, t, 16, 10000);
+	cr_assert_eq(distinct_txids(t, 16), 2, "%d transactions for two groups of 8",
+	             distinct_txids(t, 16));
+	env_fini(&e);
+}
+
+Test(loop_exec, a_failing_statement_in_a_group_fails_alone_and_the_others_commit_once,
+     .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_grpfail", grouped8);
+	PGconn *admin = tu_admin();
+	tu_exec(admin, "drop table if exists pgr_exec_grp");
+	tu_exec(admin, "drop table if exists pgr_exec_grpn");
+	tu_exec(admin, "create table pgr_exec_grp (id int primary key)");
+	tu_exec(admin, "create table pgr_exec_grpn (n int)");
+	tu_exec(admin, "insert into pgr_exec_grpn values (0)");
+	/* Ids 4, 13, 22... exist already: those inserts fail (23505), one or two per group. */
+	tu_exec(admin, "insert into pgr_exec_grp select g from generate_series(4, 64, 9) g");
+	long before = tu_query_long(admin, "select count(*) from pgr_exec_grp");
+	enum {
+		N = 64
+	};
+	static struct res r[N], u[8];
+	memset(r, 0, sizeof(r));
+	memset(u, 0, sizeof(u));
+	char p[N][12];
+	for (int round = 0; round < 2; round++) {
+		/* The first round below the prepare threshold, the second prepared: an aborted
+		 * Prepare must not leave a name the server does not know. */
+		for (int i = round * N / 2; i < (round + 1) * N / 2; i++) {
+			snprintf(p[i], sizeof(p[i]), "%d", i + 1);
+			exec1(&e, "insert into pgr_exec_grp values ($1::int)", p[i], 10000, &r[i]);
+		}
+		wait_all(&e, r, (round + 1) * N / 2, 10000);
+	}
+	int failed = 0;
+	for (int i = 0; i < N; i++) {
+		int id = i + 1;
+		cr_assert_eq(r[i].err, 0);
+		if ((id - 4) % 9 == 0) {
+			cr_assert_eq(r[i].st, PGRES_FATAL_ERROR, "insert of id %d", id);
+			cr_assert_str_eq(r[i].sqlstate, "23505");
+			failed++;
+		} else {
+			cr_assert_eq(r[i].st, PGRES_COMMAND_OK, "insert of id %d: %s %s", id,
+			             PQresStatus(r[i].st), r[i].sqlstate);
+		}
+	}
+	cr_assert_eq(tu_query_long(admin, "select count(*) from pgr_exec_grp"), N,
+	             "rows lost or added");
+	cr_assert_eq(before + (N - failed), N);
+	/* Increments in one group, one failing in the middle: each other one counted once. */
+	for (int i = 0; i < 8; i++)
+		exec1(&e, "update pgr_exec_grpn set n = n + 1 / $1::int", i == 3 ? "0" : "1", 10000,
+		      &u[i]);
+	wait_all(&e, u, 8, 10000);
+	for (int i = 0; i < 8; i++) {
+		cr_assert_eq(u[i].err, 0);
+		cr_assert_eq(u[i].st, i == 3 ? PGRES_FATAL_ERROR : PGRES_COMMAND_OK,
+		             "update %d: %s", i, PQresStatus(u[i].st));
+	}
+	cr_assert_str_eq(u[3].sqlstate, "22012");
+	cr_assert_eq(tu_query_long(admin, "select n from pgr_exec_grpn"), 7);
+	tu_exec(admin, "drop table pgr_exec_grp");
+	tu_exec(admin, "drop table pgr_exec_grpn");
+	PQfinish(admin);
+	env_fini(&e);
+}
+
+Test(loop_exec, statements_that_cannot_run_in_a_transaction_block_are_never_grouped, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_grpalone", grouped8);
+	PGconn *admin = tu_admin();
+	tu_exec(admin, "drop table if exists pgr_exec_grpvac");
+	tu_exec(admin, "create table pgr_exec_grpvac (a int)");
+	struct res r[4] = {0};
+	exec1(&e, "select $1::int", "1", 10000, &r[0]);
+	exec1(&e, "vacuum pgr_exec_grpvac", NULL, 10000, &r[1]);
+	exec1(&e, "select $1::int", "3", 10000, &r[2]);
+	exec1(&e, "/* c */ (values ($1::int))", "4", 10000, &r[3]);
+	wait_all(&e, r, 4, 10000);
+	for (int i = 0; i < 4; i++)
+		cr_assert_eq(r[i].err, 0);
+	cr_assert_eq(r[1].st, PGRES_COMMAND_OK, "vacuum: %s %s", PQresStatus(r[1].st),
+	             r[1].sqlstate);
+	cr_assert_str_eq(r[2].val, "3");
+	cr_assert_str_eq(r[3].val, "4");
+	tu_exec(admin, "drop table pgr_exec_grpvac");
+	PQfinish(admin);
+	env_fini(&e);
+}
+
+static void grouped_depth4(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->exec_pipeline_depth = 4;
+	cfg->exec_sync_group = 4;
+}
+
+Test(loop_exec, killed_backend_fails_exactly_the_grouped_statements_in_flight, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_grpkill", grouped_depth4);
+	PGconn *admin = tu_admin();
+	struct res r[6] = {0};
+	exec1(&e, "select $1::int", "1", 10000, &r[0]);
+	exec1(&e, "select pg_sleep($1::float8)", "5", 10000, &r[1]);
+	exec1(&e, "select $1::int", "3", 10000, &r[2]);
+	exec1(&e, "select $1::int", "4", 10000, &r[3]);
+	/* Depth 4 on one connection: these wait in the loop, not sent. */
+	exec1(&e, "select $1::int", "5", 10000, &r[4]);
+	exec1(&e, "select $1::int", "6", 10000, &r[5]);
+	int pids[LC_MAX_PIDS];
+	int64_t dl = tu_now_ms() + 5000;
+	while (lc_app_pids(admin, e.app, pids, LC_MAX_PIDS) < 1) {
+		cr_assert_lt(tu_now_ms(), dl);
+		turn(&e);
+	}
+	for (int i = 0; i < 20; i++)
+		turn(&e); /* the sleep is running */
+	cr_assert_eq(r[0].done, 0, "a grouped result came before its sync point");
+	cr_assert_eq(lc_app_pids(admin, e.app, pids, LC_MAX_PIDS), 1);
+	lc_terminate(admin, pids[0]);
+	wait_all(&e, r, 6, 8000);
+	for (int i = 0; i < 4; i++)
+		cr_assert_eq(r[i].err, -EIO, "statement %d in flight: %s", i,
+		             pgr_strerror(r[i].err));
+	cr_assert_eq(r[4].err, 0, "a statement not sent was failed: %s", pgr_strerror(r[4].err));
+	cr_assert_str_eq(r[4].val, "5");
+	cr_assert_eq(r[5].err, 0);
+	cr_assert_str_eq(r[5].val, "6");
+	PQfinish(admin);
+	env_fini(&e);
+}
