@@ -12,7 +12,9 @@
  * pgr_loop_exec ends every statement in its own (that is what keeps them independent), and the
  * server then commits and flushes once per statement. pgbench 15 cannot sync inside a pipeline,
  * so a hand-written libpq loop with a sync point per statement (libpq_sync_each) shows the
- * ceiling for independent statements beside it. CPU time per statement is given for the client
+ * ceiling for independent statements beside it, and pgr_loop_exec with exec_sync_group = depth
+ * (statements sent together share one sync point; a failed one's group-mates are re-sent alone)
+ * runs at pgbench's depths beside both. CPU time per statement is given for the client
  * (this process, or pgbench) and for the whole machine (all processes, steal excluded): on a
  * small shared VM they say more than queries/s, which swing with the time stolen.
  */
@@ -191,9 +193,10 @@ struct row {
 static struct row rows[32];
 static int nrows;
 
-/* One loop-thread run of a mode; threshold: prepare_threshold (-1 never, 0 at once). */
+/* One loop-thread run of a mode; threshold: prepare_threshold (-1 never, 0 at once); group:
+ * exec_sync_group (1: a sync point per statement). */
 static void run_mode(const char *conninfo, const char *mode, bool checkout, int threshold,
-                     int depth, double dur_s)
+                     int depth, int group, double dur_s)
 {
 	struct row *w = &rows[nrows++];
 	snprintf(w->mode, sizeof w->mode, "%s", mode);
@@ -207,6 +210,7 @@ static void run_mode(const char *conninfo, const char *mode, bool checkout, int 
 	cfg.exec_max_conns = CONNS;
 	cfg.exec_pipeline_depth = (uint32_t)depth;
 	cfg.prepare_threshold = threshold;
+	cfg.exec_sync_group = (uint32_t)group;
 	cfg.ping_after_idle_ms = -1;
 	pgr_pool *pool;
 	struct io_uring ring;
@@ -447,17 +451,29 @@ int bench_exec_run(const char *conninfo, double dur_s, bool json)
 	}
 	nrows = 0;
 	fprintf(stderr, "pgr_bench: exec section (one loop thread, %d connections)\n", CONNS);
-	run_mode(conninfo, "loop_query_per_checkout", true, -1, 1, dur_s);
-	run_mode(conninfo, "loop_exec_unprepared", false, -1, 1, dur_s);
-	run_mode(conninfo, "loop_exec_unprepared", false, -1, 16, dur_s);
+	run_mode(conninfo, "loop_query_per_checkout", true, -1, 1, 1, dur_s);
+	run_mode(conninfo, "loop_exec_unprepared", false, -1, 1, 1, dur_s);
+	run_mode(conninfo, "loop_exec_unprepared", false, -1, 16, 1, dur_s);
 	run_pgbench(conninfo, "pgbench_extended", "extended", 1, dur_s);
-	/* At each depth the three side by side, so that they see the same machine. */
+	/*
+	 * At each depth side by side, so that they see the same machine: pgr_loop_exec with a sync
+	 * point per statement, and (above depth 1) with up to `depth` statements per sync point
+	 * (exec_sync_group), as pgbench's pipeline has; pgbench; libpq with a sync per statement.
+	 */
 	static const int depths[] = {1, 4, 16};
-	int at[3];
+	int at[3], grp[3], pgb[3], ref[3];
 	for (int i = 0; i < 3; i++) {
 		at[i] = nrows;
-		run_mode(conninfo, "loop_exec_prepared", false, 0, depths[i], dur_s);
+		run_mode(conninfo, "loop_exec_prepared", false, 0, depths[i], 1, dur_s);
+		grp[i] = -1;
+		if (depths[i] > 1) {
+			grp[i] = nrows;
+			run_mode(conninfo, "loop_exec_prepared_grouped", false, 0, depths[i],
+			         depths[i], dur_s);
+		}
+		pgb[i] = nrows;
 		run_pgbench(conninfo, "pgbench_prepared", "prepared", depths[i], dur_s);
+		ref[i] = nrows;
 		run_libpq(conninfo, depths[i], dur_s);
 	}
 	exec_sql(c, "DROP TABLE IF EXISTS pgr_bench_exec_users");
@@ -493,14 +509,21 @@ int bench_exec_run(const char *conninfo, double dur_s, bool json)
 		/* The targets, stated beside the numbers. */
 		printf("\n");
 		for (int i = 0; i < 3; i++) {
-			double mine = rows[at[i]].qps, pgb = rows[at[i] + 1].qps,
-			       ref = rows[at[i] + 2].qps;
+			double mine = rows[at[i]].qps, pq = rows[pgb[i]].qps, rq = rows[ref[i]].qps;
 			printf(
 			    "loop_exec prepared, %d in flight: %.2fx the checkout path, %.0f%% of "
 			    "pgbench -M prepared pipelined, %.0f%% of libpq with a sync per "
 			    "statement\n",
-			    depths[i], base > 0 ? mine / base : 0, pgb > 0 ? 100.0 * mine / pgb : 0,
-			    ref > 0 ? 100.0 * mine / ref : 0);
+			    depths[i], base > 0 ? mine / base : 0, pq > 0 ? 100.0 * mine / pq : 0,
+			    rq > 0 ? 100.0 * mine / rq : 0);
+			if (grp[i] >= 0) {
+				double g = rows[grp[i]].qps;
+				printf(
+				    "loop_exec prepared, %d in flight, exec_sync_group %d: %.2fx "
+				    "the checkout path, %.0f%% of pgbench -M prepared pipelined\n",
+				    depths[i], depths[i], base > 0 ? g / base : 0,
+				    pq > 0 ? 100.0 * g / pq : 0);
+			}
 		}
 	}
 	for (int i = 0; i < nrows; i++) {

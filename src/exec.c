@@ -358,9 +358,10 @@ static void tick(struct pgr__exec *x)
 }
 
 /*
- * Which connections will get two statements or more from the queue (dispatch gives each to the
- * least loaded one below the depth): cork those before their first one goes. Only for a few
- * connections; with more, a connection is corked at its second statement (send_stmt).
+ * Which connections will get more than one sync point from the queue (dispatch gives each
+ * statement to the least loaded one below the depth, and up to exec_sync_group of them share a
+ * sync point): cork those before their first write. Only for a few connections; with more, a
+ * connection is corked at its second sync point in the batch (exec_conn.c, before_sync).
  */
 static void plan_corks(struct pgr__exec *x)
 {
@@ -387,7 +388,7 @@ static void plan_corks(struct pgr__exec *x)
 		best->plan++;
 	}
 	for (uint32_t i = 0; i < n; i++)
-		if (use[i]->tcp && !use[i]->corked && use[i]->plan >= use[i]->nlive + 2)
+		if (use[i]->tcp && !use[i]->corked && use[i]->plan - use[i]->nlive > x->group)
 			pgr__xconn_cork(use[i], 1);
 }
 

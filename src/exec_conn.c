@@ -415,10 +415,27 @@ static void fifo_push(struct xconn *xc, uint32_t si)
 	xc->dirty = 1;
 }
 
+/*
+ * libpq writes at each sync point. The connection's second write in one dispatch and those after
+ * it are held (TCP_CORK) until the batch ends (end_batch), so the backend is woken once per batch
+ * rather than once per sync point.
+ */
+static void before_sync(struct xconn *xc)
+{
+	struct pgr__exec *x = xc->x;
+	if (!x->dispatching)
+		return; /* a DEALLOCATE sent while reading: written by the read's own step */
+	if (xc->turn != x->turn)
+		xc->turn = x->turn;
+	else if (xc->tcp && !xc->corked)
+		pgr__xconn_cork(xc, 1);
+}
+
 bool pgr__xconn_close_group(struct xconn *xc)
 {
 	if (!xc->gopen)
 		return true;
+	before_sync(xc);
 	/* The open group's statements are the FIFO's last gopen entries, none a DEALLOCATE. */
 	xc->x->st[fifo_at(xc, xc->fn - 1)].sync_end = 1;
 	xc->gopen = 0;
@@ -433,6 +450,7 @@ static void send_dealloc(struct xconn *xc, uint64_t name)
 	/* In a group of its own: its failure must not abort a statement. */
 	if (!pgr__xconn_close_group(xc))
 		return; /* the next step sees the failure */
+	before_sync(xc);
 	char sql[48], nm[24];
 	pgr__pcache_name(name, nm, sizeof(nm));
 	snprintf(sql, sizeof(sql), "DEALLOCATE %s", nm);
@@ -455,11 +473,6 @@ bool pgr__xconn_send(struct xconn *xc, struct xstmt *s)
 	/* Shares a sync point with the statements sent after it (exec_sync_group), or has its own
 	 * and ends the open group first. */
 	bool grouped = x->group > 1 && s->groupable && !s->solo;
-	/* Its second statement in this batch: hold the writes until the batch ends (end_batch). */
-	if (xc->turn != x->turn)
-		xc->turn = x->turn;
-	else if (xc->tcp && !xc->corked)
-		pgr__xconn_cork(xc, 1);
 	if (!grouped && !pgr__xconn_close_group(xc))
 		return false;
 	pgr__pcache_decide(xc->c, s->sql, &name, &prep, &evicted);
