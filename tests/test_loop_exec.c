@@ -983,3 +983,50 @@ Test(loop_exec, killed_backend_fails_exactly_the_grouped_statements_in_flight, .
 	PQfinish(admin);
 	env_fini(&e);
 }
+
+static void grouped_one_conn4(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+	cfg->exec_pipeline_depth = 4;
+	cfg->exec_sync_group = 4;
+}
+
+Test(loop_exec, grouped_statements_keep_their_own_deadlines, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_grpdl", grouped_one_conn4);
+	struct res r[3] = {0};
+	int64_t t0 = tu_now_ms();
+	exec1(&e, "select $1::int", "1", 10000, &r[0]);
+	exec1(&e, "select pg_sleep($1::float8)", "1.5", 200, &r[1]); /* times out */
+	exec1(&e, "select $1::int", "3", 10000, &r[2]);
+	wait_all(&e, &r[1], 1, 5000);
+	cr_assert_eq(r[1].err, -ETIMEDOUT);
+	cr_assert_geq(r[1].t_ms - t0, 200);
+	cr_assert_lt(r[1].t_ms - t0, 450);
+	wait_all(&e, r, 3, 5000);
+	/* The others ran and committed with the group, and were answered at its sync point. */
+	for (int i = 0; i < 3; i += 2) {
+		cr_assert_eq(r[i].err, 0);
+		cr_assert_geq(r[i].t_ms - t0, 1400, "answered before the group's sync point");
+	}
+	cr_assert_str_eq(r[0].val, "1");
+	cr_assert_str_eq(r[2].val, "3");
+	/* A timed-out statement in a group that another one fails: the failing one hears its
+	 * error, the timed-out one nothing more, the others run again and succeed. */
+	struct res s[4] = {0};
+	t0 = tu_now_ms();
+	exec1(&e, "select $1::int", "1", 10000, &s[0]);
+	exec1(&e, "select pg_sleep($1::float8)", "0.5", 100, &s[1]);
+	exec1(&e, "select 1 / $1::int", "0", 10000, &s[2]);
+	exec1(&e, "select $1::int", "4", 10000, &s[3]);
+	wait_all(&e, s, 4, 5000);
+	cr_assert_eq(s[1].err, -ETIMEDOUT);
+	cr_assert_eq(s[2].err, 0);
+	cr_assert_str_eq(s[2].sqlstate, "22012");
+	cr_assert_eq(s[0].err, 0);
+	cr_assert_str_eq(s[0].val, "1");
+	cr_assert_eq(s[3].err, 0);
+	cr_assert_str_eq(s[3].val, "4");
+	env_fini(&e);
+}
