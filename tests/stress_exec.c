@@ -4,10 +4,11 @@
  * statements (good ones, failing ones, slow ones with short deadlines, with the prepared cache
  * on and a tiny LRU so that DEALLOCATEs run) over a small pool that blocking threads also use,
  * while a chaos thread kills the loops' backends. At the end the pool is drained with
- * statements in flight. Asserts: every accepted statement is answered exactly once; a success
- * carries the right value; errors are only the kinds the contract lists; the loops destroy and
- * the pool drains. Plain program so that it runs under ThreadSanitizer; prints "N passed,
- * N failed".
+ * statements in flight. All of it twice: with a sync point per statement, and with groups of
+ * up to four statements sharing one (exec_sync_group). Asserts: every accepted statement is
+ * answered exactly once; a success carries the right value; errors are only the kinds the contract
+ * lists; the loops destroy and the pool drains. Plain program so that it runs under
+ * ThreadSanitizer; prints "N passed, N failed".
  */
 #include <errno.h>
 #include <liburing.h>
@@ -26,7 +27,7 @@
 #define NLOOPS   2
 #define NTHREADS 2
 #define SLOTS    24
-#define RUN_MS   6000
+#define RUN_MS   4000 /* per run, two runs */
 
 static pgr_pool *pool;
 static _Atomic int64_t until_ms;
@@ -207,15 +208,9 @@ static void *chaos_main(void *a)
 	return NULL;
 }
 
-int main(void)
+/* One run on a fresh pool; sync_group: exec_sync_group (1: a sync point per statement). */
+static void run(const char *conninfo, uint32_t sync_group)
 {
-	const char *base = getenv("PGR_TEST_CONNINFO");
-	if (!base || !*base) {
-		fprintf(stderr, "PGR_TEST_CONNINFO is not set: run through ./run.sh test\n");
-		return 1;
-	}
-	char conninfo[1024];
-	snprintf(conninfo, sizeof conninfo, "%s application_name=pgr_stress_exec", base);
 	pgr_config cfg;
 	pgr_config_init(&cfg);
 	cfg.conninfo = conninfo;
@@ -225,24 +220,26 @@ int main(void)
 	cfg.exec_pipeline_depth = 8;
 	cfg.exec_max_pending = 32;
 	cfg.exec_idle_release_ms = 50;
+	cfg.exec_sync_group = sync_group;
 	cfg.prepare_threshold = 1;
 	cfg.prepare_cache_size = 3; /* five texts: evictions and DEALLOCATEs all the time */
 	cfg.reset_timeout_ms = 1000;
 	if (pgr_pool_create(&cfg, &pool)) {
-		fprintf(stderr, "pool create failed\n");
-		return 1;
+		FAIL("pool create failed");
+		return;
 	}
+	atomic_store(&draining, false);
 	atomic_store(&until_ms, now_ms() + RUN_MS);
 	pthread_t lt[NLOOPS], bt[NTHREADS], ct;
 	struct lp *L = calloc(NLOOPS, sizeof *L);
 	for (int i = 0; i < NLOOPS; i++) {
 		L[i].id = i;
-		L[i].seed = 1234u + (unsigned)i;
+		L[i].seed = 1234u + (unsigned)i + sync_group;
 		pthread_create(&lt[i], NULL, loop_main, &L[i]);
 	}
 	for (int i = 0; i < NTHREADS; i++)
 		pthread_create(&bt[i], NULL, blocking_main, NULL);
-	pthread_create(&ct, NULL, chaos_main, conninfo);
+	pthread_create(&ct, NULL, chaos_main, (void *)conninfo);
 	pthread_join(ct, NULL);
 	/* Drain in the middle of the work: statements in flight finish, queued ones are told. */
 	struct timespec ts = {.tv_sec = 1};
@@ -258,6 +255,21 @@ int main(void)
 	if (pgr_pool_destroy(pool) != 0)
 		FAIL("pool destroy");
 	free(L);
+}
+
+int main(void)
+{
+	const char *base = getenv("PGR_TEST_CONNINFO");
+	if (!base || !*base) {
+		fprintf(stderr, "PGR_TEST_CONNINFO is not set: run through ./run.sh test\n");
+		return 1;
+	}
+	char conninfo[1024];
+	snprintf(conninfo, sizeof conninfo, "%s application_name=pgr_stress_exec", base);
+	/* A sync point per statement, then groups of up to four sharing one (failed groups
+	 * re-sent statement by statement while backends are killed). */
+	run(conninfo, 1);
+	run(conninfo, 4);
 	uint64_t ok = atomic_load(&n_ok);
 	if (ok < 100)
 		FAIL("only %llu statements succeeded", (unsigned long long)ok);
