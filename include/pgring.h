@@ -676,6 +676,19 @@ typedef void (*pgr_loop_exec_cb)(pgr_loop *loop, int err, PGresult *res, void *a
  * by acquire_timeout_ms. Texts used often on a connection are prepared there (prepare_threshold;
  * see README) transparently, including a re-prepare when the plan's result type changed.
  *
+ * exec_sync_group N > 1 (opt-in): up to N statements sent on one connection in one batch share
+ * a sync point, so the server commits and answers once for them; only statements whose first
+ * keyword is SELECT, INSERT, UPDATE, DELETE, MERGE, WITH, VALUES or TABLE join a group (the
+ * rest, VACUUM or CREATE INDEX CONCURRENTLY among them, get a sync point of their own). The
+ * caller still sees each statement on its own: results are held until the group's sync point
+ * and delivered in order when it committed; when one statement failed, the server rolled back
+ * the group, so that one gets its error and every other one runs again alone, with the rest of
+ * its deadline, and completes after statements sent later. Re-running repeats only what a
+ * rollback does not undo (nextval(), session advisory locks, dblink...). A deadlock (40P01) or
+ * serialization failure (40001) re-runs the whole group, since grouping itself can cause them.
+ * Within a group the statements see one transaction: one now(), locks held to its end, and,
+ * above read committed, one snapshot. A result comes no earlier than its group's last one.
+ *
  * Returns 0 when cb will be called (perhaps already was), or, cb not called: -EBUSY (the loop
  * has exec_max_pending statements queued or in flight: back-pressure, retry after some
  * complete), -EINVAL (NULL, bad nparams, a refused statement), -ESHUTDOWN (loop destroyed or
@@ -687,8 +700,8 @@ typedef void (*pgr_loop_exec_cb)(pgr_loop *loop, int err, PGresult *res, void *a
  * may not have run); -ECANCELED (pgr_loop_destroy); -ESHUTDOWN (the pool began draining before
  * the statement was sent); or the error of the acquire that found no connection for it
  * (-ETIMEDOUT, -PGR_E_CONNECT_FAILED, -PGR_E_TOO_MANY_WAITERS). Callbacks of statements sent on
- * one connection run in the order sent; statements on different connections complete
- * independently. Threads: the loop's. Never blocks. Since 0.2.
+ * one connection run in the order sent (a statement re-run after its group failed counts as
+ * sent again); statements on different connections complete independently. Threads: the loop's. Never blocks. Since 0.2.
  */
 PGR_API int pgr_loop_exec(pgr_loop *loop, const char *sql, int nparams, const char *const *params,
                           int64_t timeout_ms, pgr_loop_exec_cb cb, void *arg);
