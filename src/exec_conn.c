@@ -311,8 +311,8 @@ static void group_done(struct xconn *xc)
 			continue;
 		}
 		xc->nlive--;
-		if (s->name_id &&
-		    s->prep_failed) /* its Prepare failed or was aborted: no such name */
+		/* Its Prepare failed or was aborted: the server has no such name. */
+		if (s->name_id && s->prep_failed)
 			pgr__pcache_drop(xc->c, s->name_id);
 		if (failed && k != culprit) {
 			PQclear(s->res);
@@ -336,7 +336,9 @@ static void group_done(struct xconn *xc)
 	xc->fn -= n;
 	if (requeue) {
 		x->redo = 1;
-		if (!x->in_cqe)
+		/* Read by end_batch after its dispatch (in_flush), nothing may follow to send them
+		 * when no answer was delivered: the flush NOP does. */
+		if (!x->in_cqe || x->in_flush)
 			pgr__exec_flush_need(x);
 	}
 }
@@ -372,8 +374,7 @@ static void sink(struct pgr__pq *pq, int stmt, PGresult *r)
 	uint32_t si = fifo_at(xc, at);
 	struct xstmt *s = si == XNONE ? NULL : &x->st[si];
 	if (!r) {
-		/* One query's results ended: its Prepare's, or its own (then the next one's come).
-		 */
+		/* One query's results ended: its Prepare's, or its own (the next one's follow). */
 		if (!tail && (!s || ++s->groups_seen > s->prep_groups))
 			xc->gcur++;
 		return;
@@ -392,8 +393,7 @@ static void sink(struct pgr__pq *pq, int stmt, PGresult *r)
 		return;
 	}
 	if (s->groups_seen < s->prep_groups) {
-		/* The Prepare sent with it: only its failure matters (an aborted one did not run).
-		 */
+		/* The Prepare sent with it: only its failure matters (an aborted one never ran). */
 		if (is_error(r) || PQresultStatus(r) == PGRES_PIPELINE_ABORTED) {
 			s->prep_failed = 1;
 			PQclear(s->res);

@@ -1030,3 +1030,68 @@ Test(loop_exec, grouped_statements_keep_their_own_deadlines, .timeout = 30)
 	cr_assert_str_eq(s[3].val, "4");
 	env_fini(&e);
 }
+
+/* Wait for the admin connection's query sent with PQsendQuery, turning the loop meanwhile. */
+static void admin_wait(struct env *e, PGconn *admin, const char *what)
+{
+	int64_t dl = tu_now_ms() + 10000;
+	for (;;) {
+		cr_assert(PQconsumeInput(admin), "%s: %s", what, PQerrorMessage(admin));
+		if (!PQisBusy(admin))
+			break;
+		cr_assert_lt(tu_now_ms(), dl, "%s never finished", what);
+		turn(e);
+	}
+	PGresult *r;
+	while ((r = PQgetResult(admin)) != NULL) {
+		cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s: %s", what,
+		             PQresultErrorMessage(r));
+		PQclear(r);
+	}
+}
+
+Test(loop_exec, a_deadlock_caused_by_grouping_runs_the_whole_group_again, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_grpdead", grouped8);
+	PGconn *admin = tu_admin();
+	PGconn *other = tu_admin();
+	tu_exec(admin, "drop table if exists pgr_exec_grpdl");
+	tu_exec(admin, "create table pgr_exec_grpdl (id int primary key, v int)");
+	tu_exec(admin, "insert into pgr_exec_grpdl values (1, 0), (2, 0)");
+	/* Another session holds row 2; the group locks row 1, then waits for row 2. */
+	tu_exec(other, "begin");
+	tu_exec(other, "update pgr_exec_grpdl set v = v + 1 where id = 2");
+	struct res r[3] = {0};
+	exec1(&e, "update pgr_exec_grpdl set v = v + 1 where id = $1::int", "1", 20000, &r[0]);
+	exec1(&e, "update pgr_exec_grpdl set v = v + 1 where id = $1::int", "2", 20000, &r[1]);
+	exec1(&e, "select $1::int", "3", 20000, &r[2]);
+	char q[200];
+	snprintf(q, sizeof(q),
+	         "select count(*) from pg_stat_activity where application_name = '%s' and "
+	         "wait_event_type = 'Lock'",
+	         e.app);
+	int64_t dl = tu_now_ms() + 5000;
+	while (tu_query_long(admin, q) < 1) {
+		cr_assert_lt(tu_now_ms(), dl, "the group never waited for row 2");
+		turn(&e);
+	}
+	/* Row 1 from the other side: a deadlock only because the group still holds row 1. The
+	 * group waited first, so its backend's check finds the cycle and fails it (40P01). */
+	cr_assert(PQsendQuery(other, "update pgr_exec_grpdl set v = v + 1 where id = 1"));
+	admin_wait(&e, other, "the other session's update of row 1");
+	cr_assert_eq(r[1].done, 0, "%s %s", PQresStatus(r[1].st), r[1].sqlstate);
+	cr_assert(PQsendQuery(other, "commit"));
+	admin_wait(&e, other, "commit");
+	wait_all(&e, r, 3, 10000);
+	for (int i = 0; i < 3; i++) {
+		cr_assert_eq(r[i].err, 0);
+		cr_assert_neq(r[i].st, PGRES_FATAL_ERROR, "statement %d: %s", i, r[i].sqlstate);
+	}
+	cr_assert_str_eq(r[2].val, "3");
+	cr_assert_eq(tu_query_long(admin, "select sum(v) from pgr_exec_grpdl"), 4);
+	tu_exec(admin, "drop table pgr_exec_grpdl");
+	PQfinish(other);
+	PQfinish(admin);
+	env_fini(&e);
+}
