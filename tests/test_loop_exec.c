@@ -1095,3 +1095,36 @@ Test(loop_exec, a_deadlock_caused_by_grouping_runs_the_whole_group_again, .timeo
 	PQfinish(admin);
 	env_fini(&e);
 }
+
+Test(loop_exec, an_error_at_a_groups_commit_runs_every_statement_again_alone, .timeout = 30)
+{
+	struct env e;
+	env_init(&e, "pgr_exec_grpdefer", grouped8);
+	PGconn *admin = tu_admin();
+	tu_exec(admin, "drop table if exists pgr_exec_grpdef");
+	/* A deferred unique constraint: a duplicate fails at commit, after every statement ran. */
+	tu_exec(admin, "create table pgr_exec_grpdef (id int, unique (id) deferrable initially "
+	               "deferred)");
+	tu_exec(admin, "insert into pgr_exec_grpdef values (5)");
+	struct res r[8] = {0};
+	char p[8][12];
+	for (int i = 0; i < 8; i++) {
+		snprintf(p[i], sizeof(p[i]), "%d", i + 1);
+		exec1(&e, "insert into pgr_exec_grpdef values ($1::int)", p[i], 10000, &r[i]);
+	}
+	wait_all(&e, r, 8, 10000);
+	for (int i = 0; i < 8; i++) {
+		cr_assert_eq(r[i].err, 0);
+		if (i == 4) {
+			cr_assert_eq(r[i].st, PGRES_FATAL_ERROR);
+			cr_assert_str_eq(r[i].sqlstate, "23505");
+		} else {
+			cr_assert_eq(r[i].st, PGRES_COMMAND_OK, "insert %d: %s %s", i + 1,
+			             PQresStatus(r[i].st), r[i].sqlstate);
+		}
+	}
+	cr_assert_eq(tu_query_long(admin, "select count(*) from pgr_exec_grpdef"), 8);
+	tu_exec(admin, "drop table pgr_exec_grpdef");
+	PQfinish(admin);
+	env_fini(&e);
+}
