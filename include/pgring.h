@@ -685,7 +685,8 @@ typedef void (*pgr_loop_exec_cb)(pgr_loop *loop, int err, PGresult *res, void *a
  * the group, so that one gets its error and every other one runs again alone, with the rest of
  * its deadline, and completes after statements sent later. Re-running repeats only what a
  * rollback does not undo (nextval(), session advisory locks, dblink...). A deadlock (40P01) or
- * serialization failure (40001) re-runs the whole group, since grouping itself can cause them.
+ * serialization failure (40001), which grouping itself can cause, and an error at the group's
+ * commit (a deferred constraint) re-run the whole group.
  * Within a group the statements see one transaction: one now(), locks held to its end, and,
  * above read committed, one snapshot. A result comes no earlier than its group's last one.
  *

@@ -9,6 +9,13 @@
  * on it ends in its own sync point: an error aborts only its own statement, and results come
  * back in the order sent, each to its own callback.
  *
+ * Grouped sync points (exec_sync_group > 1). Plain DML and queries sent on one connection in
+ * one dispatch share a sync point, up to the group's size: one commit and one ReadyForQuery for
+ * them. The group is one implicit transaction, so its results are held until its sync point;
+ * when a statement failed, the others never took effect and are queued again, each to be sent
+ * with a sync point of its own (exec_conn.c, group_done). Independence is kept for the caller
+ * at the price of running those statements twice on the server.
+ *
  * Dispatch. A statement goes to the held connection with the fewest statements in flight that
  * is below exec_pipeline_depth; when every one is at the depth (or none is held), another is
  * taken through pgr_loop_acquire: without waiting while some are held (the pool's idle ones
