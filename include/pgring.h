@@ -702,7 +702,8 @@ typedef void (*pgr_loop_exec_cb)(pgr_loop *loop, int err, PGresult *res, void *a
  * the statement was sent); or the error of the acquire that found no connection for it
  * (-ETIMEDOUT, -PGR_E_CONNECT_FAILED, -PGR_E_TOO_MANY_WAITERS). Callbacks of statements sent on
  * one connection run in the order sent (a statement re-run after its group failed counts as
- * sent again); statements on different connections complete independently. Threads: the loop's. Never blocks. Since 0.2.
+ * sent again); statements on different connections complete independently. Threads: the
+ * loop's. Never blocks. Since 0.2.
  */
 PGR_API int pgr_loop_exec(pgr_loop *loop, const char *sql, int nparams, const char *const *params,
                           int64_t timeout_ms, pgr_loop_exec_cb cb, void *arg);
