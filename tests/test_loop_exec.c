@@ -1059,7 +1059,9 @@ Test(loop_exec, a_deadlock_caused_by_grouping_runs_the_whole_group_again, .timeo
 	tu_exec(admin, "drop table if exists pgr_exec_grpdl");
 	tu_exec(admin, "create table pgr_exec_grpdl (id int primary key, v int)");
 	tu_exec(admin, "insert into pgr_exec_grpdl values (1, 0), (2, 0)");
-	/* Another session holds row 2; the group locks row 1, then waits for row 2. */
+	/* Another session holds row 2; the group locks row 1, then waits for row 2. That session
+	 * looks for deadlocks only after 10 s, so that the group's backend (1 s) finds this one. */
+	tu_exec(other, "set deadlock_timeout = '10s'");
 	tu_exec(other, "begin");
 	tu_exec(other, "update pgr_exec_grpdl set v = v + 1 where id = 2");
 	struct res r[3] = {0};
@@ -1076,8 +1078,8 @@ Test(loop_exec, a_deadlock_caused_by_grouping_runs_the_whole_group_again, .timeo
 		cr_assert_lt(tu_now_ms(), dl, "the group never waited for row 2");
 		turn(&e);
 	}
-	/* Row 1 from the other side: a deadlock only because the group still holds row 1. The
-	 * group waited first, so its backend's check finds the cycle and fails it (40P01). */
+	/* Row 1 from the other side: a deadlock only because the group still holds row 1; the
+	 * group's backend finds the cycle and fails it (40P01). */
 	cr_assert(PQsendQuery(other, "update pgr_exec_grpdl set v = v + 1 where id = 1"));
 	admin_wait(&e, other, "the other session's update of row 1");
 	cr_assert_eq(r[1].done, 0, "%s %s", PQresStatus(r[1].st), r[1].sqlstate);
