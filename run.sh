@@ -352,6 +352,9 @@ stage_pgbouncer() {
     PGR_TEST_CONNINFO=$ci "$dir/test_async" --jobs 1 \
         --filter 'async/!(prepings_run_on_the_loop_ring_and_dead_backends_never_reach_the_caller|*_past_*deadline*)' ||
         rc=1
+    # The pool detects PgBouncer and then prepares nothing by name (it also checks the server
+    # itself, through PGR_TEST_CONNINFO, for the opposite).
+    PGR_TEST_NEED_PGBOUNCER=1 "$dir/test_pooler" --jobs 1 || rc=1
     stop_pgbouncer || true
     return "$rc"
 }
@@ -450,7 +453,10 @@ cmd_test() {
         pgr_warn "PGR_SKIP_MUTANTS=1: skipping the mutants stage"
     else
         pgr_log "=== stage: mutants (scripts/mutants.txt) ==="
-        ensure_server_up && bash "$ROOT/scripts/mutants.sh" || failed+=("mutants")
+        # PgBouncer too: the pooler-detection mutant is killed by a test through it.
+        { ensure_server_up && start_pgbouncer && bash "$ROOT/scripts/mutants.sh"; } ||
+            failed+=("mutants")
+        stop_pgbouncer || true
     fi
 
     if ((${#failed[@]})); then
@@ -519,6 +525,7 @@ cmd_mutants() {
     ensure_deps test
     install_traps
     start_cluster
+    start_pgbouncer || pgr_die "pgbouncer did not start (a mutant's test runs through it)"
     bash "$ROOT/scripts/mutants.sh" "$@"
 }
 
