@@ -311,6 +311,22 @@ stop_pgbouncer() {
     fi
     rm -f "$PGB_PIDFILE"
     PGB_PIDFILE=
+    # Tests read these to find PgBouncer: a stopped one must not look available.
+    unset PGR_BENCH_PGBOUNCER_PORT PGR_BENCH_PGBOUNCER_CONNINFO
+}
+
+# PgBouncer is running (the one start_pgbouncer started), or is started now: Debian 12's
+# PgBouncer 1.18 can exit on a cancel request, and a later stage must not inherit a dead one.
+ensure_pgbouncer_up() {
+    local pid
+    if [[ -n $PGB_PIDFILE && -f $PGB_PIDFILE ]]; then
+        pid=$(head -n 1 "$PGB_PIDFILE" 2>/dev/null || true)
+        if [[ $pid =~ ^[0-9]+$ && $(cat "/proc/$pid/comm" 2>/dev/null) == pgbouncer ]]; then
+            return 0
+        fi
+        stop_pgbouncer || true
+    fi
+    start_pgbouncer
 }
 
 # ---------------------------------------------------------------------------
@@ -328,7 +344,10 @@ tsan_wrapper() {
 
 stage_main() {
     ensure_server_up || return 1
-    ctest --test-dir "$ROOT/build" --output-on-failure --no-tests=error -j1 --timeout 300
+    # test_pooler checks the pool's pooler detection through PgBouncer as well.
+    ensure_pgbouncer_up || return 1
+    PGR_TEST_NEED_PGBOUNCER=1 \
+        ctest --test-dir "$ROOT/build" --output-on-failure --no-tests=error -j1 --timeout 300
 }
 
 # The checkout, lifecycle and async tests once more through PgBouncer in transaction mode,
@@ -341,7 +360,7 @@ stage_main() {
 # holds behind PgBouncer.
 stage_pgbouncer() {
     local rc=0
-    start_pgbouncer || return 1
+    ensure_pgbouncer_up || return 1
     local ci=$PGR_BENCH_PGBOUNCER_CONNINFO dir=$ROOT/build/tests
     PGR_TEST_CONNINFO=$ci "$dir/test_checkout" --jobs 1 || rc=1
     PGR_TEST_CONNINFO=$ci "$dir/test_lifecycle" --jobs 1 \
@@ -355,7 +374,6 @@ stage_pgbouncer() {
     # The pool detects PgBouncer and then prepares nothing by name (it also checks the server
     # itself, through PGR_TEST_CONNINFO, for the opposite).
     PGR_TEST_NEED_PGBOUNCER=1 "$dir/test_pooler" --jobs 1 || rc=1
-    stop_pgbouncer || true
     return "$rc"
 }
 
@@ -411,7 +429,9 @@ stage_asan() {
     build_tree build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_ASAN=ON -DPGR_UBSAN=ON \
         -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=OFF || return 1
     ensure_server_up || return 1
-    ASAN_OPTIONS="detect_leaks=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
+    ensure_pgbouncer_up || return 1
+    PGR_TEST_NEED_PGBOUNCER=1 \
+        ASAN_OPTIONS="detect_leaks=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}" \
         ctest --test-dir "$ROOT/build-asan" --output-on-failure --no-tests=error -j1 --timeout 300
 }
@@ -454,9 +474,8 @@ cmd_test() {
     else
         pgr_log "=== stage: mutants (scripts/mutants.txt) ==="
         # PgBouncer too: the pooler-detection mutant is killed by a test through it.
-        { ensure_server_up && start_pgbouncer && bash "$ROOT/scripts/mutants.sh"; } ||
+        { ensure_server_up && ensure_pgbouncer_up && bash "$ROOT/scripts/mutants.sh"; } ||
             failed+=("mutants")
-        stop_pgbouncer || true
     fi
 
     if ((${#failed[@]})); then
