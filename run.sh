@@ -311,6 +311,22 @@ stop_pgbouncer() {
     fi
     rm -f "$PGB_PIDFILE"
     PGB_PIDFILE=
+    # Tests read these to find PgBouncer: a stopped one must not look available.
+    unset PGR_BENCH_PGBOUNCER_PORT PGR_BENCH_PGBOUNCER_CONNINFO
+}
+
+# PgBouncer is running (the one start_pgbouncer started), or is started now: Debian 12's
+# PgBouncer 1.18 can exit on a cancel request, and a later stage must not inherit a dead one.
+ensure_pgbouncer_up() {
+    local pid
+    if [[ -n $PGB_PIDFILE && -f $PGB_PIDFILE ]]; then
+        pid=$(head -n 1 "$PGB_PIDFILE" 2>/dev/null || true)
+        if [[ $pid =~ ^[0-9]+$ && $(cat "/proc/$pid/comm" 2>/dev/null) == pgbouncer ]]; then
+            return 0
+        fi
+        stop_pgbouncer || true
+    fi
+    start_pgbouncer
 }
 
 # ---------------------------------------------------------------------------
@@ -328,7 +344,10 @@ tsan_wrapper() {
 
 stage_main() {
     ensure_server_up || return 1
-    ctest --test-dir "$ROOT/build" --output-on-failure --no-tests=error -j1 --timeout 300
+    # test_pooler checks the pool's pooler detection through PgBouncer as well.
+    ensure_pgbouncer_up || return 1
+    PGR_TEST_NEED_PGBOUNCER=1 \
+        ctest --test-dir "$ROOT/build" --output-on-failure --no-tests=error -j1 --timeout 300
 }
 
 # The checkout, lifecycle and async tests once more through PgBouncer in transaction mode,
@@ -341,7 +360,7 @@ stage_main() {
 # holds behind PgBouncer.
 stage_pgbouncer() {
     local rc=0
-    start_pgbouncer || return 1
+    ensure_pgbouncer_up || return 1
     local ci=$PGR_BENCH_PGBOUNCER_CONNINFO dir=$ROOT/build/tests
     PGR_TEST_CONNINFO=$ci "$dir/test_checkout" --jobs 1 || rc=1
     PGR_TEST_CONNINFO=$ci "$dir/test_lifecycle" --jobs 1 \
@@ -352,7 +371,9 @@ stage_pgbouncer() {
     PGR_TEST_CONNINFO=$ci "$dir/test_async" --jobs 1 \
         --filter 'async/!(prepings_run_on_the_loop_ring_and_dead_backends_never_reach_the_caller|*_past_*deadline*)' ||
         rc=1
-    stop_pgbouncer || true
+    # The pool detects PgBouncer and then prepares nothing by name (it also checks the server
+    # itself, through PGR_TEST_CONNINFO, for the opposite).
+    PGR_TEST_NEED_PGBOUNCER=1 "$dir/test_pooler" --jobs 1 || rc=1
     return "$rc"
 }
 
@@ -408,7 +429,9 @@ stage_asan() {
     build_tree build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPGR_ASAN=ON -DPGR_UBSAN=ON \
         -DPGR_BUILD_TESTS=ON -DPGR_BUILD_BENCH=OFF || return 1
     ensure_server_up || return 1
-    ASAN_OPTIONS="detect_leaks=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
+    ensure_pgbouncer_up || return 1
+    PGR_TEST_NEED_PGBOUNCER=1 \
+        ASAN_OPTIONS="detect_leaks=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}" \
         ctest --test-dir "$ROOT/build-asan" --output-on-failure --no-tests=error -j1 --timeout 300
 }
@@ -450,7 +473,9 @@ cmd_test() {
         pgr_warn "PGR_SKIP_MUTANTS=1: skipping the mutants stage"
     else
         pgr_log "=== stage: mutants (scripts/mutants.txt) ==="
-        ensure_server_up && bash "$ROOT/scripts/mutants.sh" || failed+=("mutants")
+        # PgBouncer too: the pooler-detection mutant is killed by a test through it.
+        { ensure_server_up && ensure_pgbouncer_up && bash "$ROOT/scripts/mutants.sh"; } ||
+            failed+=("mutants")
     fi
 
     if ((${#failed[@]})); then
@@ -519,6 +544,7 @@ cmd_mutants() {
     ensure_deps test
     install_traps
     start_cluster
+    start_pgbouncer || pgr_die "pgbouncer did not start (a mutant's test runs through it)"
     bash "$ROOT/scripts/mutants.sh" "$@"
 }
 

@@ -193,6 +193,19 @@ static void pgr_destroy_fake(void *pool)
 	pgr_pool_destroy((pgr_pool *)pool);
 }
 
+/* Whether name is in the comma-separated list (NULL: every pool); the mutex pool always runs:
+ * the ratios are against it. */
+static bool wanted(const char *list, const char *name)
+{
+	if (!list || !strcmp(name, "mutex"))
+		return true;
+	size_t n = strlen(name);
+	for (const char *s = list; (s = strstr(s, name)) != NULL; s += n)
+		if ((s == list || s[-1] == ',') && (s[n] == ',' || s[n] == 0))
+			return true;
+	return false;
+}
+
 struct driver {
 	const char *name;
 	void *(*create)(uint32_t conns);
@@ -302,6 +315,7 @@ int main(int argc, char **argv)
 	int json_only = 0;
 	const char *only = NULL;
 	char *oversub = NULL;
+	const char *pools = NULL; /* --pools a,b: the oversub rows to run (mutex always) */
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--duration") && i + 1 < argc) {
@@ -316,10 +330,13 @@ int main(int argc, char **argv)
 			only = argv[++i];
 		} else if (!strcmp(argv[i], "--oversub") && i + 1 < argc) {
 			oversub = argv[++i];
+		} else if (!strcmp(argv[i], "--pools") && i + 1 < argc) {
+			pools = argv[++i];
 		} else {
-			fprintf(stderr, "usage: pgr_core_bench [--duration S] [--threads 1,2,8] "
-			                "[--only fit|scarce] [--oversub T/C/H_US,...] "
-			                "[--json]\n");
+			fprintf(stderr,
+			        "usage: pgr_core_bench [--duration S] [--threads 1,2,8] "
+			        "[--only fit|scarce] [--oversub T/C/H_US,...] [--pools a,b] "
+			        "[--json]\n");
 			return 2;
 		}
 	}
@@ -343,11 +360,13 @@ int main(int argc, char **argv)
 			}
 			struct result r[NDRIVERS];
 			for (unsigned d = 0; d < NDRIVERS; d++)
-				if (d != 2) /* ck_ring spins: no waiting policy to compare */
+				if (d != 2 &&
+				    wanted(pools, drivers[d].name)) /* ck_ring spins:
+				                                         no waiting policy */
 					r[d] = run_one(&drivers[d], t, c, (uint64_t)h * 1000u,
 					               seconds);
 			for (unsigned d = 0; d < NDRIVERS; d++) {
-				if (d == 2)
+				if (d == 2 || !wanted(pools, drivers[d].name))
 					continue;
 				printf("%-12s %-11s %12.0f %9llu %9llu %10llu %11llu %9.2f %9.2f "
 				       "%9.2f\n",

@@ -101,6 +101,8 @@ enum pgr_event_type {
 	PGR_EV_ACQUIRE_TIMEOUT, /* an acquire timed out (message: pool state, last error) */
 	PGR_EV_MISUSE,          /* an API call broke its contract (message says which; the call
 	                           returned an error and the pool is unchanged) */
+	PGR_EV_POOLER_DETECTED, /* a connection pooler (PgBouncer, ...) answers for the server;
+	                           once per pool, the message says what was turned off (0.2) */
 };
 
 typedef struct pgr_event {
@@ -221,6 +223,16 @@ typedef struct pgr_config {
 	                                    prepared-statement cache too (prepare_threshold,
 	                                    prepare_cache_size); 0 (default): it sends every text
 	                                    unnamed */
+	/*
+	 * A pooler in front (since 0.2). The pool detects one at its first connect
+	 * (pgr_stats.pooler, PGR_EV_POOLER_DETECTED) and then never prepares statements by name, as
+	 * a pooler in transaction mode would send the next transaction to another server connection
+	 * (PgBouncer before 1.21 keeps no prepared statements). README "Running in a fleet".
+	 */
+	bool pooler_keeps_prepared; /* true: the pooler keeps each client's prepared statements
+	                               (PgBouncer 1.21+ with max_prepared_statements, or session
+	                               pooling): prepare_threshold applies behind it too;
+	                               default false */
 	uint32_t exec_sync_group;        /* pgr_loop_exec: up to this many statements sent on one
 	                                    connection in a turn share one sync point (one commit,
 	                                    one round of the server's flush); the caller still sees
@@ -265,7 +277,20 @@ typedef struct pgr_stats {
 	uint64_t leaks;                /* leak reports */
 	uint64_t closes;               /* all closes; by reason below */
 	uint64_t closes_by_reason[16]; /* index: enum pgr_close_reason */
+	/* Since 0.2 (added after its first fields). */
+	uint32_t pooler; /* enum pgr_pooler: is a connection pooler in front of the server */
 } pgr_stats;
+
+/*
+ * pgr_stats.pooler: whether a connection pooler (PgBouncer, ...) answers for the server. Until
+ * the pool knows, and once one is detected, statements are not prepared by name unless
+ * pooler_keeps_prepared is set. Since 0.2.
+ */
+enum pgr_pooler {
+	PGR_POOLER_UNKNOWN = 0, /* no connection has answered the check yet */
+	PGR_POOLER_NONE,        /* the pool's connections reach the server itself */
+	PGR_POOLER_DETECTED,    /* a pooler stands between them */
+};
 
 /* Why a connection was closed; names from pgr_close_reason_name(). Since 0.1. */
 enum pgr_close_reason {

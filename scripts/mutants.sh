@@ -5,8 +5,8 @@
 #
 #   scripts/mutants.sh [NAME...]     all mutants, or only those named
 #
-# Needs the throwaway server's PGR_TEST_* variables: run it as `./run.sh mutants [NAME...]`,
-# which starts a cluster first. The sources (tracked and untracked, not ignored) are copied to
+# Needs the throwaway server's PGR_TEST_* variables and PgBouncer's
+# PGR_BENCH_PGBOUNCER_CONNINFO: run it as `./run.sh mutants [NAME...]`, which starts both first. The sources (tracked and untracked, not ignored) are copied to
 # a temporary directory and built there once; the working tree is never modified. First every
 # listed test runs on the unmodified copy (a test that fails there cannot kill anything); then
 # each mutant is applied alone, the listed test binaries are rebuilt and run, and the file is

@@ -21,6 +21,7 @@
 
 #include "exec.h"
 #include "manager.h"
+#include "pooler.h"
 #include "replica.h"
 #include "role.h"
 
@@ -221,6 +222,8 @@ static void connected(pgr_pool *p, struct pgr_conn *c)
 		pgr__mgr_close(p, c, PGR_CLOSE_POOL_CLOSING);
 		return;
 	}
+	if (pgr__pooler_connected(p, c))
+		return; /* asked first whether a pooler answers for the server */
 	if (pgr__replica_connected(p, c))
 		return; /* its standby's lag is measured first */
 	pgr__publish(p, c);
@@ -292,6 +295,8 @@ static void exec_sink(struct pgr__pq *x, int stmt, PGresult *r)
 	ExecStatusType st = PQresultStatus(r);
 	if (c->op_after == AFTER_LAG)
 		pgr__replica_sample(c, r);
+	else if (c->op_after == AFTER_POOLER)
+		pgr__pooler_sample(c, r);
 	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY)
 		c->exec_failed = 1;
 	PQclear(r);
@@ -337,6 +342,10 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 		ok = false;
 	if (after == AFTER_LAG) {
 		pgr__replica_measured(p, c, ok);
+		return;
+	}
+	if (after == AFTER_POOLER) {
+		pgr__pooler_checked(p, c, ok);
 		return;
 	}
 	/* Whatever the statement was, its answer carried the server's role if it changed. */

@@ -132,6 +132,8 @@ const char *pgr__event_type_name(enum pgr_event_type type)
 		return "acquire_timeout";
 	case PGR_EV_MISUSE:
 		return "misuse";
+	case PGR_EV_POOLER_DETECTED:
+		return "pooler_detected";
 	}
 	return "unknown";
 }

@@ -11,6 +11,7 @@
 
 #include "exec.h"
 #include "pool.h"
+#include "pooler.h"
 
 static bool is_error(const PGresult *r)
 {
@@ -83,7 +84,7 @@ bool pgr__pcache_decide(struct pgr_conn *c, const char *sql, uint64_t *name_id, 
 	*name_id = 0;
 	*prepare = false;
 	*evicted = 0;
-	int32_t threshold = c->pool->cfg.prepare_threshold;
+	int32_t threshold = pgr__prepare_threshold(c->pool); /* -1 behind a pooler */
 	if (threshold < 0)
 		return false;
 	struct pgr__pcache *pc = pcache_get(c);

@@ -68,6 +68,9 @@ struct pgr__pcpu {
 	char pad[60];
 };
 
+/* The sequences index the caches with a shift by 6. */
+_Static_assert(sizeof(struct pgr__pcpu) == 64, "one cache line per CPU cache");
+
 /* Gate word: bit 0 = fenced (a membarrier ran since the count left 0), the rest a count. */
 #define PGR__GATE_FENCED 1u
 #define PGR__GATE_ONE    2u

@@ -436,6 +436,7 @@ static void stats_fill(pgr_pool *p, pgr_stats *o)
 		    atomic_load_explicit(&p->c_closes[r], memory_order_relaxed);
 		o->closes += o->closes_by_reason[r];
 	}
+	o->pooler = atomic_load_explicit(&p->pooler, memory_order_relaxed);
 }
 
 /* 0.2's pgr_stats ends with closes_by_reason; later fields lie past it. */

@@ -204,6 +204,7 @@ struct pgr_pool {
 	uint32_t cap;   /* slots allocated at create: cfg.max_capacity, the resize bound */
 	uint32_t nshards;
 	uint8_t role;             /* enum pgr__role (role.h): what target_session_attrs asks for */
+	_Atomic uint8_t pooler;   /* enum pgr_pooler (pooler.h): manager-written, read relaxed */
 	struct pgr__hosts *hosts; /* host rotation of a replica pool (role.h), or NULL */
 	struct pgr__replica *replica; /* lag and rebalance state (replica.h), manager-only; NULL
 	                                 when the pool measures no lag and never rebalances */

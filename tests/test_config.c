@@ -68,6 +68,7 @@ Test(config, defaults_are_filled_in)
 	cr_assert_eq(c.replica_lag_interval_ms, 1000);
 	cr_assert_eq(c.replica_lag_grace_ms, 10000);
 	cr_assert_eq(c.rebalance_interval_ms, 5000);
+	cr_assert_not(c.pooler_keeps_prepared, "behind a pooler, no names unless asked");
 }
 
 Test(config, null_conninfo_rejected)
