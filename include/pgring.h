@@ -233,12 +233,12 @@ typedef struct pgr_config {
 	                               (PgBouncer 1.21+ with max_prepared_statements, or session
 	                               pooling): prepare_threshold applies behind it too;
 	                               default false */
-	uint32_t exec_sync_group;        /* pgr_loop_exec: up to this many statements sent on one
-	                                    connection in a turn share one sync point (one commit,
-	                                    one round of the server's flush); the caller still sees
-	                                    each statement on its own (see pgr_loop_exec); 0 or 1
-	                                    (default): a sync point after every statement; at most
-	                                    1024 */
+	uint32_t exec_sync_group;   /* pgr_loop_exec: up to this many statements sent on one
+	                               connection in a turn share one sync point (one commit,
+	                               one round of the server's flush); the caller still sees
+	                               each statement on its own (see pgr_loop_exec); 0 or 1
+	                               (default): a sync point after every statement; at most
+	                               1024 */
 } pgr_config;
 
 /*
