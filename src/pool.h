@@ -454,6 +454,22 @@ enum pgr__verdict pgr__return_verdict(struct pgr_conn *c, bool discard, int *rea
 int pgr__misuse(pgr_pool *p, uint32_t conn_id, int err, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 int pgr__timeout_error(pgr_pool *p, int64_t waited_ms);
+
+/* Between the checkout path (checkout.c) and the waiter FIFO (waiters.c). */
+/* The per-CPU caches' gate (percpu.h): closed from close to the matching open. */
+void pgr__gate_close(pgr_pool *p);
+void pgr__gate_open(pgr_pool *p);
+/* An idle connection from the caller's cache or a shard, unvalidated; *stolen if from another
+ * shard. */
+struct pgr_conn *pgr__take_any(pgr_pool *p, bool *stolen);
+/* The checks of an idle connection before it is handed out: false when it went to the manager. */
+bool pgr__validate(pgr_pool *p, struct pgr_conn *c);
+/* Hand c to the oldest waiter if the waiting policy says so (true: it did). */
+bool pgr__handoff(pgr_pool *p, struct pgr_conn *c);
+/* Serve waiters from the shards after a connection went there with callers waiting. */
+void pgr__pump(pgr_pool *p);
+/* A blocking caller's wait for a connection, until its deadline. */
+int pgr__slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out);
 /* Cheap guard for public entry points: the pool exists in this process. */
 static inline int pgr__pool_usable(const pgr_pool *p)
 {
