@@ -273,9 +273,11 @@ static inline __attribute__((always_inline)) void publish(pgr_pool *p, struct pg
 {
 	if (atomic_load_explicit(&p->nwaiters, memory_order_relaxed) > 0 && pgr__handoff(p, c))
 		return;
-	/* A commit to the cache means the gate was open, so no caller was waiting (a waiter
-	 * closes the gate before it counts itself in): nothing to pump. */
-	if (cache && p->npcpu && pcpu_put(p, c))
+	/* A commit to the cache means the gate was open, so no caller was asleep (a waiter closes
+	 * the gate before it parks, and its flush finds this connection): nothing to pump. */
+	if (cache && p->npcpu &&
+	    pgr__now_ms(p) >= atomic_load_explicit(&p->pcpu_calm_ms, memory_order_relaxed) &&
+	    pcpu_put(p, c))
 		return;
 	shard_put(p, c);
 	if (unlikely(atomic_load_explicit(&p->nwaiters, memory_order_seq_cst) > 0))
@@ -415,6 +417,11 @@ static __attribute__((noinline)) bool pcpu_steal(pgr_pool *p)
 		return false;
 	pgr__gate_close(p);
 	pgr__gate_open(p);
+	/* Connections that change CPUs at this rate are better left in the shards for a while:
+	 * two threads on two CPUs passing one connection back and forth would otherwise pay a
+	 * fence for every pass. */
+	atomic_store_explicit(&p->pcpu_calm_ms, pgr__now_ms(p) + PGR__PCPU_CALM_MS,
+	                      memory_order_relaxed);
 	return true;
 }
 

@@ -390,7 +390,7 @@ static void acquire_wait(pgr_loop *l, struct op *o)
 {
 	o->phase = PH_WAIT;
 	pgr__clock_kick(l->pool->rt);
-	int rc = pgr__wq_enqueue(l->pool, &o->wi);
+	int rc = pgr__wq_enqueue(l->pool, &o->wi, true);
 	if (rc) {
 		deliver_acquire(l, o, rc, NULL);
 		return;

@@ -23,10 +23,12 @@
  * microseconds) is paid only when the gate goes from open to closed; later closers find it
  * fenced and only count themselves in.
  *
- * The waiter/releaser Dekker pair (checkout.c) stays intact: a waiter closes the gate before it
- * counts itself in nwaiters, so a release that commits to a cache did so before the waiter's
- * fence (and the waiter's flush finds it), and a release after it finds the gate closed and
- * takes the atomic path, which reads nwaiters.
+ * The waiter/releaser Dekker pair (waiters.c) stays intact: a waiter closes the gate before it
+ * sleeps (a loop's waiter before it counts itself in nwaiters; a blocking one after its spin,
+ * which needs no gate because a spinning waiter is running), so a release that commits to a
+ * cache did so before the waiter's fence (and the waiter's flush finds it, before the waiter
+ * sleeps), and a release after it finds the gate closed and takes the atomic path, which reads
+ * nwaiters. A caller that waits and is served while it spins pays no fence at all.
  *
  * Builds under ThreadSanitizer, which cannot see inside a restartable sequence, and machines
  * without rseq (glibc not registering it, another architecture) or without the membarrier

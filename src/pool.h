@@ -185,12 +185,17 @@ enum pgr__wstate {
  * instead of to whoever runs first (see pgr__publish). */
 #define PGR__STARVE_NS 1000000
 
+/* After a connection was stolen from another CPU's cache (a fence), releases leave the caches
+ * alone this long. */
+#define PGR__PCPU_CALM_MS 10
+
 struct pgr__waiter {
 	_Atomic uint32_t state; /* the futex word; shared (not PRIVATE): see futex_wait */
 	uint32_t conn;          /* granted slot, valid once state == GRANTED */
 	uint32_t next, prev;    /* FIFO links, under wq_lock */
 	uint32_t gen;
 	uint32_t pos;             /* place in the queue at arrival (1 = head), under wq_lock */
+	bool gated;               /* holds the caches' gate (percpu.h); the waiter's own */
 	_Atomic int64_t since_ns; /* when it queued (CLOCK_MONOTONIC; read by releasers) */
 } PGR__ALIGNED;
 
@@ -236,6 +241,8 @@ struct pgr_pool {
 	 * changes when waiting starts and ends, like nwaiters, and releasers read both. */
 	_Atomic uint32_t nwaiters PGR__ALIGNED;
 	_Atomic uint64_t pcpu_gate;
+	_Atomic int64_t pcpu_calm_ms; /* releases skip the caches until then (a steal from a
+	                                 cache happened: checkout.c, pcpu_steal) */
 
 	/* Slot accounting, written on connect/close and by growing waiters. */
 	_Atomic uint32_t nopen PGR__ALIGNED; /* reserved slots: connecting + open */
@@ -433,7 +440,9 @@ bool pgr__waiter_park(struct pgr__waiter *w);
 /* A nudged waiter resumes looking: NUDGED -> WAITING. False when the state moved on meanwhile
  * (granted, shut down). */
 bool pgr__waiter_resume(struct pgr__waiter *w);
-int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi);
+/* gate: close the per-CPU caches' gate now (a loop's waiter, which sleeps at once); a blocking
+ * waiter closes it before it parks. */
+int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi, bool gate);
 unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted);
 void pgr__wq_free(pgr_pool *p, uint32_t wi);
 struct pgr_conn *pgr__wq_outcome(pgr_pool *p, unsigned s, struct pgr_conn *mine,

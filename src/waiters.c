@@ -239,15 +239,18 @@ int pgr__timeout_error(pgr_pool *p, int64_t waited_ms)
  * -PGR_E_TOO_MANY_WAITERS. Shared by blocking and io_uring waiters, so one release serves both
  * in arrival order.
  */
-int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
+int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out, bool gate)
 {
-	/* Before counting itself in nwaiters (percpu.h): the caches are empty while it waits,
-	 * and every release reads nwaiters. Held until pgr__wq_free. */
-	pgr__gate_close(p);
+	/* Before counting itself in nwaiters (percpu.h): the caches are empty while it sleeps,
+	 * and every release reads nwaiters. Held until pgr__wq_free. A blocking caller closes
+	 * it later, only if it is about to sleep (pgr__slow_acquire). */
+	if (gate)
+		pgr__gate_close(p);
 	pthread_mutex_lock(&p->wq_lock);
 	if (atomic_load_explicit(&p->closing, memory_order_relaxed)) {
 		pthread_mutex_unlock(&p->wq_lock);
-		pgr__gate_open(p);
+		if (gate)
+			pgr__gate_open(p);
 		return -ESHUTDOWN;
 	}
 	uint32_t wi = p->wq_free;
@@ -258,7 +261,8 @@ int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 		                       path */
 	if (wi == PGR__NONE) {
 		pthread_mutex_unlock(&p->wq_lock);
-		pgr__gate_open(p);
+		if (gate)
+			pgr__gate_open(p);
 		atomic_fetch_add_explicit(&p->c_rejected, 1, memory_order_relaxed);
 		pgr__emitf(p, PGR_EV_WAITER_REJECTED, PGR__NONE,
 		           "acquire rejected: %u callers already waiting (max_waiters)",
@@ -268,6 +272,7 @@ int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out)
 	struct pgr__waiter *w = &p->waiters[wi];
 	w->gen++;
 	w->conn = PGR__NONE;
+	w->gated = gate;
 	atomic_store_explicit(&w->since_ns, pgr__mono_ns(), memory_order_relaxed);
 	w->next = PGR__NONE;
 	w->prev = p->wq_tail;
@@ -318,9 +323,11 @@ unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted)
 void pgr__wq_free(pgr_pool *p, uint32_t wi)
 {
 	pthread_mutex_lock(&p->wq_lock);
+	bool gated = p->waiters[wi].gated;
 	wq_free_slot(p, wi);
 	pthread_mutex_unlock(&p->wq_lock);
-	pgr__gate_open(p);
+	if (gated)
+		pgr__gate_open(p);
 }
 
 /*
@@ -360,7 +367,7 @@ int pgr__slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 	int64_t deadline = pgr__sat_add(t0, pgr__ms_to_ns(timeout_ms));
 	for (;;) {
 		uint32_t wi;
-		int rc = pgr__wq_enqueue(p, &wi);
+		int rc = pgr__wq_enqueue(p, &wi, false);
 		if (rc)
 			return rc;
 		struct pgr__waiter *w = &p->waiters[wi];
@@ -369,7 +376,24 @@ int pgr__slow_acquire(pgr_pool *p, int64_t timeout_ms, struct pgr_conn **out)
 		while (!mine && !timed_out) {
 			/* Spinning or parking ends when the state leaves WAITING: granted, shut
 			 * down, or (parked) nudged to look again. */
-			if (spin_for_grant(p, w) || !pgr__waiter_park(w))
+			if (spin_for_grant(p, w))
+				break;
+			if (!w->gated) {
+				/*
+				 * About to sleep: close the caches' gate (percpu.h), so that from
+				 * here on every release goes where a sleeper is served. A spinning
+				 * waiter needs no gate: a release that missed it and went to a
+				 * cache is found here, by the gate's flush, before it sleeps.
+				 */
+				pgr__gate_close(p);
+				w->gated = true;
+				if (atomic_load_explicit(&w->state, memory_order_acquire) !=
+				    PGR__W_WAITING)
+					break;
+				if ((mine = pgr__fast_take(p)) != NULL)
+					break;
+			}
+			if (!pgr__waiter_park(w))
 				break;
 			while (atomic_load_explicit(&w->state, memory_order_acquire) ==
 			       PGR__W_SLEEPING) {

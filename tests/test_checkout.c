@@ -366,6 +366,75 @@ Test(checkout, a_caller_whose_shard_is_empty_steals_from_another_shard, .timeout
 
 /* ---- per-CPU caches ---- */
 
+struct sleeper_run {
+	pgr_pool *p;
+	int cpu;
+	int rc;
+	int64_t waited_ms;
+};
+
+static void *sleeper_main(void *arg)
+{
+	struct sleeper_run *r = arg;
+	pin(r->cpu);
+	pgr_conn *c;
+	int64_t t0 = tu_now_ms();
+	r->rc = pgr_acquire(r->p, 5000, &c);
+	r->waited_ms = tu_now_ms() - t0;
+	if (r->rc == 0)
+		pgr_release(c);
+	return NULL;
+}
+
+/*
+ * A caller asleep in the queue, not yet due a hand-off: the connection returned meanwhile on
+ * another CPU must reach it (to a shard, with the sleeper woken), never sit in the returning
+ * CPU's cache while the sleeper waits out its deadline. The sleeper closed the caches' gate
+ * before it parked (percpu.h).
+ */
+Test(checkout, a_release_while_a_caller_sleeps_reaches_it_not_a_cpu_cache, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = cfg.max_size = 1;
+	pgr_pool *p = tu_pool(&cfg);
+	cpu_set_t allowed;
+	cr_assert_eq(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+	int cpus[2] = {-1, -1}, n = 0;
+	for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
+		if (CPU_ISSET(cpu, &allowed))
+			cpus[n++] = cpu;
+	cr_assert_eq(n, 2, "this test needs two CPUs this process may run on");
+	pin(cpus[0]);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(p, 5000, &held), 0);
+	struct sleeper_run r = {.p = p, .cpu = cpus[1]};
+	pthread_t th;
+	cr_assert_eq(pthread_create(&th, NULL, sleeper_main, &r), 0);
+	/* Until the caller has given up spinning and sleeps. */
+	bool asleep = false;
+	for (int i = 0; i < 500000 && !asleep; i++) {
+		if (atomic_load_explicit(&p->nwaiters, memory_order_acquire) == 1) {
+			uint32_t head = p->wq_head;
+			asleep = head != PGR__NONE &&
+			         atomic_load_explicit(&p->waiters[head].state,
+			                              memory_order_acquire) == PGR__W_SLEEPING;
+		}
+		if (!asleep)
+			sched_yield();
+	}
+	cr_assert(asleep, "the caller never went to sleep");
+	cr_assert_eq(pgr_release(held), 0);
+	pthread_join(th, NULL);
+	cr_assert_eq(r.rc, 0, "%s", pgr_strerror(r.rc));
+	cr_assert_lt(r.waited_ms, 1000,
+	             "the sleeper waited %lld ms for a connection returned to "
+	             "the pool",
+	             (long long)r.waited_ms);
+	pgr_pool_destroy(p);
+}
+
 struct cache_run {
 	pgr_pool *p;
 	int cpu_a, cpu_b;
