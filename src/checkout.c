@@ -319,15 +319,7 @@ static int socket_event(struct pgr_conn *c)
  * Decide whether an idle connection just taken may go to the caller. Returns true to hand it
  * out; otherwise the connection has been passed to the manager (retire, ping or check) and the
  * caller keeps looking. No I/O here beyond one zero-timeout poll on long-idle sockets.
- */
-static bool validate_ex(pgr_pool *p, struct pgr_conn *c, bool *ping_here);
-
-static bool validate(pgr_pool *p, struct pgr_conn *c)
-{
-	return validate_ex(p, c, NULL);
-}
-
-/*
+ *
  * ping_here: the caller (an io_uring loop) pings on its own ring, so a connection that needs a
  * pre-ping is handed back with *ping_here set instead of going to the manager.
  */
@@ -425,15 +417,18 @@ static __attribute__((noinline)) bool pcpu_steal(pgr_pool *p)
 	return true;
 }
 
-/* The lock-free part: the caches and the idle shards. */
-static struct pgr_conn *fast_take(pgr_pool *p)
+/*
+ * The lock-free part: the caches and the idle shards. ping: NULL, or (an io_uring loop, which
+ * pings on its own ring) where to say that the connection needs a pre-ping (validate_ex).
+ */
+static inline __attribute__((always_inline)) struct pgr_conn *fast_take_ex(pgr_pool *p, bool *ping)
 {
 	bool stolen;
 	struct pgr_conn *c;
 	bool flushed = false;
 	for (;;) {
 		while ((c = take_any(p, &stolen)) != NULL) {
-			if (likely(validate(p, c))) {
+			if (likely(validate_ex(p, c, ping))) {
 				if (stolen || flushed)
 					pgr__inc(&c->n_steals);
 				return c;
@@ -443,6 +438,11 @@ static struct pgr_conn *fast_take(pgr_pool *p)
 			return NULL;
 		flushed = true;
 	}
+}
+
+static struct pgr_conn *fast_take(pgr_pool *p)
+{
+	return fast_take_ex(p, NULL);
 }
 
 struct pgr_conn *pgr__fast_take(pgr_pool *p)
@@ -452,22 +452,8 @@ struct pgr_conn *pgr__fast_take(pgr_pool *p)
 
 struct pgr_conn *pgr__fast_take_ping(pgr_pool *p, bool *ping)
 {
-	bool stolen;
-	struct pgr_conn *c;
-	bool flushed = false;
 	*ping = false;
-	for (;;) {
-		while ((c = take_any(p, &stolen)) != NULL) {
-			if (validate_ex(p, c, ping)) {
-				if (stolen || flushed)
-					pgr__inc(&c->n_steals);
-				return c;
-			}
-		}
-		if (flushed || !p->npcpu || !pcpu_steal(p))
-			return NULL;
-		flushed = true;
-	}
+	return fast_take_ex(p, ping);
 }
 
 pgr_conn *pgr__checked_out(struct pgr_conn *c, int64_t waited_ns, const char *file, int line,

@@ -94,59 +94,68 @@ static inline struct rseq *pgr__rseq_area(void)
 }
 
 /*
- * Take the calling CPU's cached connection. Returns its id, or EMPTY, CLOSED or ABORT.
+ * The two sequences share their frame; only the middle differs.
  *
- * The descriptor (section __rseq_cs) tells the kernel where the sequence starts (1:), where it
- * ends (2:, just past the committing store) and where to go when interrupted (4:). The CPU
- * number is read inside the sequence, so a migration after reading it aborts it. The gate is
- * read inside too: a closer's membarrier either aborts this sequence or comes after its commit.
- * The descriptor pointer is cleared on the way out (6:) rather than left for the kernel to
- * clear: it points into this library, which a dlclose could unmap.
+ * Enter: the descriptor (section __rseq_cs) tells the kernel where the sequence starts (1:),
+ * where it ends (2:, just past the committing store) and where to go when interrupted (4:). The
+ * CPU number is read inside the sequence, so a migration after reading it aborts it; a CPU past
+ * the table goes to 5: (CLOSED). The gate is read inside too: a closer's membarrier either
+ * aborts this sequence or comes after its commit. Leaves %rax pointing at this CPU's cache.
+ *
+ * Leave: the abort handler, behind the signature; 5: for CLOSED; 6: the way out, which clears
+ * the descriptor pointer rather than leave it for the kernel to clear: it points into this
+ * library, which a dlclose could unmap.
  */
+#define PGR__RSEQ_ENTER                                                                            \
+	".pushsection __rseq_cs, \"aw\"\n\t"                                                       \
+	".balign 32\n\t"                                                                           \
+	"3:\n\t"                                                                                   \
+	".long 0, 0\n\t"                                                                           \
+	".quad 1f, (2f - 1f), 4f\n\t"                                                              \
+	".popsection\n\t"                                                                          \
+	"leaq 3b(%%rip), %%rax\n\t"                                                                \
+	"movq %%rax, %c[cs](%[rs])\n\t"                                                            \
+	"1:\n\t"                                                                                   \
+	"movl %c[cpu](%[rs]), %%eax\n\t"                                                           \
+	"cmpl %[ncpus], %%eax\n\t"                                                                 \
+	"jae 5f\n\t"                                                                               \
+	"cmpq $0, (%[gate])\n\t"                                                                   \
+	"jne 5f\n\t"                                                                               \
+	"shlq $6, %%rax\n\t"                                                                       \
+	"addq %[slots], %%rax\n\t"
+/* ud1 <sig>(%rip), %edi: the signature disassembles as one instruction that would trap if ever
+ * executed. */
+#define PGR__RSEQ_LEAVE                                                                            \
+	".pushsection __rseq_failure, \"ax\"\n\t"                                                  \
+	".byte 0x0f, 0xb9, 0x3d\n\t"                                                               \
+	".long " PGR__RSEQ_SIG "\n\t"                                                              \
+	"4:\n\t"                                                                                   \
+	"movl $-3, %[ret]\n\t"                                                                     \
+	"jmp 6f\n\t"                                                                               \
+	".popsection\n\t"                                                                          \
+	"5:\n\t"                                                                                   \
+	"movl $-2, %[ret]\n\t"                                                                     \
+	"6:\n\t"                                                                                   \
+	"movq $0, %c[cs](%[rs])\n\t"
+#define PGR__RSEQ_INPUTS                                                                           \
+	[rs] "r"(rs), [cs] "i"(offsetof(struct rseq, rseq_cs)),                                    \
+	    [cpu] "i"(offsetof(struct rseq, cpu_id)), [ncpus] "r"(ncpus), [gate] "r"(gate),        \
+	    [slots] "r"(slots)
+
+/* Take the calling CPU's cached connection. Returns its id, or EMPTY, CLOSED or ABORT. */
 static inline uint32_t pgr__pcpu_pop(struct pgr__pcpu *slots, uint32_t ncpus,
                                      const _Atomic uint64_t *gate)
 {
 	uint32_t ret;
 	struct rseq *rs = pgr__rseq_area();
-	__asm__ __volatile__(".pushsection __rseq_cs, \"aw\"\n\t"
-	                     ".balign 32\n\t"
-	                     "3:\n\t"
-	                     ".long 0, 0\n\t"
-	                     ".quad 1f, (2f - 1f), 4f\n\t"
-	                     ".popsection\n\t"
-	                     "leaq 3b(%%rip), %%rax\n\t"
-	                     "movq %%rax, %c[cs](%[rs])\n\t"
-	                     "1:\n\t"
-	                     "movl %c[cpu](%[rs]), %%eax\n\t"
-	                     "cmpl %[ncpus], %%eax\n\t"
-	                     "jae 5f\n\t"
-	                     "cmpq $0, (%[gate])\n\t"
-	                     "jne 5f\n\t"
-	                     "shlq $6, %%rax\n\t"
-	                     "addq %[slots], %%rax\n\t"
-	                     "movl (%%rax), %[ret]\n\t"
-	                     "cmpl $-1, %[ret]\n\t"
-	                     "je 6f\n\t"
-	                     "movl $-1, (%%rax)\n\t"
-	                     "2:\n\t"
-	                     "jmp 6f\n\t"
-	                     ".pushsection __rseq_failure, \"ax\"\n\t"
-	                     /* ud1 <sig>(%%rip), %%edi: the signature disassembles as one
-	                        instruction that would trap if ever executed. */
-	                     ".byte 0x0f, 0xb9, 0x3d\n\t"
-	                     ".long " PGR__RSEQ_SIG "\n\t"
-	                     "4:\n\t"
-	                     "movl $-3, %[ret]\n\t"
-	                     "jmp 6f\n\t"
-	                     ".popsection\n\t"
-	                     "5:\n\t"
-	                     "movl $-2, %[ret]\n\t"
-	                     "6:\n\t"
-	                     "movq $0, %c[cs](%[rs])\n\t"
+	__asm__ __volatile__(PGR__RSEQ_ENTER "movl (%%rax), %[ret]\n\t"
+	                                     "cmpl $-1, %[ret]\n\t"
+	                                     "je 6f\n\t"
+	                                     "movl $-1, (%%rax)\n\t"
+	                                     "2:\n\t"
+	                                     "jmp 6f\n\t" PGR__RSEQ_LEAVE
 	                     : [ret] "=&r"(ret)
-	                     : [rs] "r"(rs), [cs] "i"(offsetof(struct rseq, rseq_cs)),
-	                       [cpu] "i"(offsetof(struct rseq, cpu_id)), [ncpus] "r"(ncpus),
-	                       [gate] "r"(gate), [slots] "r"(slots)
+	                     : PGR__RSEQ_INPUTS
 	                     : "rax", "memory", "cc");
 	return ret;
 }
@@ -163,43 +172,14 @@ static inline uint32_t pgr__pcpu_push(struct pgr__pcpu *slots, uint32_t ncpus,
 {
 	uint32_t ret;
 	struct rseq *rs = pgr__rseq_area();
-	__asm__ __volatile__(".pushsection __rseq_cs, \"aw\"\n\t"
-	                     ".balign 32\n\t"
-	                     "3:\n\t"
-	                     ".long 0, 0\n\t"
-	                     ".quad 1f, (2f - 1f), 4f\n\t"
-	                     ".popsection\n\t"
-	                     "leaq 3b(%%rip), %%rax\n\t"
-	                     "movq %%rax, %c[cs](%[rs])\n\t"
-	                     "1:\n\t"
-	                     "movl %c[cpu](%[rs]), %%eax\n\t"
-	                     "cmpl %[ncpus], %%eax\n\t"
-	                     "jae 5f\n\t"
-	                     "cmpq $0, (%[gate])\n\t"
-	                     "jne 5f\n\t"
-	                     "shlq $6, %%rax\n\t"
-	                     "addq %[slots], %%rax\n\t"
-	                     "cmpl $-1, (%%rax)\n\t"
-	                     "jne 5f\n\t"
-	                     "movl %[id], (%%rax)\n\t"
-	                     "2:\n\t"
-	                     "xorl %[ret], %[ret]\n\t"
-	                     "jmp 6f\n\t"
-	                     ".pushsection __rseq_failure, \"ax\"\n\t"
-	                     ".byte 0x0f, 0xb9, 0x3d\n\t"
-	                     ".long " PGR__RSEQ_SIG "\n\t"
-	                     "4:\n\t"
-	                     "movl $-3, %[ret]\n\t"
-	                     "jmp 6f\n\t"
-	                     ".popsection\n\t"
-	                     "5:\n\t"
-	                     "movl $-2, %[ret]\n\t"
-	                     "6:\n\t"
-	                     "movq $0, %c[cs](%[rs])\n\t"
+	__asm__ __volatile__(PGR__RSEQ_ENTER "cmpl $-1, (%%rax)\n\t"
+	                                     "jne 5f\n\t"
+	                                     "movl %[id], (%%rax)\n\t"
+	                                     "2:\n\t"
+	                                     "xorl %[ret], %[ret]\n\t"
+	                                     "jmp 6f\n\t" PGR__RSEQ_LEAVE
 	                     : [ret] "=&r"(ret)
-	                     : [rs] "r"(rs), [cs] "i"(offsetof(struct rseq, rseq_cs)),
-	                       [cpu] "i"(offsetof(struct rseq, cpu_id)), [ncpus] "r"(ncpus),
-	                       [gate] "r"(gate), [slots] "r"(slots), [id] "r"(id)
+	                     : PGR__RSEQ_INPUTS, [id] "r"(id)
 	                     : "rax", "memory", "cc");
 	return ret;
 }
