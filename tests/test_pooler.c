@@ -11,37 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "test_lifecycle.h"
-
-struct env {
-	struct io_uring ring;
-	pgr_pool *pool;
-	pgr_loop *loop;
-	struct lc_events *ev;
-	char *conninfo;
-};
-
-struct res {
-	int done;
-	int err;
-	ExecStatusType st;
-	char sqlstate[6];
-	char val[64];
-};
-
-static void on_res(pgr_loop *l, int err, PGresult *r, void *arg)
-{
-	(void)l;
-	struct res *x = arg;
-	x->done = 1;
-	x->err = err;
-	x->st = r ? PQresultStatus(r) : PGRES_EMPTY_QUERY;
-	const char *ss = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
-	snprintf(x->sqlstate, sizeof(x->sqlstate), "%s", ss ? ss : "");
-	if (r && x->st == PGRES_TUPLES_OK && PQntuples(r) > 0)
-		snprintf(x->val, sizeof(x->val), "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
-}
+#include "loop_env.h"
 
 static const char *pgbouncer(void)
 {
@@ -58,57 +28,14 @@ static const char *pgbouncer(void)
 }
 
 /* A pool with the default config (one exec connection, so that its cache is one cache). */
+static void one_exec_conn(pgr_config *cfg)
+{
+	cfg->exec_max_conns = 1;
+}
+
 static void env_init(struct env *e, const char *base, const char *app)
 {
-	memset(e, 0, sizeof(*e));
-	cr_assert_eq(io_uring_queue_init(64, &e->ring, 0), 0);
-	e->ev = lc_events_new();
-	pgr_config cfg;
-	lc_config(&cfg, base, app, e->ev, &e->conninfo);
-	cfg.max_size = 2;
-	cfg.exec_max_conns = 1;
-	e->pool = tu_pool(&cfg);
-	cr_assert_eq(pgr_loop_create(e->pool, &e->ring, 0, &e->loop), 0);
-}
-
-static void turn(struct env *e)
-{
-	struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 5000000};
-	struct io_uring_cqe *cqe;
-	io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, &ts, NULL);
-	unsigned head, n = 0;
-	io_uring_for_each_cqe (&e->ring, head, cqe) {
-		cr_assert(pgr_loop_handle_cqe(e->loop, cqe), "a CQE that is not pgring's");
-		n++;
-	}
-	io_uring_cq_advance(&e->ring, n);
-}
-
-static void wait_all(struct env *e, struct res *r, int n)
-{
-	int64_t dl = tu_now_ms() + 10000;
-	for (;;) {
-		int k = 0;
-		for (int i = 0; i < n; i++)
-			k += r[i].done;
-		if (k == n)
-			return;
-		cr_assert_lt(tu_now_ms(), dl, "only %d of %d statements answered", k, n);
-		turn(e);
-	}
-}
-
-static void env_fini(struct env *e)
-{
-	int64_t dl = tu_now_ms() + 5000;
-	while (pgr_loop_destroy(e->loop) == -EBUSY) {
-		cr_assert_lt(tu_now_ms(), dl, "loop never drained");
-		turn(e);
-	}
-	cr_assert_eq(pgr_pool_destroy(e->pool), 0);
-	io_uring_queue_exit(&e->ring);
-	lc_events_free(e->ev);
-	free(e->conninfo);
+	env_open(e, base, app, 64, 2, one_exec_conn);
 }
 
 static void exec1(struct env *e, const char *sql, const char *p1, struct res *r)
@@ -126,7 +53,7 @@ static void run_expect(struct env *e, const char *sql, int i, int add)
 	snprintf(want, sizeof(want), "%d", add + i);
 	struct res r = {0};
 	exec1(e, sql, p, &r);
-	wait_all(e, &r, 1);
+	wait_all(e, &r, 1, 10000);
 	cr_assert_eq(r.err, 0, "%s: %s", sql, pgr_strerror(r.err));
 	cr_assert_eq(r.st, PGRES_TUPLES_OK, "%s (use %d): sqlstate %s", sql, i + 1, r.sqlstate);
 	cr_assert_str_eq(r.val, want, "%s (use %d) answered another statement's result", sql,
@@ -143,7 +70,7 @@ static bool prepared(struct env *e, const char *text)
 {
 	struct res r = {0};
 	exec1(e, "select count(*) from pg_prepared_statements where statement = $1", text, &r);
-	wait_all(e, &r, 1);
+	wait_all(e, &r, 1, 10000);
 	cr_assert_eq(r.st, PGRES_TUPLES_OK);
 	return atoi(r.val) > 0;
 }
@@ -186,7 +113,7 @@ Test(pooler, pgbouncer_is_detected_and_nothing_is_prepared_by_name, .timeout = 6
 		snprintf(p[i], sizeof(p[i]), "%d", i);
 		exec1(&a, ta, p[i], &r[i]);
 	}
-	wait_all(&a, r, 20);
+	wait_all(&a, r, 20, 10000);
 	for (int i = 0; i < 20; i++) {
 		cr_assert_eq(r[i].st, PGRES_TUPLES_OK, "pipelined %d: sqlstate %s", i,
 		             r[i].sqlstate);
