@@ -674,7 +674,7 @@ static inline enum pgr__rstate libpq_return_state(struct pgr_conn *c)
 
 const struct pgr__conn_ops pgr__libpq_ops = {.return_state = libpq_return_state};
 
-/* The same checks for the loop's release path (loop.c); release() below inlines them. */
+/* The same checks for the loop's release path (loop_acquire.c); release() below inlines them. */
 int pgr__return_check(pgr_conn *h, const char *what, struct pgr_conn **out)
 {
 	return return_check(h, what, out);
