@@ -58,7 +58,8 @@ static int shard_take_mt(pgr_pool *p, unsigned s)
 {
 	_Atomic uint64_t *w = pgr__shard_words(p, s);
 	for (uint32_t i = 0; i < p->nwords; i++) {
-		/* seq_cst: this load is the waiter's half of the Dekker pair (file comment). */
+		/* seq_cst: this load is the waiter's half of the Dekker pair (waiters.c, file
+		 * comment). */
 		uint64_t v = atomic_load_explicit(&w[i], memory_order_seq_cst);
 		while (v) {
 			uint64_t bit = v & (~v + 1);
@@ -112,7 +113,7 @@ static void shard_put(pgr_pool *p, struct pgr_conn *c);
 /*
  * Move every cached connection into the shards. Only a thread that closed the gate calls this,
  * after the fence: no sequence can commit meanwhile, and every commit before it is visible.
- * Like a release, it reads nwaiters after publishing (the Dekker pair of the file comment): a
+ * Like a release, it reads nwaiters after publishing (the Dekker pair, waiters.c): a
  * waiter that counted itself in before these connections reached the shards is served.
  */
 static void pcpu_flush(pgr_pool *p)
