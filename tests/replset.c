@@ -130,3 +130,13 @@ int rs_count_port(const int *ports, int n, int port)
 		k += ports[i] == port;
 	return k;
 }
+
+void rs_standby_pool_config(pgr_config *cfg, const char *ci)
+{
+	pgr_config_init(cfg);
+	cfg->conninfo = ci;
+	cfg->min_idle = 6;
+	cfg->max_size = 6;
+	cfg->backoff_min_ms = 50;
+	cfg->backoff_max_ms = 200;
+}

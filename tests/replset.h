@@ -30,5 +30,8 @@ char *rs_conninfo(struct rs *r, const int *nodes, int n, const char *tsa);
 /* The ports of the pool's connections: n checked out at once (n <= 8), then released. */
 void rs_pool_ports(pgr_pool *p, int n, int *ports);
 int rs_count_port(const int *ports, int n, int port);
+/* A pool of six connections over standby1 and standby2 (conninfo ci), with short reconnect
+ * backoffs: the replica tests' starting point, to which each adds what it tests. */
+void rs_standby_pool_config(pgr_config *cfg, const char *ci);
 
 #endif

@@ -403,12 +403,7 @@ Test(replicas, connections_spread_over_the_standbys_and_come_back_to_a_returning
 	int nodes[] = {1, 2};
 	char *ci = rs_conninfo(&r, nodes, 2, "read-only");
 	pgr_config cfg;
-	pgr_config_init(&cfg);
-	cfg.conninfo = ci;
-	cfg.min_idle = 6;
-	cfg.max_size = 6;
-	cfg.backoff_min_ms = 50;
-	cfg.backoff_max_ms = 200;
+	rs_standby_pool_config(&cfg, ci);
 	/* Connections are replaced within about a second: how traffic finds a returning one. */
 	cfg.max_lifetime_ms = 1000;
 	cfg.lifetime_jitter_ms = 500;

@@ -81,12 +81,7 @@ Test(replicas, a_lagging_standby_is_not_used_until_it_catches_up, .timeout = 100
 	int nodes[] = {1, 2};
 	char *ci = rs_conninfo(&r, nodes, 2, "standby");
 	pgr_config cfg;
-	pgr_config_init(&cfg);
-	cfg.conninfo = ci;
-	cfg.min_idle = 6;
-	cfg.max_size = 6;
-	cfg.backoff_min_ms = 50;
-	cfg.backoff_max_ms = 200;
+	rs_standby_pool_config(&cfg, ci);
 	cfg.connect_timeout_ms = 2000;
 	cfg.max_replica_lag_ms = 500;
 	cfg.replica_lag_interval_ms = 100;
@@ -156,12 +151,7 @@ Test(replicas, connections_move_back_to_a_standby_that_returns, .timeout = 100, 
 	int nodes[] = {1, 2};
 	char *ci = rs_conninfo(&r, nodes, 2, "standby");
 	pgr_config cfg;
-	pgr_config_init(&cfg);
-	cfg.conninfo = ci;
-	cfg.min_idle = 6;
-	cfg.max_size = 6;
-	cfg.backoff_min_ms = 50;
-	cfg.backoff_max_ms = 200;
+	rs_standby_pool_config(&cfg, ci);
 	cfg.connect_timeout_ms = 2000;
 	cfg.rebalance_interval_ms = 200;
 	/* The default lifetime (30 min): only rebalancing can bring connections back. */
