@@ -46,17 +46,30 @@ pgr_port_in_use() {
     return 1
 }
 
-# Print a TCP port that is currently free on 127.0.0.1. Starts at a random
-# point in 20000-39999 so that concurrent callers rarely pick the same port;
-# callers that bind later must still cope with losing a race.
+# Print a TCP port that is currently free on 127.0.0.1, from 20000-39999 less the
+# kernel's ephemeral range (ip_local_port_range, 32768-60999 by default). A port from that
+# range can be taken while a server is down for a restart: by any outgoing connection, and
+# even by a client retrying the downed port itself, since a connect whose ephemeral port
+# equals the destination port connects to itself. Starts at a random point so that
+# concurrent callers rarely pick the same port; callers that bind later must still cope with
+# losing a race.
 pgr_free_port() {
-    local start=$((20000 + RANDOM % 20000)) i port
-    for ((i = 0; i < 20000; i++)); do
-        port=$((20000 + (start - 20000 + i) % 20000))
-        if ! pgr_port_in_use "$port"; then
-            echo "$port"
-            return 0
-        fi
+    local lo=32768 hi=60999 range start i port pass
+    if [[ -r /proc/sys/net/ipv4/ip_local_port_range ]]; then
+        read -r lo hi </proc/sys/net/ipv4/ip_local_port_range || true
+    fi
+    range=20000
+    start=$((RANDOM % range))
+    # A second pass takes ephemeral ports too, for a machine whose range covers 20000-39999.
+    for pass in avoid any; do
+        for ((i = 0; i < range; i++)); do
+            port=$((20000 + (start + i) % range))
+            [[ $pass == avoid ]] && ((port >= lo && port <= hi)) && continue
+            if ! pgr_port_in_use "$port"; then
+                echo "$port"
+                return 0
+            fi
+        done
     done
     pgr_die "no free TCP port found in 20000-39999"
 }

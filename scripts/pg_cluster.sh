@@ -287,10 +287,22 @@ cmd_server_start() {
         pgr_log "server in $dir is already running"
         return 0
     fi
-    pg_start "$dir" || {
+    # The port must stay the one clients know, so a bind that fails is retried rather than
+    # moved: what holds the port while the server was down (a client socket that got it as
+    # its ephemeral port) is short-lived.
+    local attempt
+    for ((attempt = 1; ; attempt++)); do
+        pg_start "$dir" && return 0
+        if ((attempt < PORT_ATTEMPTS * 2)) &&
+            tail -n 20 "$dir/log/postgresql.log" 2>/dev/null |
+            grep -qE 'could not bind|Address already in use|could not create any TCP/IP sockets'; then
+            pgr_warn "port $(marker_get "$dir" port) is taken, retrying in 1 s"
+            sleep 1
+            continue
+        fi
         log_tail "$dir"
         pgr_die "server did not start"
-    }
+    done
 }
 
 # Kill the postmaster from postmaster.pid directly: the last resort when

@@ -14,12 +14,29 @@
 static struct rs started_rs;
 static bool started;
 
+/* Runs pg_replica.sh; a failure carries the end of what the script printed (the server log's
+ * last lines among it), since the replica set is gone by the time anyone reads the report. */
 static void rs_ctl(struct rs *r, const char *args)
 {
-	char cmd[1024];
-	snprintf(cmd, sizeof(cmd), "'%s' %s >/dev/null 2>&1", r->ctl, args);
+	char out[300], cmd[1024];
+	snprintf(out, sizeof(out), "%s.ctl", r->dir);
+	snprintf(cmd, sizeof(cmd), "'%s' %s >'%s' 2>&1", r->ctl, args, out);
 	int rc = system(cmd);
-	cr_assert(rc == 0, "%s failed (%d)", cmd, rc);
+	char tail[2048] = "";
+	if (rc != 0) {
+		FILE *f = fopen(out, "r");
+		if (f) {
+			fseek(f, 0, SEEK_END);
+			long n = ftell(f);
+			fseek(f, n > (long)sizeof(tail) - 1 ? n - (long)sizeof(tail) + 1 : 0,
+			      SEEK_SET);
+			size_t got = fread(tail, 1, sizeof(tail) - 1, f);
+			tail[got] = 0;
+			fclose(f);
+		}
+	}
+	unlink(out);
+	cr_assert(rc == 0, "%s failed (%d):\n%s", cmd, rc, tail);
 }
 
 void rs_start(struct rs *r, int nstandby, bool sync)
