@@ -599,7 +599,7 @@ static struct pgr__exec *exec_create(pgr_loop *l)
 	return x;
 }
 
-static void exec_free(struct pgr__exec *x)
+void pgr__exec_free(struct pgr__exec *x)
 {
 	for (uint32_t i = 0; i < x->nst; i++) {
 		PQclear(x->st[i].res);
@@ -611,11 +611,9 @@ static void exec_free(struct pgr__exec *x)
 	free(x);
 }
 
-int pgr_loop_exec(pgr_loop *l, const char *sql, int nparams, const char *const *params,
-                  int64_t timeout_ms, pgr_loop_exec_cb cb, void *arg)
+static int loop_exec(pgr_loop *l, const char *sql, int nparams, const char *const *params,
+                     int64_t timeout_ms, pgr_loop_exec_cb cb, void *arg)
 {
-	if (!l || !sql || !cb || nparams < 0 || nparams > 65535 || (nparams > 0 && !params))
-		return -EINVAL;
 	pgr_pool *p = pgr__loop_pool(l);
 	int rc = pgr__pool_usable(p);
 	if (rc)
@@ -657,7 +655,18 @@ int pgr_loop_exec(pgr_loop *l, const char *sql, int nparams, const char *const *
 	return 0;
 }
 
-int pgr__exec_destroy(struct pgr__exec *x)
+int pgr_loop_exec(pgr_loop *l, const char *sql, int nparams, const char *const *params,
+                  int64_t timeout_ms, pgr_loop_exec_cb cb, void *arg)
+{
+	if (!l || !sql || !cb || nparams < 0 || nparams > 65535 || (nparams > 0 && !params))
+		return -EINVAL;
+	pgr__loop_enter(l);
+	int rc = loop_exec(l, sql, nparams, params, timeout_ms, cb, arg);
+	pgr__loop_leave(l);
+	return rc;
+}
+
+int pgr__exec_destroy(struct pgr__exec *x, bool may_free)
 {
 	if (!x)
 		return 0;
@@ -699,8 +708,11 @@ int pgr__exec_destroy(struct pgr__exec *x)
 		x->nwant--;
 	}
 	pgr__exec_flush(x);
-	if (pgr__exec_pending(x))
+	/* The engine's own acquire is an operation of the loop whose callback gets x: the loop
+	 * cancels it, and x must outlive that callback. */
+	if (pgr__exec_pending(x) || x->acquiring)
 		return -EBUSY;
-	exec_free(x);
+	if (may_free)
+		pgr__exec_free(x);
 	return 0;
 }

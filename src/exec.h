@@ -40,6 +40,10 @@ struct io_uring *pgr__loop_ring(pgr_loop *l);
 pgr_pool *pgr__loop_pool(pgr_loop *l);
 struct pgr__exec **pgr__loop_exec(pgr_loop *l);
 bool pgr__loop_destroying(const pgr_loop *l);
+/* Around every public pgr_loop_* call: a callback may call pgr_loop_destroy, which then only
+ * marks the loop, and the outermost call frees it on its way out (loop.c). */
+void pgr__loop_enter(pgr_loop *l);
+void pgr__loop_leave(pgr_loop *l);
 /* PostgreSQL 15's cancel blocks: it runs on a short-lived detached thread. */
 void pgr__cancel_in_background(PGconn *pg);
 
@@ -49,9 +53,11 @@ void pgr__exec_cqe(struct pgr__exec *x, uint64_t user_data, int res);
 uint32_t pgr__exec_flush(struct pgr__exec *x);
 /* Statements not yet answered plus CQEs owed. */
 uint32_t pgr__exec_pending(const struct pgr__exec *x);
-/* First call: fail what is queued, cancel what is armed. 0 once nothing is owed and the
- * engine is freed; -EBUSY before (keep driving the ring and call again). */
-int pgr__exec_destroy(struct pgr__exec *x);
+/* First call: fail what is queued, cancel what is armed. 0 once nothing is owed, with the
+ * engine freed when may_free (else pgr__exec_free frees it later: the engine is still on the
+ * stack under a callback); -EBUSY before (keep driving the ring and call again). */
+int pgr__exec_destroy(struct pgr__exec *x, bool may_free);
+void pgr__exec_free(struct pgr__exec *x);
 
 /* ---- the prepared-statement cache (exec.c), for every owner of a slot ---- */
 struct pgr__pcache;

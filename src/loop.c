@@ -353,6 +353,35 @@ static void poll_cqe(pgr_loop *l, struct op *o, int res)
 
 /* ---- the loop ---- */
 
+static void handle_cqe(pgr_loop *l, uint64_t u, int res)
+{
+	uint32_t idx = (uint32_t)(u >> 8) & 0xffffff;
+	unsigned kind = u & 0xff;
+	uint16_t gen = (uint16_t)(u >> 32);
+	if (kind >= PGR__XK_POLL) {
+		pgr__exec_cqe(l->exec, u, res);
+		pgr__loop_flush(l);
+		return;
+	}
+	if (idx >= l->nops)
+		return;
+	struct op *o = &l->ops[idx];
+	if (o->kind == OP_FREE)
+		return;
+	o->inflight--;
+	bool current = gen == o->gen;
+	if (kind == K_FUTEX || kind == K_ALTO) {
+		if (current && o->futex_out)
+			pgr__loop_acquire_cqe(l, o);
+	} else if (kind == K_POLL && current && o->armed && !o->done) {
+		poll_cqe(l, o, res);
+	}
+	/* Linked timeouts, cancels and CQEs of earlier phases are only counted. */
+	if (o->kind != OP_FREE && o->done && o->inflight == 0 && o->want == W_NONE)
+		op_free(l, o);
+	pgr__loop_flush(l);
+}
+
 int pgr_loop_handle_cqe(pgr_loop *l, const struct io_uring_cqe *cqe)
 {
 	if (!l || !cqe)
@@ -360,37 +389,20 @@ int pgr_loop_handle_cqe(pgr_loop *l, const struct io_uring_cqe *cqe)
 	uint64_t u = io_uring_cqe_get_data64(cqe);
 	if (!pgr_loop_owns(u))
 		return 0;
-	uint32_t idx = (uint32_t)(u >> 8) & 0xffffff;
-	unsigned kind = u & 0xff;
-	uint16_t gen = (uint16_t)(u >> 32);
-	if (kind >= PGR__XK_POLL) {
-		pgr__exec_cqe(l->exec, u, cqe->res);
-		pgr__loop_flush(l);
-		return 1;
-	}
-	if (idx >= l->nops)
-		return 1;
-	struct op *o = &l->ops[idx];
-	if (o->kind == OP_FREE)
-		return 1;
-	o->inflight--;
-	bool current = gen == o->gen;
-	if (kind == K_FUTEX || kind == K_ALTO) {
-		if (current && o->futex_out)
-			pgr__loop_acquire_cqe(l, o);
-	} else if (kind == K_POLL && current && o->armed && !o->done) {
-		poll_cqe(l, o, cqe->res);
-	}
-	/* Linked timeouts, cancels and CQEs of earlier phases are only counted. */
-	if (o->kind != OP_FREE && o->done && o->inflight == 0 && o->want == W_NONE)
-		op_free(l, o);
-	pgr__loop_flush(l);
+	pgr__loop_enter(l);
+	handle_cqe(l, u, cqe->res);
+	pgr__loop_leave(l);
 	return 1;
 }
 
 uint32_t pgr_loop_flush(pgr_loop *l)
 {
-	return l ? pgr__loop_flush(l) : 0;
+	if (!l)
+		return 0;
+	pgr__loop_enter(l);
+	uint32_t n = pgr__loop_flush(l);
+	pgr__loop_leave(l);
+	return n;
 }
 
 int pgr_loop_create(pgr_pool *p, struct io_uring *ring, uint32_t max_ops, pgr_loop **out)
@@ -451,14 +463,40 @@ uint32_t pgr_loop_pending(const pgr_loop *l)
  * every armed phase. Each call after: the cancels that found no SQE, then the count. Free once
  * nothing is owed.
  */
-int pgr_loop_destroy(pgr_loop *l)
+static void loop_free(pgr_loop *l)
 {
-	if (!l)
-		return 0;
+	if (l->exec)
+		pgr__exec_free(l->exec);
+	atomic_fetch_sub_explicit(&l->pool->nloops, 1, memory_order_release);
+	for (uint32_t i = 0; i < l->nops; i++)
+		free(l->ops[i].q_buf);
+	free(l->ops);
+	free(l);
+}
+
+/*
+ * A callback may call pgr_loop_destroy (or any call that runs callbacks) while a pgr_loop_* call
+ * is still on the stack below it; that call goes on using the loop after the callback returns.
+ * So a destroy that succeeds there only marks the loop, and the outermost call frees it.
+ */
+void pgr__loop_enter(pgr_loop *l)
+{
+	l->depth++;
+}
+
+void pgr__loop_leave(pgr_loop *l)
+{
+	if (--l->depth == 0 && l->free_deferred)
+		loop_free(l);
+}
+
+static int loop_destroy(pgr_loop *l)
+{
 	l->destroying = 1;
-	/* First: its statements are answered and its acquire (an op below) is cancelled. */
+	/* First: its statements are answered and its acquire (an op below) is cancelled. The
+	 * engine is freed with the loop when a call below this one may still be inside it. */
 	int xrc = 0;
-	if (l->exec && (xrc = pgr__exec_destroy(l->exec)) == 0)
+	if (l->exec && (xrc = pgr__exec_destroy(l->exec, l->depth == 1)) == 0 && l->depth == 1)
 		l->exec = NULL;
 	for (uint32_t i = 0; i < l->nops; i++) {
 		struct op *o = &l->ops[i];
@@ -487,10 +525,19 @@ int pgr_loop_destroy(pgr_loop *l)
 	}
 	if (l->pending || xrc)
 		return -EBUSY;
-	atomic_fetch_sub_explicit(&l->pool->nloops, 1, memory_order_release);
-	for (uint32_t i = 0; i < l->nops; i++)
-		free(l->ops[i].q_buf);
-	free(l->ops);
-	free(l);
 	return 0;
+}
+
+int pgr_loop_destroy(pgr_loop *l)
+{
+	if (!l)
+		return 0;
+	if (l->free_deferred)
+		return 0; /* destroyed already, under a callback still on the stack */
+	pgr__loop_enter(l);
+	int rc = loop_destroy(l);
+	if (rc == 0)
+		l->free_deferred = 1;
+	pgr__loop_leave(l);
+	return rc;
 }

@@ -104,10 +104,8 @@ static void acquire_retry(pgr_loop *l, struct op *o)
 		acquire_wait(l, o);
 }
 
-int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, void *arg)
+static int loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, void *arg)
 {
-	if (!l || !cb)
-		return -EINVAL;
 	pgr_pool *p = l->pool;
 	int rc = pgr__pool_usable(p);
 	if (rc)
@@ -152,6 +150,16 @@ int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, vo
 	else
 		acquire_wait(l, o);
 	return 0;
+}
+
+int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, void *arg)
+{
+	if (!l || !cb)
+		return -EINVAL;
+	pgr__loop_enter(l);
+	int rc = loop_acquire(l, timeout_ms, cb, arg);
+	pgr__loop_leave(l);
+	return rc;
 }
 
 /* A CQE of an acquire's futex wait. Acts once both CQEs of the wait are in. */
@@ -346,10 +354,8 @@ static bool loop_reset(pgr_loop *l, struct pgr_conn *c, enum pgr__verdict v)
 	return true;
 }
 
-int pgr_loop_release(pgr_loop *l, pgr_conn *h)
+static int loop_release(pgr_loop *l, pgr_conn *h)
 {
-	if (!l || !h)
-		return -EINVAL;
 	struct pgr_conn *c = pgr__slot(h);
 	if (c->pool != l->pool)
 		return pgr__misuse(l->pool, PGR__NONE, -EINVAL,
@@ -369,4 +375,14 @@ int pgr_loop_release(pgr_loop *l, pgr_conn *h)
 		pgr__manager_push(p, c, v == PGR__V_ROLLBACK ? PGR__REQ_ROLLBACK : PGR__REQ_RESET,
 		                  0);
 	return 0;
+}
+
+int pgr_loop_release(pgr_loop *l, pgr_conn *h)
+{
+	if (!l || !h)
+		return -EINVAL;
+	pgr__loop_enter(l);
+	int rc = loop_release(l, h);
+	pgr__loop_leave(l);
+	return rc;
 }

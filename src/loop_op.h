@@ -101,6 +101,9 @@ struct pgr_loop {
 	uint32_t bl_head, bl_tail, bl_len; /* the backlog, FIFO */
 	uint8_t destroying;                /* set by the first pgr_loop_destroy, never cleared */
 	uint8_t flushing;
+	uint8_t
+	    free_deferred; /* pgr_loop_destroy succeeded under a callback: freed on the way out */
+	uint32_t depth;    /* public pgr_loop_* calls on the stack (callbacks nest them) */
 	struct pgr__exec *exec; /* pgr_loop_exec's engine, made at its first use (exec.c) */
 };
 

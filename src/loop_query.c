@@ -162,11 +162,10 @@ static void user_phase_start(pgr_loop *l, struct op *o, struct pgr_conn *c, int 
 	drive(l, o, 0);
 }
 
-int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
-                   const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb, void *arg)
+static int loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
+                      const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb,
+                      void *arg)
 {
-	if (!l || !h || !sql || !cb || nparams < 0 || (nparams > 0 && !params))
-		return -EINVAL;
 	struct pgr_conn *c;
 	int rc = user_call_begin(l, h, "pgr_loop_query", &c);
 	if (rc)
@@ -213,16 +212,21 @@ int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
 	return 0;
 }
 
-int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, const int *nparams,
-                      const char *const *const *params, int64_t timeout_ms, pgr_loop_pipeline_cb cb,
-                      void *arg)
+int pgr_loop_query(pgr_loop *l, pgr_conn *h, const char *sql, int nparams,
+                   const char *const *params, int64_t timeout_ms, pgr_loop_query_cb cb, void *arg)
 {
-	if (!l || !h || !sql || !cb || n < 1 || n > PGR_PIPELINE_MAX)
+	if (!l || !h || !sql || !cb || nparams < 0 || (nparams > 0 && !params))
 		return -EINVAL;
-	for (int i = 0; i < n; i++)
-		if (!sql[i] || (nparams && nparams[i] < 0) ||
-		    (nparams && nparams[i] > 0 && (!params || !params[i])))
-			return -EINVAL;
+	pgr__loop_enter(l);
+	int rc = loop_query(l, h, sql, nparams, params, timeout_ms, cb, arg);
+	pgr__loop_leave(l);
+	return rc;
+}
+
+static int loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql,
+                         const int *nparams, const char *const *const *params, int64_t timeout_ms,
+                         pgr_loop_pipeline_cb cb, void *arg)
+{
 	struct pgr_conn *c;
 	int rc = user_call_begin(l, h, "pgr_loop_pipeline", &c);
 	if (rc)
@@ -255,4 +259,20 @@ int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, c
 	o->arg = arg;
 	user_phase_start(l, o, c, PH_PIPELINE, timeout_ms, (uint8_t)n, 0);
 	return 0;
+}
+
+int pgr_loop_pipeline(pgr_loop *l, pgr_conn *h, int n, const char *const *sql, const int *nparams,
+                      const char *const *const *params, int64_t timeout_ms, pgr_loop_pipeline_cb cb,
+                      void *arg)
+{
+	if (!l || !h || !sql || !cb || n < 1 || n > PGR_PIPELINE_MAX)
+		return -EINVAL;
+	for (int i = 0; i < n; i++)
+		if (!sql[i] || (nparams && nparams[i] < 0) ||
+		    (nparams && nparams[i] > 0 && (!params || !params[i])))
+			return -EINVAL;
+	pgr__loop_enter(l);
+	int rc = loop_pipeline(l, h, n, sql, nparams, params, timeout_ms, cb, arg);
+	pgr__loop_leave(l);
+	return rc;
 }

@@ -452,3 +452,94 @@ Test(loop_faults, misuse_on_a_loop_is_refused_and_reported, .timeout = 30)
 	pgr_pool_destroy(other);
 	env_fini(&e);
 }
+
+/* A query's callback that gives the connection back and destroys the loop, as a program whose
+ * last statement ends its loop does. */
+struct last {
+	int calls, err, destroy_rc;
+	pgr_conn *conn;
+};
+
+static void on_last(pgr_loop *l, int err, PGresult *res, void *arg)
+{
+	struct last *x = arg;
+	PQclear(res);
+	x->calls++;
+	x->err = err;
+	cr_assert_eq(pgr_loop_release(l, x->conn), 0);
+	x->destroy_rc = pgr_loop_destroy(l);
+}
+
+Test(loop_faults, destroy_from_a_callback_frees_the_loop_after_the_call_under_it, .timeout = 30)
+{
+	struct env e;
+	pgr_config cfg;
+	base_cfg(&cfg, 1);
+	env_init(&e, 64, &cfg);
+	struct acq a = {0};
+	cr_assert_eq(pgr_loop_acquire(e.loop, 2000, on_acq, &a), 0);
+	int64_t dl = tu_now_ms() + 5000;
+	while (!a.calls && tu_now_ms() < dl)
+		turn(&e, 5);
+	cr_assert_eq(a.err, 0);
+	/* Its deadline passes: the callback runs from pgr_loop_handle_cqe with nothing else owed,
+	 * so its pgr_loop_destroy succeeds there, under the handle_cqe that must not touch the loop
+	 * after. */
+	struct last x = {.conn = a.conn, .destroy_rc = 1};
+	cr_assert_eq(pgr_loop_query(e.loop, a.conn, "select pg_sleep(5)", 0, NULL, 50, on_last, &x),
+	             0);
+	bool freed = false;
+	while (!freed && tu_now_ms() < dl) {
+		struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 5000000};
+		struct io_uring_cqe *cqe;
+		io_uring_submit_and_wait_timeout(&e.ring, &cqe, 1, &ts, NULL);
+		while (!freed && io_uring_peek_cqe(&e.ring, &cqe) == 0) {
+			cr_assert(pgr_loop_handle_cqe(e.loop, cqe));
+			io_uring_cqe_seen(&e.ring, cqe);
+			freed = x.destroy_rc == 0;
+			if (x.calls && !freed)
+				freed = (x.destroy_rc = pgr_loop_destroy(e.loop)) == 0;
+		}
+	}
+	cr_assert(freed, "the loop was never freed");
+	cr_assert_eq(x.calls, 1);
+	cr_assert_eq(x.err, -ETIMEDOUT);
+	/* The loop is gone: the pool has no loop bound, and loses no connection slot for it. */
+	cr_assert_eq(pgr_pool_destroy(e.pool), 0);
+	io_uring_queue_exit(&e.ring);
+}
+
+Test(loop_faults, destroy_outwaits_the_exec_engines_own_acquire, .timeout = 30)
+{
+	struct env e;
+	pgr_config cfg;
+	base_cfg(&cfg, 1);
+	env_init(&e, 64, &cfg);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(e.pool, 2000, &held), 0);
+	/* The engine waits for a connection: an acquire of the loop's whose callback is the
+	 * engine's. */
+	struct q q = {0};
+	cr_assert_eq(pgr_loop_exec(e.loop, "select 1", 0, NULL, 5000, on_q, &q), 0);
+	for (int i = 0; i < 5; i++)
+		turn(&e, 5);
+	/* Destroy, reaping one CQE between calls: the engine may not be freed before the
+	 * cancelled acquire has answered it. */
+	int64_t dl = tu_now_ms() + 5000;
+	int rc;
+	while ((rc = pgr_loop_destroy(e.loop)) == -EBUSY && tu_now_ms() < dl) {
+		struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 5000000};
+		struct io_uring_cqe *cqe;
+		io_uring_submit_and_wait_timeout(&e.ring, &cqe, 1, &ts, NULL);
+		if (io_uring_peek_cqe(&e.ring, &cqe) == 0) {
+			cr_assert(pgr_loop_handle_cqe(e.loop, cqe));
+			io_uring_cqe_seen(&e.ring, cqe);
+		}
+	}
+	cr_assert_eq(rc, 0);
+	cr_assert_eq(q.calls, 1);
+	cr_assert_eq(q.err, -ECANCELED);
+	cr_assert_eq(pgr_release(held), 0);
+	cr_assert_eq(pgr_pool_destroy(e.pool), 0);
+	io_uring_queue_exit(&e.ring);
+}
