@@ -627,7 +627,9 @@ typedef void (*pgr_loop_acquire_cb)(pgr_loop *loop, int err, pgr_conn *conn, voi
  * -PGR_E_TOO_MANY_WAITERS, -EBUSY (max_ops operations in flight; a full SQ ring is not an
  * error: see pgr_loop_flush), -EAGAIN (timeout_ms 0 and nothing idle that needs no round
  * trip), -EINVAL, -PGR_E_FORKED. cb gets err 0 and the
- * connection, or -ETIMEDOUT / -PGR_E_CONNECT_FAILED / -ESHUTDOWN / -ECANCELED. Waits in the
+ * connection, or -ETIMEDOUT / -PGR_E_CONNECT_FAILED / -ESHUTDOWN / -ECANCELED, or
+ * -PGR_E_TOO_MANY_WAITERS when the connection it got failed its pre-ping or checks and the
+ * wait it went back to found max_waiters callers already waiting. Waits in the
  * same FIFO as pgr_acquire: a release serves blocking and async waiters in arrival order.
  * A connection that needs its pre-ping (ping_after_idle_ms) is pinged on the loop's ring.
  */

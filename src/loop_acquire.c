@@ -65,20 +65,29 @@ void pgr__loop_acquire_settle(pgr_loop *l, struct op *o, struct pgr_conn *mine)
 	deliver_acquire(l, o, rc, NULL);
 }
 
-static void acquire_wait(pgr_loop *l, struct op *o)
+/* Queue o as a waiter. Returns the enqueue's error (-PGR_E_TOO_MANY_WAITERS, -ESHUTDOWN) with
+ * o untouched, for the caller to report: returned by pgr_loop_acquire itself, through the
+ * callback once the acquire is under way. */
+static int acquire_queue(pgr_loop *l, struct op *o)
 {
 	o->phase = PH_WAIT;
 	pgr__clock_kick(l->pool->rt);
 	int rc = pgr__wq_enqueue(l->pool, &o->wi, true);
-	if (rc) {
-		deliver_acquire(l, o, rc, NULL);
-		return;
-	}
+	if (rc)
+		return rc;
 	struct pgr_conn *mine = pgr__fast_take(l->pool);
 	if (mine)
 		pgr__loop_acquire_settle(l, o, mine);
 	else
 		pgr__loop_arm_futex(l, o);
+	return 0;
+}
+
+static void acquire_wait(pgr_loop *l, struct op *o)
+{
+	int rc = acquire_queue(l, o);
+	if (rc)
+		deliver_acquire(l, o, rc, NULL);
 }
 
 /*
@@ -145,11 +154,14 @@ static int loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb,
 	o->acb = cb;
 	o->arg = arg;
 	o->deadline_ns = pgr__sat_add(o->t0_ns, pgr__ms_to_ns(timeout_ms));
-	if (c)
+	if (c) {
 		start_ping(l, o, c);
-	else
-		acquire_wait(l, o);
-	return 0;
+		return 0;
+	}
+	rc = acquire_queue(l, o);
+	if (rc)
+		op_finish(l, o); /* refused before it began: no callback */
+	return rc;
 }
 
 int pgr_loop_acquire(pgr_loop *l, int64_t timeout_ms, pgr_loop_acquire_cb cb, void *arg)

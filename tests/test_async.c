@@ -39,18 +39,23 @@ static void env_init(struct env *e, uint32_t size, uint32_t min_idle)
 	env_init_ping(e, size, min_idle, 30000);
 }
 
-static void env_init_ping(struct env *e, uint32_t size, uint32_t min_idle, int64_t ping_after)
+static void env_init_cfg(struct env *e, pgr_config *cfg)
 {
 	memset(e, 0, sizeof(*e));
 	cr_assert_eq(io_uring_queue_init(256, &e->ring, 0), 0);
+	e->pool = tu_pool(cfg);
+	cr_assert_eq(pgr_loop_create(e->pool, &e->ring, 0, &e->loop), 0);
+}
+
+static void env_init_ping(struct env *e, uint32_t size, uint32_t min_idle, int64_t ping_after)
+{
 	pgr_config cfg;
 	pgr_config_init(&cfg);
 	cfg.conninfo = tu_conninfo();
 	cfg.max_size = size;
 	cfg.min_idle = min_idle;
 	cfg.ping_after_idle_ms = ping_after;
-	e->pool = tu_pool(&cfg);
-	cr_assert_eq(pgr_loop_create(e->pool, &e->ring, 0, &e->loop), 0);
+	env_init_cfg(e, &cfg);
 }
 
 /*
@@ -327,6 +332,52 @@ Test(async, acquire_timeout_is_delivered_through_callback, .timeout = 30)
 	cr_assert_eq(a.err, -ETIMEDOUT, "err=%d %s", a.err, pgr_strerror(a.err));
 	cr_assert(took >= 150 - 1 && took < 150 + LATE_MS, "took %lld ms", (long long)took);
 	cr_assert_eq(tu_stats(e.pool).waiting, 0);
+	pgr_release(held);
+	env_fini(&e);
+}
+
+static void on_counted_acquire(pgr_loop *l, int err, pgr_conn *c, void *arg)
+{
+	(void)l;
+	int *calls = arg;
+	calls[0]++;
+	calls[1] = err;
+	if (c)
+		pgr_release(c);
+}
+
+/* The documented split: a caller refused at the call hears it from the return value, and its
+ * callback never runs; the callers already queued are not disturbed. */
+Test(async, too_many_waiters_is_returned_and_the_callback_never_runs, .timeout = 30)
+{
+	static struct env e;
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.max_size = 1;
+	cfg.min_idle = 1;
+	cfg.max_waiters = 2;
+	env_init_cfg(&e, &cfg);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(e.pool, 1000, &held), 0);
+	int calls[3][2] = {{0, 1}, {0, 1}, {0, 1}};
+	cr_assert_eq(pgr_loop_acquire(e.loop, 200, on_counted_acquire, calls[0]), 0);
+	cr_assert_eq(pgr_loop_acquire(e.loop, 200, on_counted_acquire, calls[1]), 0);
+	int rc = pgr_loop_acquire(e.loop, 200, on_counted_acquire, calls[2]);
+	cr_assert_eq(rc, -PGR_E_TOO_MANY_WAITERS, "rc=%d (%s)", rc, pgr_strerror(rc));
+	cr_assert_eq(tu_stats(e.pool).waiting, 2);
+	int64_t t0 = tu_now_ms();
+	while ((calls[0][0] == 0 || calls[1][0] == 0) && tu_now_ms() - t0 < 5000)
+		turn(&e);
+	for (int i = 0; i < 50; i++)
+		turn(&e); /* time for a stray callback to show */
+	for (int i = 0; i < 2; i++) {
+		cr_assert_eq(calls[i][0], 1, "queued acquire %d: %d callbacks", i, calls[i][0]);
+		cr_assert_eq(calls[i][1], -ETIMEDOUT, "queued acquire %d: %s", i,
+		             pgr_strerror(calls[i][1]));
+	}
+	cr_assert_eq(calls[2][0], 0, "the refused acquire's callback ran");
+	cr_assert_eq(pgr_loop_pending(e.loop), 0);
 	pgr_release(held);
 	env_fini(&e);
 }
