@@ -603,10 +603,14 @@ return_verdict(struct pgr_conn *c, bool discard, int *reason)
 	/* A direct call for the libpq connections every real pool has (placeholders: tests). */
 	enum pgr__rstate rs =
 	    likely(p->ops == &pgr__libpq_ops) ? libpq_return_state(c) : p->ops->return_state(c);
+	/* Inside a transaction: rolled back, unless the checks below retire it anyway (past its
+	 * lifetime, or overflow with nobody waiting; closing the session rolls it back too). */
+	bool rollback = false;
 	if (unlikely(rs != PGR__RS_IDLE)) {
 		switch (rs) {
 		case PGR__RS_INTRANS:
-			return PGR__V_ROLLBACK;
+			rollback = true;
+			break;
 		case PGR__RS_ACTIVE:
 			*reason = PGR_CLOSE_ACTIVE_QUERY;
 			return PGR__V_RETIRE;
@@ -645,6 +649,8 @@ return_verdict(struct pgr_conn *c, bool discard, int *reason)
 			return PGR__V_RETIRE;
 		}
 	}
+	if (unlikely(rollback))
+		return PGR__V_ROLLBACK;
 	if (unlikely(p->cfg.reset_sql != NULL))
 		return PGR__V_RESET;
 	return PGR__V_PUBLISH;

@@ -7,6 +7,7 @@
  * own message and to add the TCP keepalive / user-timeout defaults a pool needs (a black-holed
  * server is otherwise noticed only after two hours) unless the conninfo sets them.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <stddef.h>
@@ -225,11 +226,81 @@ static const char *find(PQconninfoOption *opts, const char *kw)
  * needs and the user did not say. expand_dbname stays 0 at connect: the parse below already
  * expanded a URI, so a dbname holding a connection string cannot smuggle in new options.
  */
+/* Mask every occurrence of the n bytes at s in msg. */
+static void mask_raw(char *msg, const char *s, size_t n)
+{
+	if (n == 0)
+		return;
+	for (char *q = msg; (q = memmem(q, strlen(q), s, n)) != NULL; q += n)
+		memset(q, '*', n);
+}
+
+/* Whether a URI query keyword names a secret once its %XX escapes are decoded, as libpq does. */
+static bool secret_keyword(const char *k, size_t n)
+{
+	char key[16];
+	size_t m = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (m == sizeof(key) - 1)
+			return false;
+		char c = k[i];
+		if (c == '%' && i + 2 < n && isxdigit((unsigned char)k[i + 1]) &&
+		    isxdigit((unsigned char)k[i + 2])) {
+			char hex[3] = {k[i + 1], k[i + 2], 0};
+			c = (char)strtol(hex, NULL, 16);
+			i += 2;
+		}
+		key[m++] = c;
+	}
+	key[m] = 0;
+	return strcmp(key, "password") == 0 || strcmp(key, "sslpassword") == 0;
+}
+
+/*
+ * A conninfo libpq could not parse: its error may echo raw tokens of it ('invalid
+ * percent-encoded token: "Secret%zz"') that pgr__scrub cannot recognise, since the pool knows no
+ * password before a parse and the token stands alone, without the URI around it. Mask the raw
+ * text of every secret the URI carries (the userinfo password, password= and sslpassword= query
+ * values) wherever it appears in msg. libpq's rules: the userinfo ends at the first '@' before
+ * any '/', the password at its first ':'; query parameters follow the '?' after it.
+ */
+static void scrub_uri_secrets(const char *conninfo, char *msg)
+{
+	const char *s = NULL;
+	if (strncmp(conninfo, "postgresql://", 13) == 0)
+		s = conninfo + 13;
+	else if (strncmp(conninfo, "postgres://", 11) == 0)
+		s = conninfo + 11;
+	if (!s)
+		return;
+	size_t auth = strcspn(s, "@/");
+	if (s[auth] == '@') {
+		const char *colon = memchr(s, ':', auth);
+		if (colon)
+			mask_raw(msg, colon + 1, (size_t)(s + auth - colon - 1));
+		s += auth + 1;
+	}
+	for (const char *q = strchr(s, '?'); q;) {
+		q++;
+		size_t len = strcspn(q, "&");
+		const char *eq = memchr(q, '=', len);
+		if (eq && secret_keyword(q, (size_t)(eq - q)))
+			mask_raw(msg, eq + 1, (size_t)(q + len - eq - 1));
+		q = q[len] ? q + len : NULL;
+	}
+}
+
 static int build_params(pgr_pool *p)
 {
 	char *err = NULL;
 	PQconninfoOption *opts = PQconninfoParse(p->conninfo_copy, &err);
 	if (!opts) {
+		/* Scrubbed whole, before the copy below can cut a secret in two: a URI's
+		 * userinfo is recognised by its '@', which a cut may drop. */
+		if (err) {
+			scrub_uri_secrets(p->conninfo_copy, err);
+			pgr__scrub(p, err);
+		}
 		char msg[384];
 		snprintf(msg, sizeof(msg), "invalid config: conninfo: %s",
 		         err ? err : "out of memory");

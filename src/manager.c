@@ -326,7 +326,16 @@ static void shutdown_all(pgr_pool *p)
 				c->close_reason = PGR_CLOSE_POOL_CLOSING;
 			}
 		} else if (st == PGR__MANAGED) {
-			pgr__mgr_close(p, c, PGR_CLOSE_POOL_CLOSING);
+			/*
+			 * Only what the manager works on: an exec in flight, or a connection held
+			 * back for lag (replica.c). A caller's push (a release, a pre-ping, a
+			 * check) makes a slot MANAGED before take_requests has it: closed here, it
+			 * would leave a request for a closed slot on the stack, which the next
+			 * round's take_requests would carry out on a FREE slot. The caller's push
+			 * poked the manager: that round takes it, and a round after closes it.
+			 */
+			if (c->op != PGR__OP_NONE || c->held_since_ms)
+				pgr__mgr_close(p, c, PGR_CLOSE_POOL_CLOSING);
 		}
 	}
 }

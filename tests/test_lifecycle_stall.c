@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "pool.h" /* the manager's request stack and stop flag, to set up the interleaving */
 #include "test_lifecycle.h"
 
 /*
@@ -189,4 +190,67 @@ Test(lifecycle, rollback_past_reset_timeout_closes_the_connection_as_reset_faile
 Test(lifecycle, reset_sql_past_reset_timeout_closes_the_connection_as_reset_failed, .timeout = 60)
 {
 	return_to_a_stalled_backend("lc_stall_reset", "DISCARD ALL", false);
+}
+
+/*
+ * A caller's push to the manager (a pre-ping, a check, a release) that lands in a stopping
+ * round after the round took the requests and before it closed what it holds: the slot is
+ * MANAGED but still on the request stack. That round must leave it to the next one's
+ * take_requests; closed there, it left a request for a FREE slot behind, and the next round
+ * aborted the process (illegal move FREE -> MANAGED) carrying it out. Seen with threads
+ * granted connections while pgr_pool_destroy ran (ping_after_idle_ms 0); set up here by hand:
+ * the manager runs only in pgr_pool_run, the push's poke is withheld until the stopping round
+ * has passed, and a ROLLBACK stalled on a stopped backend keeps the stop from ending in it.
+ */
+Test(lifecycle, a_request_pushed_during_the_managers_stop_is_carried_out_not_closed_under_it,
+     .timeout = 60)
+{
+	const char *app = "lc_stop_push";
+	struct lc_events *ev = lc_events_new();
+	pgr_config cfg;
+	char *ci;
+	lc_config(&cfg, tu_conninfo(), app, ev, &ci);
+	cfg.min_idle = cfg.max_size = 2;
+	cfg.ping_after_idle_ms = -1;
+	cfg.manager_thread = false;
+	pgr_pool *p;
+	cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
+	free(ci);
+	int64_t end = tu_now_ms() + 5000;
+	while (tu_stats(p).idle < 2 && tu_now_ms() < end) {
+		pgr_pool_run(p);
+		tu_sleep_ms(1);
+	}
+	cr_assert_eq(tu_stats(p).idle, 2, "the pool never connected");
+	pgr_conn *a, *b;
+	cr_assert_eq(pgr_try_acquire(p, &a), 0);
+	cr_assert_eq(pgr_try_acquire(p, &b), 0);
+	/* b: returned inside a transaction to a stopped backend; its ROLLBACK stays in flight. */
+	tu_exec(pgr_conn_pg(b), "begin");
+	int pid = PQbackendPID(pgr_conn_pg(b));
+	stall(pid);
+	cr_assert_eq(pgr_release(b), 0);
+	pgr_pool_run(p);
+	/* a: handed to the manager for a ping, as a checkout's pre-ping does; poke not seen. */
+	pgr__manager_push(p, pgr__slot(a), PGR__REQ_PING, 0);
+	atomic_store(&p->mgr_poke, 0);
+	/* The stopping round, which has not taken a's request. */
+	atomic_store(&p->mgr_stop, 1);
+	pgr_pool_run(p);
+	/* The poke arrives: the next round takes the request (and aborted here before). */
+	atomic_store(&p->mgr_poke, 1);
+	pgr_pool_run(p);
+	unstall(pid);
+	end = tu_now_ms() + 5000;
+	while (!atomic_load(&p->mgr_detached) && tu_now_ms() < end) {
+		pgr_pool_run(p);
+		tu_sleep_ms(1);
+	}
+	cr_assert(atomic_load(&p->mgr_detached), "the manager never finished its stop");
+	pgr_stats st = tu_stats(p);
+	cr_assert_eq(st.size, 0, "size=%u after the stop", st.size);
+	cr_assert_eq(st.closes_by_reason[PGR_CLOSE_POOL_CLOSING], 2);
+	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, "pool_closing", UINT32_MAX), 2);
+	cr_assert_eq(pgr_pool_destroy(p), 0);
+	lc_events_free(ev);
 }

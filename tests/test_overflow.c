@@ -44,6 +44,52 @@ Test(overflow, burst_above_max_size_then_overflow_closed_on_return, .timeout = 6
 	free(ci);
 }
 
+/* The overflow rule holds for a connection returned inside a transaction (or a failed one)
+ * too: rolled back and kept, it would stay idle above max_size until idle_timeout_ms, and
+ * forever with idle_timeout_ms 0. */
+Test(overflow, overflow_connection_returned_in_a_transaction_is_closed_not_rolled_back_and_kept,
+     .timeout = 30)
+{
+	const char *app = "pgr_t_overflow_tx";
+	char *ci = tu_conninfo_app(tu_conninfo(), app);
+	PGconn *admin = tu_admin();
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = ci;
+	cfg.max_size = 1;
+	cfg.max_overflow = 2;
+	cfg.idle_timeout_ms = 0; /* nothing else would ever close the surplus */
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *c[3];
+	for (int i = 0; i < 3; i++)
+		cr_assert_eq(pgr_acquire(p, 5000, &c[i]), 0, "acquire %d", i);
+	cr_assert_eq(tu_stats(p).overflow_in_use, 2);
+	PQclear(PQexec(pgr_conn_pg(c[1]), "begin"));
+	PQclear(PQexec(pgr_conn_pg(c[2]), "begin; select 1/0"));
+	cr_assert_eq(PQtransactionStatus(pgr_conn_pg(c[1])), PQTRANS_INTRANS);
+	cr_assert_eq(PQtransactionStatus(pgr_conn_pg(c[2])), PQTRANS_INERROR);
+	for (int i = 0; i < 3; i++)
+		cr_assert_eq(pgr_release(c[i]), 0);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).closes_by_reason[PGR_CLOSE_OVERFLOW] == 2, 3000),
+	          "overflow closes=%llu",
+	          (unsigned long long)tu_stats(p).closes_by_reason[PGR_CLOSE_OVERFLOW]);
+	/* Give a rollback time to put a surplus connection back, then look. */
+	tu_sleep_ms(300);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.size, 1, "size=%u idle=%u above max_size 1", s.size, s.idle);
+	cr_assert_eq(s.idle, 1);
+	cr_assert(TU_WAIT_UNTIL(tu_count_app(admin, app) == 1, 5000), "server sees %ld",
+	          tu_count_app(admin, app));
+	/* What stays is usable and not in a transaction. */
+	pgr_conn *x;
+	cr_assert_eq(pgr_acquire(p, 2000, &x), 0);
+	cr_assert_eq(PQtransactionStatus(pgr_conn_pg(x)), PQTRANS_IDLE);
+	cr_assert_eq(pgr_release(x), 0);
+	pgr_pool_destroy(p);
+	PQfinish(admin);
+	free(ci);
+}
+
 struct hammer {
 	pgr_pool *p;
 	int iters;
