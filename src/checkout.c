@@ -573,6 +573,31 @@ static inline __attribute__((always_inline)) int return_check(pgr_conn *h, const
 
 static enum pgr__rstate libpq_return_state(struct pgr_conn *c);
 
+/*
+ * SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes; above
+ * max_size + max_overflow (a resize lowered them) it goes even with callers waiting. The slot
+ * leaves nopen here, by CAS, so that concurrent returns retire only the surplus and not every
+ * connection that comes back before the manager has closed the first. Applied on return, and
+ * again when a return's rollback or reset ends (the callers waiting then may have left).
+ */
+bool pgr__surplus(pgr_pool *p, struct pgr_conn *c, int *reason)
+{
+	uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
+	uint64_t lim = pgr__limits(p);
+	while (unlikely(open > pgr__lim_max_size(lim)) &&
+	       (open > pgr__lim_total(lim) ||
+	        atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0)) {
+		if (atomic_compare_exchange_weak_explicit(
+		        &p->nopen, &open, open - 1, memory_order_relaxed, memory_order_relaxed)) {
+			c->uncounted = 1;
+			*reason =
+			    open > pgr__lim_total(lim) ? PGR_CLOSE_RESIZED : PGR_CLOSE_OVERFLOW;
+			return true;
+		}
+	}
+	return false;
+}
+
 static inline __attribute__((always_inline)) enum pgr__verdict
 return_verdict(struct pgr_conn *c, bool discard, int *reason)
 {
@@ -630,25 +655,11 @@ return_verdict(struct pgr_conn *c, bool discard, int *reason)
 		*reason = PGR_CLOSE_MAX_LIFETIME;
 		return PGR__V_RETIRE;
 	}
-	/*
-	 * SQLAlchemy's overflow rule: above max_size and nobody to hand it to, it goes; above
-	 * max_size + max_overflow (a resize lowered them) it goes even with callers waiting. The
-	 * slot leaves nopen here, by CAS, so that concurrent returns retire only the surplus and
-	 * not every connection that comes back before the manager has closed the first.
-	 */
-	uint32_t open = atomic_load_explicit(&p->nopen, memory_order_relaxed);
-	uint64_t lim = pgr__limits(p);
-	while (unlikely(open > pgr__lim_max_size(lim)) &&
-	       (open > pgr__lim_total(lim) ||
-	        atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0)) {
-		if (atomic_compare_exchange_weak_explicit(
-		        &p->nopen, &open, open - 1, memory_order_relaxed, memory_order_relaxed)) {
-			c->uncounted = 1;
-			*reason =
-			    open > pgr__lim_total(lim) ? PGR_CLOSE_RESIZED : PGR_CLOSE_OVERFLOW;
-			return PGR__V_RETIRE;
-		}
-	}
+	/* The common case, at or below max_size, stays inline. */
+	if (unlikely(atomic_load_explicit(&p->nopen, memory_order_relaxed) >
+	             pgr__lim_max_size(pgr__limits(p))) &&
+	    pgr__surplus(p, c, reason))
+		return PGR__V_RETIRE;
 	if (unlikely(rollback))
 		return PGR__V_ROLLBACK;
 	if (unlikely(p->cfg.reset_sql != NULL))

@@ -331,6 +331,17 @@ void pgr__mgr_start_exec(pgr_pool *p, struct pgr_conn *c, const char *sql, int64
 	exec_step(p, c, 0);
 }
 
+/* A return's rollback or reset has ended: the callers that waited when it began may have
+ * left, and an overflow connection nobody waits for goes (pgr__surplus). */
+static bool retire_surplus(pgr_pool *p, struct pgr_conn *c)
+{
+	int reason;
+	if (!pgr__surplus(p, c, &reason))
+		return false;
+	pgr__mgr_close(p, c, reason);
+	return true;
+}
+
 static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 {
 	int after = c->op_after;
@@ -382,6 +393,8 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 			return;
 		}
 		atomic_fetch_add_explicit(&p->c_rollbacks, 1, memory_order_relaxed);
+		if (retire_surplus(p, c))
+			return;
 		if (p->cfg.reset_sql) {
 			pgr__mgr_start_exec(p, c, p->cfg.reset_sql, p->cfg.reset_timeout_ms,
 			                    PGR__REQ_RESET);
@@ -407,6 +420,8 @@ static void exec_done(pgr_pool *p, struct pgr_conn *c, bool ok)
 			return;
 		}
 		atomic_fetch_add_explicit(&p->c_resets, 1, memory_order_relaxed);
+		if (retire_surplus(p, c))
+			return;
 		pgr__pcache_forget(c); /* reset_sql may have dropped its prepared statements */
 		republish(p, c);
 		return;

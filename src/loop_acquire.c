@@ -318,8 +318,11 @@ void pgr__loop_reset_done(pgr_loop *l, struct op *o, int err)
 	}
 	o->conn = NULL;
 	op_finish(l, o);
+	int reason;
 	if (!ok)
 		pgr__manager_push(p, c, PGR__REQ_RETIRE, PGR_CLOSE_RESET_FAILED);
+	else if (pgr__surplus(p, c, &reason)) /* the callers waiting at the return have left */
+		pgr__manager_push(p, c, PGR__REQ_RETIRE, reason);
 	else
 		give_back(p, c);
 }

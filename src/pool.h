@@ -473,6 +473,9 @@ void pgr__gate_open(pgr_pool *p);
 struct pgr_conn *pgr__take_any(pgr_pool *p, bool *stolen);
 /* The checks of an idle connection before it is handed out: false when it went to the manager. */
 bool pgr__validate(pgr_pool *p, struct pgr_conn *c);
+/* Whether c, just returned (or done with its return's rollback or reset), is above the pool's
+ * size with nobody to take it: then it has left nopen, *reason says why, and it must close. */
+bool pgr__surplus(pgr_pool *p, struct pgr_conn *c, int *reason);
 /* Hand c to the oldest waiter if the waiting policy says so (true: it did). */
 bool pgr__handoff(pgr_pool *p, struct pgr_conn *c);
 /* Serve waiters from the shards after a connection went there with callers waiting. */

@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: PostgreSQL */
 /* max_overflow with SQLAlchemy's semantics, checked on the server's side too. */
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 
 #include "testutil.h"
 
@@ -88,6 +90,59 @@ Test(overflow, overflow_connection_returned_in_a_transaction_is_closed_not_rolle
 	pgr_pool_destroy(p);
 	PQfinish(admin);
 	free(ci);
+}
+
+struct timed_acquire {
+	pgr_pool *p;
+	int rc;
+};
+
+static void *acquire_300ms(void *a)
+{
+	struct timed_acquire *t = a;
+	pgr_conn *c;
+	t->rc = pgr_acquire(t->p, 300, &c);
+	if (t->rc == 0)
+		pgr_release(c);
+	return NULL;
+}
+
+/* A caller waited when the overflow connection came back inside a transaction, so it was
+ * rolled back for that caller; the caller gave up before the ROLLBACK ended (the backend is
+ * stopped meanwhile). Nobody waits any more: the connection goes, as a plain return would. */
+Test(overflow, overflow_connection_whose_waiter_left_during_its_rollback_is_closed, .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.max_size = 1;
+	cfg.max_overflow = 1;
+	cfg.idle_timeout_ms = 0; /* nothing else would ever close the surplus */
+	cfg.reset_timeout_ms = 10000;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *base, *extra;
+	cr_assert_eq(pgr_acquire(p, 5000, &base), 0);
+	cr_assert_eq(pgr_acquire(p, 5000, &extra), 0);
+	cr_assert_eq(tu_stats(p).overflow_in_use, 1);
+	PQclear(PQexec(pgr_conn_pg(extra), "begin"));
+	int pid = PQbackendPID(pgr_conn_pg(extra));
+	struct timed_acquire w = {.p = p, .rc = 1};
+	pthread_t t;
+	pthread_create(&t, NULL, acquire_300ms, &w);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).waiting == 1, 5000));
+	cr_assert_eq(kill(pid, SIGSTOP), 0);
+	cr_assert_eq(pgr_release(extra), 0); /* a waiter: rolled back for it */
+	pthread_join(t, NULL);
+	cr_assert_eq(w.rc, -ETIMEDOUT, "%s", pgr_strerror(w.rc));
+	cr_assert_eq(kill(pid, SIGCONT), 0);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).rollbacks == 1, 5000), "the rollback never ended");
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).closes_by_reason[PGR_CLOSE_OVERFLOW] == 1, 3000),
+	          "size=%u idle=%u: the surplus stayed", tu_stats(p).size, tu_stats(p).idle);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.size, 1, "size=%u above max_size 1", s.size);
+	cr_assert_eq(s.idle, 0);
+	cr_assert_eq(pgr_release(base), 0);
+	pgr_pool_destroy(p);
 }
 
 struct hammer {
