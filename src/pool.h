@@ -233,6 +233,11 @@ struct pgr_pool {
 	 * are not handed out. Written by the manager only; 0 whenever the bound is off, so the
 	 * checkout's look at it is one load of a line it reads anyway. */
 	_Atomic uint64_t lag_mask;
+	/* Bit h set: host h is due a lag measurement and the manager found none of its
+	 * connections idle to run it on (all checked out): the next checkout of one hands it to
+	 * the manager to be measured first. Manager-set, cleared when the measurement starts; 0
+	 * whenever the bound is off. */
+	_Atomic uint64_t probe_mask;
 	/* min_idle, max_size, max_overflow as pgr_pool_resize last set them, packed so that a
 	 * reader never sees half of a resize (resize.c); cfg keeps the values given at create. */
 	_Atomic uint64_t limits;

@@ -92,6 +92,23 @@ static bool bit(const pgr_pool *p, uint32_t h)
 	return h < 64 && (atomic_load_explicit(&p->lag_mask, memory_order_relaxed) >> h & 1);
 }
 
+/* Host h is due a measurement that found every connection of it checked out (probe_mask). */
+static bool probe_wanted(const pgr_pool *p, uint32_t h)
+{
+	return h < 64 && (atomic_load_explicit(&p->probe_mask, memory_order_relaxed) >> h & 1);
+}
+
+static void set_probe_wanted(pgr_pool *p, uint32_t h, bool on)
+{
+	if (h >= 64)
+		return;
+	uint64_t m = 1ull << h;
+	if (on)
+		atomic_fetch_or_explicit(&p->probe_mask, m, memory_order_relaxed);
+	else
+		atomic_fetch_and_explicit(&p->probe_mask, ~m, memory_order_relaxed);
+}
+
 /* ---- rebalance outcome ---- */
 
 static void aimed_connect_done(pgr_pool *p, struct pgr_conn *c, bool landed)
@@ -123,6 +140,7 @@ void pgr__replica_connect_failed(pgr_pool *p, struct pgr_conn *c)
 
 static void start_probe(pgr_pool *p, struct pgr_conn *c, struct host *h)
 {
+	set_probe_wanted(p, c->host, false);
 	h->probing = true;
 	h->s_ok = false;
 	pgr__mgr_start_exec(p, c, lag_sql, p->cfg.ping_timeout_ms, AFTER_LAG);
@@ -223,6 +241,11 @@ void pgr__replica_hold(pgr_pool *p, struct pgr_conn *c)
 	if (!c->held_since_ms)
 		c->held_since_ms = pgr__now_ms(p);
 	p->mgr_dirty = true; /* its grace period is due some time: recompute */
+	/* Checked out while its host was due a measurement that found no idle connection (a busy
+	 * pool): measure through this one, which pgr__replica_measured then publishes or holds. */
+	struct host *h = host_of(p, c);
+	if (h && !h->probing && probe_wanted(p, c->host))
+		start_probe(p, c, h);
 }
 
 void pgr__replica_measured(pgr_pool *p, struct pgr_conn *c, bool ok)
@@ -286,6 +309,10 @@ static int64_t held(pgr_pool *p, struct pgr_conn *c, int64_t now, bool others_fi
 	} else if (now >= expire) {
 		pgr__mgr_close(p, c, PGR_CLOSE_MAX_LIFETIME);
 	} else if (!h || !bit(p, c->host)) {
+		/* Its host's measurement runs (on another connection): hand it out only once that
+		 * answered; the answer makes the pool dirty. */
+		if (h && h->probing)
+			return expire;
 		publish(p, c);
 	} else {
 		/*
@@ -437,6 +464,11 @@ int64_t pgr__replica_round(pgr_pool *p, int64_t now)
 			}
 			if (pick)
 				start_probe(p, pick, h);
+			else if (h->count)
+				/* Every connection of it is checked out, and in a busy pool each
+				 * one comes back only to be taken again at once: the next checkout
+				 * of one hands it here to be measured first (pgr__replica_hold). */
+				set_probe_wanted(p, k, true);
 		}
 	}
 	return earliest(due, rebalance(p, now));

@@ -40,10 +40,14 @@ enum {
 int pgr__replica_init(pgr_pool *p);
 void pgr__replica_free(pgr_pool *p);
 
-/* Checkout: is c's standby held back for lag? One relaxed load while nothing lags. */
+/*
+ * Checkout: is c's standby held back for lag, or due a measurement that found all its
+ * connections checked out? Two relaxed loads of one line while nothing lags.
+ */
 static inline bool pgr__replica_lagging(pgr_pool *p, const struct pgr_conn *c)
 {
-	uint64_t m = atomic_load_explicit(&p->lag_mask, memory_order_relaxed);
+	uint64_t m = atomic_load_explicit(&p->lag_mask, memory_order_relaxed) |
+	             atomic_load_explicit(&p->probe_mask, memory_order_relaxed);
 	return unlikely(m != 0) && c->host < 64 && (m >> c->host & 1);
 }
 
@@ -56,7 +60,8 @@ void pgr__replica_connect_failed(pgr_pool *p, struct pgr_conn *c);
 void pgr__replica_sample(struct pgr_conn *c, const PGresult *r);
 /* A lag statement ended (ok: it ran): decide c's fate (publish, hold, close). */
 void pgr__replica_measured(pgr_pool *p, struct pgr_conn *c, bool ok);
-/* Keep a manager-owned connection out of use while its standby lags. */
+/* Keep a manager-owned connection out of use while its standby lags; or, when its host is due
+ * a measurement that found no idle connection (probe_mask), measure its standby through it. */
 void pgr__replica_hold(pgr_pool *p, struct pgr_conn *c);
 /* This round's lag measurements, held connections and rebalancing; returns when next due. */
 int64_t pgr__replica_round(pgr_pool *p, int64_t now);

@@ -192,3 +192,80 @@ Test(replicas, connections_move_back_to_a_standby_that_returns, .timeout = 100, 
 	free(ci);
 	rs_stop(&r);
 }
+
+/*
+ * A busy pool: the lagging standby's connection is never idle when the manager looks for one
+ * to measure it on, because each return is followed at once by another checkout. The next
+ * checkout must hand it to the manager to be measured instead of serving stale reads forever.
+ */
+Test(replicas, a_standby_whose_connections_are_always_checked_out_is_still_measured, .timeout = 100,
+     .fini = rs_fini)
+{
+	struct rs r;
+	rs_start(&r, 2, false);
+	PGconn *a = rs_connect(&r, 0);
+	tu_exec(a, "create table lagw(v int)");
+	PQfinish(a);
+	int nodes[] = {1, 2};
+	char *ci = rs_conninfo(&r, nodes, 2, "standby");
+	pgr_config cfg;
+	rs_standby_pool_config(&cfg, ci);
+	cfg.min_idle = 2;
+	cfg.max_size = 2;
+	cfg.connect_timeout_ms = 2000;
+	cfg.max_replica_lag_ms = 300;
+	cfg.replica_lag_interval_ms = 100;
+	cfg.replica_lag_grace_ms = 60000; /* held, not closed, for the whole test */
+	cfg.rebalance_interval_ms = 0;
+	pgr_pool *p = tu_pool(&cfg);
+	struct sweep s;
+	cr_assert(TU_WAIT_UNTIL((s = sweep(p, &r)).on[1] == 1 && s.on[2] == 1, 10000),
+	          "no 1/1 spread to begin with: %d / %d", s.on[1], s.on[2]);
+	/* The standby2 connection stays out; the standby1 one goes back and out again. */
+	pgr_conn *c[2], *c1 = NULL, *c2 = NULL;
+	for (int i = 0; i < 2; i++) {
+		cr_assert_eq(pgr_acquire(p, 1000, &c[i]), 0);
+		if (atoi(PQport(pgr_conn_pg(c[i]))) == r.port[1])
+			c1 = c[i];
+		else
+			c2 = c[i];
+	}
+	cr_assert(c1 && c2);
+
+	rs_node(&r, "pause", "standby1");
+	struct writer w;
+	writer_start(&w, &r);
+	/* Seen within the bound plus two intervals; 1 s on top for a loaded machine. */
+	int64_t t0 = tu_now_ms(), late_from = t0 + 300 + 200 + 1000, end = late_from + 1500;
+	long on1 = 0, late = 0;
+	while (tu_now_ms() < end) {
+		if (c1) {
+			PQclear(PQexec(pgr_conn_pg(c1), "select 1"));
+			pgr_release(c1);
+			c1 = NULL;
+		}
+		if (pgr_acquire(p, 100, &c1) != 0) {
+			c1 = NULL;
+			continue;
+		}
+		if (atoi(PQport(pgr_conn_pg(c1))) != r.port[1])
+			continue;
+		on1++;
+		late += tu_now_ms() >= late_from;
+	}
+	cr_log_info("standby1 paused: %ld checkouts on it, %ld of them %lld ms or more after the "
+	            "pause",
+	            on1, late, (long long)(late_from - t0));
+	cr_assert_eq(late, 0,
+	             "standby1 was handed out %ld times %lld ms and more after its replay "
+	             "paused (max_replica_lag_ms 300)",
+	             late, (long long)(late_from - t0));
+	if (c1)
+		pgr_release(c1);
+	pgr_release(c2);
+	writer_stop(&w);
+	rs_node(&r, "resume", "standby1");
+	pgr_pool_destroy(p);
+	free(ci);
+	rs_stop(&r);
+}
