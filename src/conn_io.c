@@ -76,6 +76,7 @@ static uint64_t rnd(pgr_pool *p)
 static void finish_close(pgr_pool *p, struct pgr_conn *c)
 {
 	int reason = c->close_reason;
+	pgr__replica_closed(p, c, reason);
 	if (c->pg) {
 		PQfinish(c->pg);
 		c->pg = NULL;

@@ -37,6 +37,11 @@ struct host {
 	/* Rebalancing: a connect aimed here landed elsewhere; leave the host until then. */
 	int64_t down_until_ms, down_backoff_ms;
 	uint32_t count; /* connections on it, counted by the round */
+	/* A connection of this pool has landed here since the host last changed role: only such
+	 * a host is worth moving connections to. A connect aimed at the primary of a
+	 * prefer-standby pool (listed as its fallback) lands on a standby every time, and would
+	 * otherwise close and reopen a connection every few intervals for as long as it runs. */
+	bool served;
 };
 
 struct pgr__replica {
@@ -136,6 +141,15 @@ void pgr__replica_connect_failed(pgr_pool *p, struct pgr_conn *c)
 	aimed_connect_done(p, c, false);
 }
 
+void pgr__replica_closed(pgr_pool *p, const struct pgr_conn *c, int reason)
+{
+	struct host *h = p->replica ? host_of(p, c) : NULL;
+	/* Promoted, or turned read-only: no longer what this pool wants until a connect lands
+	 * there again. */
+	if (h && reason == PGR_CLOSE_ROLE_CHANGED)
+		h->served = false;
+}
+
 /* ---- lag ---- */
 
 static void start_probe(pgr_pool *p, struct pgr_conn *c, struct host *h)
@@ -156,6 +170,8 @@ bool pgr__replica_connected(pgr_pool *p, struct pgr_conn *c)
 		return false;
 	aimed_connect_done(p, c, r->rb_slot == c->id && c->host == r->rb_target);
 	struct host *h = host_of(p, c);
+	if (h)
+		h->served = true;
 	if (!lag_on(p) || !h || h->probing)
 		return false;
 	/* A host nobody measured lately (new, or all its connections closed for lag) could hand
@@ -359,7 +375,7 @@ static int64_t rebalance(pgr_pool *p, int64_t now)
 		struct host *h = &r->h[i];
 		if (bit(p, i) || now < h->down_until_ms)
 			continue;
-		if (lo == PGR__NONE || h->count < r->h[lo].count)
+		if (h->served && (lo == PGR__NONE || h->count < r->h[lo].count))
 			lo = i;
 		if (hi == PGR__NONE || h->count > r->h[hi].count)
 			hi = i;

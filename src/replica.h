@@ -56,6 +56,8 @@ static inline bool pgr__replica_lagging(pgr_pool *p, const struct pgr_conn *c)
 bool pgr__replica_connected(pgr_pool *p, struct pgr_conn *c);
 /* A connect failed. */
 void pgr__replica_connect_failed(pgr_pool *p, struct pgr_conn *c);
+/* c is closing for reason: a role change makes its host no rebalancing target. */
+void pgr__replica_closed(pgr_pool *p, const struct pgr_conn *c, int reason);
 /* The result of a lag statement (the exec's result sink). */
 void pgr__replica_sample(struct pgr_conn *c, const PGresult *r);
 /* A lag statement ended (ok: it ran): decide c's fate (publish, hold, close). */

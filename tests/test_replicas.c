@@ -269,3 +269,36 @@ Test(replicas, a_standby_whose_connections_are_always_checked_out_is_still_measu
 	free(ci);
 	rs_stop(&r);
 }
+
+/*
+ * The primary listed as a prefer-standby pool's fallback never gets a connection while the
+ * standby is up: libpq passes over it for the standby. Rebalancing must not count it as the
+ * least busy host, or it closes and reopens a connection every few intervals for nothing.
+ */
+Test(replicas, a_fallback_primary_that_never_served_the_pool_draws_no_rebalancing, .timeout = 100,
+     .fini = rs_fini)
+{
+	struct rs r;
+	rs_start(&r, 1, false);
+	int nodes[] = {0, 1};
+	char *ci = rs_conninfo(&r, nodes, 2, "prefer-standby");
+	pgr_config cfg;
+	rs_standby_pool_config(&cfg, ci);
+	cfg.min_idle = 4;
+	cfg.max_size = 4;
+	cfg.rebalance_interval_ms = 100;
+	pgr_pool *p = tu_pool(&cfg);
+	int ports[4];
+	rs_pool_ports(p, 4, ports);
+	cr_assert_eq(rs_count_port(ports, 4, r.port[1]), 4, "not all on the standby");
+	tu_sleep_ms(2500);
+	pgr_stats st = tu_stats(p);
+	cr_assert_eq(st.closes_by_reason[PGR_CLOSE_REBALANCE], 0,
+	             "%llu rebalance closes in 2.5 s with nothing changing",
+	             (unsigned long long)st.closes_by_reason[PGR_CLOSE_REBALANCE]);
+	rs_pool_ports(p, 4, ports);
+	cr_assert_eq(rs_count_port(ports, 4, r.port[1]), 4);
+	pgr_pool_destroy(p);
+	free(ci);
+	rs_stop(&r);
+}
