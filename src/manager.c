@@ -393,6 +393,9 @@ int pgr_pool_run(pgr_pool *p)
 		return -ESHUTDOWN;
 	if (p->rt->threaded)
 		return -EINVAL;
+	/* Drained: the runtime stays until the pool's memory goes, but the manager has stopped. */
+	if (atomic_load_explicit(&p->mgr_detached, memory_order_acquire))
+		return -ESHUTDOWN;
 	return pgr_runtime_run(p->rt);
 }
 
