@@ -358,7 +358,8 @@ static inline void pgr_config_init(pgr_config *cfg)
  * did not set, fields this library does not know set to non-zero (a program built against a
  * newer header), or a bad field (each also reported as a PGR_EV_CONFIG_ERROR event naming the
  * field);
- * -ENOMEM; or the error of io_uring setup or thread creation.
+ * -ENOMEM; -PGR_E_FORKED when cfg->runtime was created by the parent of this forked process;
+ * or the error of io_uring setup or thread creation.
  * Threads: any. Blocks: no network wait (the conninfo is parsed, nothing is connected).
  * Since 0.1.
  */

@@ -393,6 +393,9 @@ int pgr_pool_run(pgr_pool *p)
 		return -ESHUTDOWN;
 	if (p->rt->threaded)
 		return -EINVAL;
+	/* Drained: the runtime stays until the pool's memory goes, but the manager has stopped. */
+	if (atomic_load_explicit(&p->mgr_detached, memory_order_acquire))
+		return -ESHUTDOWN;
 	return pgr_runtime_run(p->rt);
 }
 
@@ -400,6 +403,12 @@ int pgr__manager_start(pgr_pool *p)
 {
 	p->rng = (uint64_t)pgr__mono_ns() ^ (uint64_t)(uintptr_t)p ^ 0x9e3779b97f4a7c15ull;
 	pgr_runtime *rt = p->cfg.runtime;
+	/*
+	 * A runtime the parent of this forked process created: its ring's memory is shared with
+	 * the parent's, and attaching would drive it (and its thread does not exist here).
+	 */
+	if (rt && pgr__forked(rt->fork_epoch))
+		return -PGR_E_FORKED;
 	if (!rt) {
 		unsigned entries = 64;
 		while (entries < 2 * p->cap + 16 && entries < 4096)

@@ -115,6 +115,37 @@ Test(embedded, pool_fd_and_run_refuse_a_pool_with_a_manager_thread, .timeout = 3
 	pgr_pool_destroy(p);
 }
 
+Test(embedded, pool_run_says_eshutdown_once_drain_stopped_the_manager, .timeout = 30)
+{
+	for (int shared = 0; shared < 2; shared++) {
+		pgr_runtime *rt = NULL;
+		pgr_config cfg;
+		pgr_config_init(&cfg);
+		cfg.conninfo = tu_conninfo();
+		cfg.min_idle = cfg.max_size = 1;
+		cfg.manager_thread = false;
+		if (shared) {
+			cr_assert_eq(pgr_runtime_create(false, &rt), 0);
+			cfg.runtime = rt;
+		}
+		pgr_pool *p;
+		cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
+		struct pollfd pfd = {.fd = pgr_pool_fd(p), .events = POLLIN};
+		int64_t dl = tu_now_ms() + 5000;
+		while (tu_stats(p).idle < 1 && tu_now_ms() < dl) {
+			poll(&pfd, 1, 50);
+			cr_assert_eq(pgr_pool_run(p), 0);
+		}
+		cr_assert_eq(tu_stats(p).idle, 1);
+		cr_assert_eq(pgr_pool_drain(p, 1000), 0);
+		/* A loop that polls until the pool says it is done can stop now. */
+		cr_assert_eq(pgr_pool_run(p), -ESHUTDOWN, "shared runtime %d", shared);
+		cr_assert_eq(pgr_pool_destroy(p), 0);
+		if (rt)
+			cr_assert_eq(pgr_runtime_destroy(rt), 0);
+	}
+}
+
 struct job {
 	struct eloop *e;
 	pgr_conn *conn;

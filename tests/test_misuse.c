@@ -174,6 +174,58 @@ Test(misuse, a_forked_child_cannot_use_the_parents_pool, .timeout = 30)
 	pgr_pool_destroy(p);
 }
 
+/*
+ * A runtime is the parent's as much as its pools are: its ring's memory is shared across
+ * fork, so a pool the child attached to it would drive the parent's ring (and crash the
+ * parent's next round), and with a thread it would attach to a thread that does not exist.
+ */
+Test(misuse, a_forked_child_cannot_create_a_pool_on_the_parents_runtime, .timeout = 30)
+{
+	for (int threaded = 0; threaded < 2; threaded++) {
+		pgr_runtime *rt;
+		cr_assert_eq(pgr_runtime_create(threaded, &rt), 0);
+		pgr_config cfg;
+		pgr_config_init(&cfg);
+		cfg.conninfo = tu_conninfo();
+		cfg.max_size = 1;
+		cfg.min_idle = 1;
+		cfg.runtime = rt;
+		pgr_pool *p;
+		cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
+		for (int i = 0; i < 1000 && tu_stats(p).idle < 1; i++) {
+			if (!threaded)
+				pgr_runtime_run(rt);
+			tu_sleep_ms(5);
+		}
+		cr_assert_eq(tu_stats(p).idle, 1);
+		pid_t child = fork();
+		cr_assert_geq(child, 0);
+		if (child == 0) {
+			pgr_pool *q = NULL;
+			int rc = pgr_pool_create(&cfg, &q);
+			_exit(rc == -PGR_E_FORKED && q == NULL ? 0 : 1);
+		}
+		int status;
+		cr_assert_eq(waitpid(child, &status, 0), child);
+		cr_assert(WIFEXITED(status), "child crashed (signal %d)", WTERMSIG(status));
+		cr_assert_eq(WEXITSTATUS(status), 0,
+		             "threaded %d: the child created a pool on the parent's runtime",
+		             threaded);
+		/* The parent's runtime and pool go on as before. */
+		for (int i = 0; i < 20; i++) {
+			if (!threaded)
+				pgr_runtime_run(rt);
+			tu_sleep_ms(2);
+		}
+		pgr_conn *c;
+		cr_assert_eq(pgr_acquire(p, 2000, &c), 0);
+		cr_assert_eq(select_value(c, "select 6 * 7"), 42);
+		cr_assert_eq(pgr_release(c), 0);
+		cr_assert_eq(pgr_pool_destroy(p), 0);
+		cr_assert_eq(pgr_runtime_destroy(rt), 0);
+	}
+}
+
 Test(misuse, every_millisecond_field_means_what_it_says_up_to_int64_max, .timeout = 30)
 {
 	pgr_config cfg;
