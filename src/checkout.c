@@ -381,10 +381,12 @@ static inline pgr_conn *checked_out(struct pgr_conn *c, const char *file, int li
                                     const char *func)
 {
 	uint32_t lease = atomic_load_explicit(&c->lease, memory_order_relaxed) + 1;
-	atomic_store_explicit(&c->lease, lease, memory_order_relaxed);
-	/* The new lease before IN_USE, with release: a misuse check that sees IN_USE (acquire)
-	 * sees this lease too, so an old holder's handle can never pass for the new one's. */
-	pgr__conn_move_rel(c, PGR__IN_USE);
+	/* release: a leak scan that reads this lease (acquire) then sees the slot no longer in
+	 * the previous holder's IN_USE. The lease first, then the checkout's time and site: the
+	 * scan reads them between two reads of the lease and drops what changed meanwhile (a
+	 * seqlock; on x86 neither the store nor the fence costs an instruction). */
+	atomic_store_explicit(&c->lease, lease, memory_order_release);
+	atomic_thread_fence(memory_order_release);
 	atomic_store_explicit(&c->acquired_ms, pgr__now_ms(c->pool), memory_order_relaxed);
 	/* Where it was acquired matters only to leak reports. */
 	if (c->pool->cfg.leak_threshold_ms) {
@@ -392,6 +394,9 @@ static inline pgr_conn *checked_out(struct pgr_conn *c, const char *file, int li
 		atomic_store_explicit(&c->acq_func, func, memory_order_relaxed);
 		atomic_store_explicit(&c->acq_line, line, memory_order_relaxed);
 	}
+	/* All of it before IN_USE, with release: a misuse check that sees IN_USE (acquire) sees
+	 * this lease too, so an old holder's handle can never pass for the new one's. */
+	pgr__conn_move_rel(c, PGR__IN_USE);
 	return pgr__handle(c, lease);
 }
 

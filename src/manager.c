@@ -118,16 +118,20 @@ static inline int64_t earliest(int64_t a, int64_t b)
 	return a < b ? a : b;
 }
 
-static void report_leak(pgr_pool *p, struct pgr_conn *c, int64_t held)
+struct leak_site {
+	const char *file, *func;
+	int line;
+};
+
+static void report_leak(pgr_pool *p, struct pgr_conn *c, int64_t held, struct leak_site site)
 {
 	const pgr_config *cfg = &p->cfg;
 	atomic_fetch_add_explicit(&p->c_leaks, 1, memory_order_relaxed);
 	if (!cfg->on_event)
 		return;
 	char msg[512];
-	const char *file = atomic_load_explicit(&c->acq_file, memory_order_relaxed);
-	const char *func = atomic_load_explicit(&c->acq_func, memory_order_relaxed);
-	int line = atomic_load_explicit(&c->acq_line, memory_order_relaxed);
+	const char *file = site.file, *func = site.func;
+	int line = site.line;
 	snprintf(msg, sizeof(msg),
 	         "connection %u held for %lld ms (leak_threshold_ms %lld), acquired at %s:%d (%s)",
 	         c->id, (long long)held, (long long)cfg->leak_threshold_ms, file ? file : "?", line,
@@ -224,20 +228,41 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 				due = earliest(due, pgr__sat_add(now, cfg->keepalive_interval_ms));
 			if (st != PGR__IN_USE || cfg->leak_threshold_ms <= 0)
 				continue;
-			/* Checkouts so far, + 1 so that 0 means "never reported". */
-			uint64_t seq = atomic_load_explicit(&c->n_immediate, memory_order_relaxed) +
-			               atomic_load_explicit(&c->n_waits, memory_order_relaxed) + 1;
-			if (seq == c->leak_seq_reported)
-				continue;
+			/*
+			 * This checkout's lease, time and site, read as a seqlock against the
+			 * holder's checked_out: a checkout that began meanwhile changes the lease,
+			 * and then nothing is reported this round (a report of the previous
+			 * checkout's time under the new one's sequence would hide a real leak).
+			 */
+			uint32_t lease = atomic_load_explicit(&c->lease, memory_order_acquire);
 			int64_t acquired =
 			    atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
+			struct leak_site site = {
+			    atomic_load_explicit(&c->acq_file, memory_order_relaxed),
+			    atomic_load_explicit(&c->acq_func, memory_order_relaxed),
+			    atomic_load_explicit(&c->acq_line, memory_order_relaxed)};
+			atomic_thread_fence(memory_order_acquire);
+			if (atomic_load_explicit(&c->lease, memory_order_relaxed) != lease ||
+			    atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE) {
+				due = earliest(due, now + PGR__TICK_MS);
+				continue;
+			}
+			/* + 1 so that 0 means "never reported". */
+			uint64_t seq = (uint64_t)lease + 1;
+			if (seq == c->leak_seq_reported) {
+				/* Reported: the holder may return it and a new checkout leak it
+				 * again, which no release wakes the manager for. */
+				due = earliest(due, pgr__sat_add(now, cfg->leak_threshold_ms));
+				continue;
+			}
 			int64_t held = now - acquired;
 			if (held < cfg->leak_threshold_ms) {
 				due = earliest(due, pgr__sat_add(acquired, cfg->leak_threshold_ms));
 				continue;
 			}
 			c->leak_seq_reported = seq;
-			report_leak(p, c, held);
+			report_leak(p, c, held, site);
+			due = earliest(due, pgr__sat_add(now, cfg->leak_threshold_ms));
 		}
 	}
 	return due;

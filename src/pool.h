@@ -122,7 +122,7 @@ struct pgr_conn {
 	 * at create and never moved; next to n_immediate, whose line every checkout writes, so
 	 * that reaching the histograms costs no extra cache line. */
 	pgr__hist *hist;
-	_Atomic uint64_t n_immediate; /* checkouts = n_immediate + n_waits (also the leak seq) */
+	_Atomic uint64_t n_immediate; /* checkouts = n_immediate + n_waits */
 	_Atomic uint64_t n_steals;
 	_Atomic uint64_t n_handoffs;
 	_Atomic uint64_t n_waits;
@@ -141,7 +141,7 @@ struct pgr_conn {
 	struct pgr__pq pq;
 	uint16_t inflight;          /* SQEs submitted and not yet reaped */
 	uint32_t io_gen;            /* tags the current poll; stale CQEs are ignored */
-	uint64_t leak_seq_reported; /* checkout count at the last leak report + 1 */
+	uint64_t leak_seq_reported; /* lease of the last leak report + 1 */
 	int64_t op_start_ns;
 	int64_t op_deadline_ns;
 	struct __kernel_timespec ts;

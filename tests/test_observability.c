@@ -50,6 +50,28 @@ Test(observability, leak_is_reported_once_with_acquiring_file_and_line, .timeout
 	pgr_pool_destroy(p);
 }
 
+/* Once per checkout: the same connection leaked by the next checkout is reported again, and a
+ * short checkout in between is not. */
+Test(observability, each_checkout_that_leaks_is_reported, .timeout = 30)
+{
+	struct tu_events ev;
+	pgr_pool *p = obs_pool(&ev, 1, 100, "leak2");
+	for (int round = 1; round <= 2; round++) {
+		pgr_conn *c;
+		cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
+		cr_assert(TU_WAIT_UNTIL(tu_events_count(&ev, PGR_EV_LEAK_SUSPECTED) == round, 3000),
+		          "checkout %d: %d leak reports", round,
+		          tu_events_count(&ev, PGR_EV_LEAK_SUSPECTED));
+		pgr_release(c);
+		cr_assert_eq(pgr_acquire(p, 1000, &c), 0);
+		pgr_release(c);
+	}
+	tu_sleep_ms(300);
+	cr_assert_eq(tu_events_count(&ev, PGR_EV_LEAK_SUSPECTED), 2);
+	cr_assert_eq(tu_stats(p).leaks, 2);
+	pgr_pool_destroy(p);
+}
+
 Test(observability, no_leak_report_below_threshold, .timeout = 30)
 {
 	struct tu_events ev;
