@@ -369,7 +369,8 @@ PGR_API int pgr_pool_create(const pgr_config *cfg, pgr_pool **out);
  * Stop handing out connections, wake every waiter with -ESHUTDOWN, wait up to drain_ms for
  * checked-out connections to come back, then close every connection (in-flight io_uring
  * operations are cancelled first). Connections still checked out after the deadline are
- * closed under their holders' feet only at pgr_pool_destroy. Returns 0 (also for a second
+ * closed under their holders' feet only at pgr_pool_destroy, and one returned after the
+ * deadline stays open until then too (the manager has stopped). Returns 0 (also for a second
  * call), -ETIMEDOUT when some were still out at the deadline (checked out, or held by a
  * pgr_loop that was not driven meanwhile), -PGR_E_FORKED in a forked child, -EINVAL for a NULL
  * pool. Threads: one thread; the thread that drives the runtime when it has no manager thread.

@@ -360,15 +360,20 @@ int pgr_pool_destroy(pgr_pool *p)
 	/* Waiters woken with -ESHUTDOWN may still be on their way out of pgr_acquire. */
 	while (atomic_load_explicit(&p->nblocked, memory_order_acquire))
 		usleep(100);
-	/* What is left is checked out past the drain deadline: closed under its holder. */
+	/* What is left was checked out at the drain's deadline: closed under its holder, or (given
+	 * back after the deadline, to a manager that had stopped) where the return left it. */
 	for (uint32_t i = 0; i < p->cap; i++) {
 		struct pgr_conn *c = &p->conns[i];
 		if (c->pg) {
 			c->close_reason = PGR_CLOSE_POOL_CLOSING;
 			atomic_fetch_add_explicit(&p->c_closes[PGR_CLOSE_POOL_CLOSING], 1,
 			                          memory_order_relaxed);
+			bool held =
+			    atomic_load_explicit(&c->state, memory_order_acquire) != PGR__MANAGED;
 			pgr__emitf(p, PGR_EV_CONN_CLOSED, c->id,
-			           "connection %u closed while checked out: pool_closing", c->id);
+			           "connection %u closed %s: pool_closing", c->id,
+			           held ? "while checked out"
+			                : "after its return past the drain's deadline");
 			PQfinish(c->pg);
 			c->pg = NULL;
 		}

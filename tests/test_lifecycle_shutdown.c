@@ -150,6 +150,29 @@ Test(lifecycle, drain_times_out_while_a_connection_is_still_out, .timeout = 30)
 
 	pgr_pool_destroy(p);
 	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, "pool_closing", id), 1);
+	cr_assert(lc_events_find_msg(ev, PGR_EV_CONN_CLOSED, "closed while checked out"));
+	expect_server_forgot(admin, app);
+	lc_events_free(ev);
+	PQfinish(admin);
+}
+
+/* Returned after the drain's deadline: the manager has stopped, so it stays open until destroy,
+ * whose close event must not claim it was still checked out. */
+Test(lifecycle, a_connection_returned_past_the_drain_deadline_is_closed_at_destroy, .timeout = 30)
+{
+	const char *app = "lc_drain_late";
+	struct lc_events *ev = lc_events_new();
+	PGconn *admin = tu_admin();
+	pgr_pool *p = pool_for(app, 1, 1, ev);
+	pgr_conn *held;
+	cr_assert_eq(pgr_acquire(p, 5000, &held), 0);
+	cr_assert_eq(pgr_pool_drain(p, 50), -ETIMEDOUT);
+	cr_assert_eq(pgr_release(held), 0);
+	cr_assert_eq(pgr_pool_destroy(p), 0);
+	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, "pool_closing", UINT32_MAX), 1);
+	cr_assert(lc_events_find_msg(ev, PGR_EV_CONN_CLOSED, "after its return past the drain"),
+	          "the close event does not say the connection had come back");
+	cr_assert(!lc_events_find_msg(ev, PGR_EV_CONN_CLOSED, "while checked out"));
 	expect_server_forgot(admin, app);
 	lc_events_free(ev);
 	PQfinish(admin);
