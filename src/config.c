@@ -290,6 +290,68 @@ static void scrub_uri_secrets(const char *conninfo, char *msg)
 	}
 }
 
+/* Whether the n bytes at k are a keyword libpq knows (known: PQconndefaults(), may be NULL). */
+static bool known_keyword(const PQconninfoOption *known, const char *k, size_t n)
+{
+	for (const PQconninfoOption *o = known; o && o->keyword; o++)
+		if (strlen(o->keyword) == n && memcmp(o->keyword, k, n) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * The same for a keyword=value conninfo: libpq's message may echo a word that followed a
+ * secret's value ('missing "=" after "word"', 'invalid connection option "word"'), which is the
+ * rest of a password with a space the operator did not quote or escape ("password=two words").
+ * Mask the raw text of every word after a password= or sslpassword= value up to the next word
+ * that names a libpq keyword. Values are read as libpq reads them: quoted, or up to a blank,
+ * with backslash escapes.
+ */
+static void scrub_kv_secrets(const char *conninfo, char *msg)
+{
+	if (strncmp(conninfo, "postgresql://", 13) == 0 ||
+	    strncmp(conninfo, "postgres://", 11) == 0)
+		return;
+	PQconninfoOption *known = PQconndefaults(); /* NULL: every word after a secret is masked */
+	bool after_secret = false;
+	const char *s = conninfo;
+	while (*s) {
+		if (isspace((unsigned char)*s)) {
+			s++;
+			continue;
+		}
+		const char *name = s;
+		while (*s && *s != '=' && !isspace((unsigned char)*s))
+			s++;
+		size_t n = (size_t)(s - name);
+		while (isspace((unsigned char)*s))
+			s++;
+		bool kw = *s == '=' && known_keyword(known, name, n);
+		if (after_secret && !kw)
+			mask_raw(msg, name, n);
+		else
+			after_secret = kw && ((n == 8 && memcmp(name, "password", 8) == 0) ||
+			                      (n == 11 && memcmp(name, "sslpassword", 11) == 0));
+		if (*s != '=')
+			continue; /* a lone word: libpq stops here, and so could this */
+		s++;
+		while (isspace((unsigned char)*s))
+			s++;
+		if (*s == '\'') {
+			for (s++; *s && *s != '\''; s++)
+				if (*s == '\\' && s[1])
+					s++;
+			if (*s)
+				s++;
+		} else {
+			for (; *s && !isspace((unsigned char)*s); s++)
+				if (*s == '\\' && s[1])
+					s++;
+		}
+	}
+	PQconninfoFree(known);
+}
+
 static int build_params(pgr_pool *p)
 {
 	char *err = NULL;
@@ -299,6 +361,7 @@ static int build_params(pgr_pool *p)
 		 * userinfo is recognised by its '@', which a cut may drop. */
 		if (err) {
 			scrub_uri_secrets(p->conninfo_copy, err);
+			scrub_kv_secrets(p->conninfo_copy, err);
 			pgr__scrub(p, err);
 		}
 		char msg[384];

@@ -395,6 +395,40 @@ Test(misuse, a_uri_whose_password_libpq_echoes_alone_or_cut_never_leaks_it, .tim
 	PQfreemem(err);
 }
 
+/*
+ * A keyword=value conninfo whose password holds a blank the operator did not quote: libpq reads
+ * the first word as the password and echoes the next one alone ('missing "=" after "word"',
+ * 'invalid connection option "word"'), with nothing around it to recognise it by.
+ */
+Test(misuse, a_password_with_an_unquoted_blank_is_never_echoed_by_a_parse_error, .timeout = 30)
+{
+	const char *bad[] = {
+	    "host=localhost user=alice password=first Sup3rS3cretPw dbname=db",
+	    "host=localhost password=first Sup3rS3cretPw",
+	    "password = 'x' host=localhost sslpassword=first Sup3rS3cretPw=2 dbname=db",
+	    "password=first\\ two Sup3rS3cretPw=2",
+	};
+	for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++)
+		refused_without_leak(bad[k], "Sup3rS3c");
+	/* libpq echoes the lone word: without the fix this test would see it. */
+	char *err = NULL;
+	PQconninfoOption *o = PQconninfoParse(bad[0], &err);
+	cr_assert_null(o);
+	cr_assert_not_null(strstr(err, "Sup3rS3cretPw"), "libpq no longer echoes it: %s", err);
+	PQfreemem(err);
+	/* A word that is not after a secret keeps libpq's message as it was. */
+	struct tu_events ev;
+	tu_events_init(&ev);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = "host=localhost nosuchoption=1 password=x";
+	cfg.on_event = tu_events_cb;
+	cfg.user_data = &ev;
+	pgr_pool *p = NULL;
+	cr_assert_eq(pgr_pool_create(&cfg, &p), -EINVAL);
+	cr_assert_geq(tu_events_find(&ev, PGR_EV_CONFIG_ERROR, "\"nosuchoption\""), 0);
+}
+
 /* The exposition stays valid text for any name a user can pass: quotes, backslashes, newlines
  * and bytes that are not UTF-8. promtool is the judge. */
 Test(misuse, any_pool_name_gives_a_valid_exposition, .timeout = 30)
