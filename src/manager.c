@@ -235,6 +235,12 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 			 * checkout's time under the new one's sequence would hide a real leak).
 			 */
 			uint32_t lease = atomic_load_explicit(&c->lease, memory_order_acquire);
+			/* IN_USE after that lease: the checkout that took it has stored its time
+			 * and site (it stores IN_USE last, with release). */
+			if (atomic_load_explicit(&c->state, memory_order_acquire) != PGR__IN_USE) {
+				due = earliest(due, now + PGR__TICK_MS);
+				continue;
+			}
 			int64_t acquired =
 			    atomic_load_explicit(&c->acquired_ms, memory_order_relaxed);
 			struct leak_site site = {
@@ -242,8 +248,7 @@ static int64_t maintain(pgr_pool *p, int64_t now)
 			    atomic_load_explicit(&c->acq_func, memory_order_relaxed),
 			    atomic_load_explicit(&c->acq_line, memory_order_relaxed)};
 			atomic_thread_fence(memory_order_acquire);
-			if (atomic_load_explicit(&c->lease, memory_order_relaxed) != lease ||
-			    atomic_load_explicit(&c->state, memory_order_relaxed) != PGR__IN_USE) {
+			if (atomic_load_explicit(&c->lease, memory_order_relaxed) != lease) {
 				due = earliest(due, now + PGR__TICK_MS);
 				continue;
 			}
