@@ -156,7 +156,7 @@ typedef struct pgr_config {
 	uint32_t max_connecting;     /* connects in flight at once; default 4 */
 	uint32_t shards;             /* idle-connection shards; 0 = one per online CPU */
 	int64_t acquire_timeout_ms;  /* pgr_acquire's default deadline; default 30000 */
-	int64_t connect_timeout_ms;  /* whole connect attempt, TLS and auth included; 10000 */
+	int64_t connect_timeout_ms;  /* per host, TLS and auth included; 10000 (README) */
 	int64_t max_lifetime_ms;     /* 0 = unlimited; default 1800000 (30 min) */
 	int64_t lifetime_jitter_ms;  /* up to this much is taken off each lifetime; 0 = none */
 	int64_t idle_timeout_ms;     /* close idle connections above min_idle; 0 = never; 600000 */

@@ -258,6 +258,8 @@ struct pgr_conn *pgr__mgr_free_slot(pgr_pool *p)
 	return NULL;
 }
 
+static void start_attempt(pgr_pool *p, struct pgr_conn *c);
+
 void pgr__mgr_start_connect(pgr_pool *p, struct pgr_conn *c)
 {
 	atomic_fetch_add_explicit(&p->nopen, 1, memory_order_relaxed);
@@ -268,7 +270,15 @@ void pgr__mgr_start_connect(pgr_pool *p, struct pgr_conn *c)
 	pgr__lazy_populate(c->hist, sizeof(struct pgr__conn_hists));
 	c->op = PGR__OP_CONNECT;
 	c->op_start_ns = pgr__mono_ns();
-	c->op_deadline_ns = pgr__sat_add(c->op_start_ns, pgr__ms_to_ns(p->cfg.connect_timeout_ms));
+	c->hosts_tried = 0;
+	start_attempt(p, c);
+}
+
+/* One PQconnectStartParams: the first, or the next host's after one stalled. connect_timeout_ms
+ * bounds each, as libpq's connect_timeout bounds each host. */
+static void start_attempt(pgr_pool *p, struct pgr_conn *c)
+{
+	c->op_deadline_ns = pgr__sat_add(pgr__mono_ns(), pgr__ms_to_ns(p->cfg.connect_timeout_ms));
 	/* Name resolution happens inside this call; hostaddr= avoids it (README). */
 	pgr__hosts_rotate(p);
 	c->pg = PQconnectStartParams(p->kw, p->val, 0);
@@ -478,10 +488,28 @@ void pgr__mgr_poll_done(pgr_pool *p, struct pgr_conn *c, int res)
 	if (res == -ECANCELED) {
 		/* The linked deadline fired. */
 		if (c->op == PGR__OP_CONNECT) {
-			char msg[128];
+			char msg[384];
+			const char *host = PQhost(c->pg), *port = PQport(c->pg);
 			snprintf(msg, sizeof(msg),
-			         "timeout expired after %lld ms (connect_timeout_ms)",
-			         (long long)p->cfg.connect_timeout_ms);
+			         "timeout expired after %lld ms (connect_timeout_ms) at %s port %s",
+			         (long long)p->cfg.connect_timeout_ms, host ? host : "?",
+			         port ? port : "?");
+			/* A host that stalls (no answer at all) is not one libpq leaves for the
+			 * next: this pool does, while hosts it has not stalled on remain. */
+			if (!atomic_load_explicit(&p->closing, memory_order_relaxed) &&
+			    pgr__hosts_stalled(p, c->pg, &c->hosts_tried) != UINT32_MAX) {
+				/* Counted and reported as a failed connect to that host, without
+				 * the backoff of a failed connect: another host may answer now. */
+				pgr__scrub(p, msg);
+				atomic_fetch_add_explicit(&p->c_connects_failed, 1,
+				                          memory_order_relaxed);
+				pgr__emitf(p, PGR_EV_CONNECT_FAILED, c->id,
+				           "connect failed: %s; trying the next host", msg);
+				PQfinish(c->pg);
+				c->pg = NULL;
+				start_attempt(p, c);
+				return;
+			}
 			connect_failed(p, c, msg);
 		} else {
 			exec_done(p, c, false);

@@ -112,6 +112,7 @@ struct pgr_conn {
 	_Atomic uint8_t fresh;        /* validated by the manager; skip the next pre-ping */
 	_Atomic uint8_t server_error; /* saw FATAL / 57P0x / 25006: never reuse */
 	uint8_t uncounted;            /* already taken out of nopen by an overflow return */
+	uint64_t hosts_tried;         /* manager-only: hosts this connect stalled on (role.h) */
 	uint8_t host; /* index of its server in the conninfo's host list (replica.h); set at
 	                 connect by the manager, read at checkout by the next owners */
 	struct pgr__pcache *pcache; /* prepared statements of this libpq connection (exec.h);

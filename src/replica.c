@@ -59,7 +59,7 @@ static bool lag_on(const pgr_pool *p)
 
 static bool rebalance_on(const pgr_pool *p)
 {
-	return p->hosts && p->cfg.rebalance_interval_ms > 0;
+	return pgr__hosts_rotating(p) && p->cfg.rebalance_interval_ms > 0;
 }
 
 int pgr__replica_init(pgr_pool *p)

@@ -55,9 +55,12 @@ bool pgr__role_check(enum pgr__role want, PGconn *pg)
 static const char *const list_kw[NLISTS] = {"host", "hostaddr", "port"};
 
 struct pgr__hosts {
-	uint32_t n;      /* hosts in the list */
-	uint32_t next;   /* rotation of the next connect */
-	uint32_t aim;    /* the next connect starts here (a rebalance), or UINT32_MAX */
+	uint32_t n;     /* hosts in the list */
+	bool rotate;    /* a replica pool: each connect starts at the next host */
+	uint32_t next;  /* rotation of the next connect */
+	uint32_t aim;   /* the next connect starts here (a rebalance, a stall), or UINT32_MAX */
+	uint32_t avoid; /* a host where a connect stalled: not a starting point until ... */
+	int64_t avoid_until_ms;
 	int idx[NLISTS]; /* index in p->kw of each list that names every host, or -1 */
 	const char *orig[NLISTS];
 	char **item[NLISTS]; /* the list split at commas */
@@ -96,9 +99,8 @@ static char **split(const char *v, uint32_t n)
 int pgr__hosts_init(pgr_pool *p, const char *tsa)
 {
 	p->hosts = NULL;
-	if (!tsa || !(p->role == PGR__ROLE_READ_ONLY || p->role == PGR__ROLE_STANDBY ||
-	              strcmp(tsa, "prefer-standby") == 0))
-		return 0;
+	bool rotate = tsa && (p->role == PGR__ROLE_READ_ONLY || p->role == PGR__ROLE_STANDBY ||
+	                      strcmp(tsa, "prefer-standby") == 0);
 	uint32_t n = 0;
 	for (size_t i = 0; p->kw[i]; i++)
 		if (strcmp(p->kw[i], "host") == 0 || strcmp(p->kw[i], "hostaddr") == 0) {
@@ -111,7 +113,9 @@ int pgr__hosts_init(pgr_pool *p, const char *tsa)
 	if (!h)
 		return -ENOMEM;
 	h->n = n;
+	h->rotate = rotate;
 	h->aim = UINT32_MAX;
+	h->avoid = UINT32_MAX;
 	p->hosts = h;
 	for (int l = 0; l < NLISTS; l++) {
 		h->idx[l] = -1;
@@ -150,15 +154,22 @@ void pgr__hosts_rotate(pgr_pool *p)
 	struct pgr__hosts *h = p->hosts;
 	if (!h)
 		return;
-	uint32_t k = h->next++ % h->n;
+	uint32_t k = h->rotate ? h->next++ % h->n : 0;
 	if (h->aim != UINT32_MAX) {
 		k = h->aim;
 		h->aim = UINT32_MAX;
+	} else if (!h->rotate) {
+		/* In order, as libpq goes; past a host that stalled a connect lately. */
+		if (k == h->avoid && pgr__now_ms(p) < h->avoid_until_ms)
+			k = (k + 1) % h->n;
 	} else {
 		/* Start at a host whose standby is not held back for lag, if there is one: libpq
-		 * still falls back to the lagging ones, which keep their connections unused. */
-		uint64_t lag = atomic_load_explicit(&p->lag_mask, memory_order_relaxed);
-		for (uint32_t i = 0; lag && i < h->n && k < 64 && (lag >> k & 1); i++)
+		 * still falls back to the lagging ones, which keep their connections unused. A
+		 * host that stalled a connect lately is passed over the same way. */
+		uint64_t skip = atomic_load_explicit(&p->lag_mask, memory_order_relaxed);
+		if (h->avoid < 64 && pgr__now_ms(p) < h->avoid_until_ms)
+			skip |= 1ull << h->avoid;
+		for (uint32_t i = 0; skip && i < h->n && k < 64 && (skip >> k & 1); i++)
 			k = h->next++ % h->n;
 	}
 	for (int l = 0; l < NLISTS; l++) {
@@ -190,7 +201,12 @@ void pgr__hosts_restore(pgr_pool *p)
 
 uint32_t pgr__hosts_count(const pgr_pool *p)
 {
-	return p->hosts ? p->hosts->n : 1;
+	return p->hosts && p->hosts->rotate ? p->hosts->n : 1;
+}
+
+bool pgr__hosts_rotating(const pgr_pool *p)
+{
+	return p->hosts && p->hosts->rotate;
 }
 
 void pgr__hosts_aim(pgr_pool *p, uint32_t host)
@@ -204,12 +220,11 @@ static bool same(const char *a, const char *b)
 	return a && b && strcmp(a, b) == 0;
 }
 
-uint32_t pgr__hosts_index(const pgr_pool *p, PGconn *pg)
+/* The host pg reached or is trying, UINT32_MAX when it cannot tell. */
+static uint32_t find_host(const struct pgr__hosts *h, PGconn *pg)
 {
-	const struct pgr__hosts *h = p->hosts;
-	if (!h)
-		return 0;
-	/* libpq reports the host (or the hostaddr when no host was given) and port it reached. */
+	/* libpq reports the host (or the hostaddr when no host was given) and port it reached,
+	 * or, while it connects, the one it is trying. */
 	const char *host = PQhost(pg), *addr = PQhostaddr(pg), *port = PQport(pg);
 	for (uint32_t i = 0; i < h->n; i++) {
 		if (h->idx[0] >= 0 && !same(h->item[0][i], host))
@@ -219,6 +234,35 @@ uint32_t pgr__hosts_index(const pgr_pool *p, PGconn *pg)
 		if (h->idx[2] >= 0 && !same(h->item[2][i], port))
 			continue;
 		return i;
+	}
+	return UINT32_MAX;
+}
+
+uint32_t pgr__hosts_index(const pgr_pool *p, PGconn *pg)
+{
+	const struct pgr__hosts *h = p->hosts;
+	if (!h || !h->rotate)
+		return 0;
+	return find_host(h, pg);
+}
+
+uint32_t pgr__hosts_stalled(pgr_pool *p, PGconn *pg, uint64_t *tried)
+{
+	struct pgr__hosts *h = p->hosts;
+	if (!h)
+		return UINT32_MAX;
+	uint32_t k = find_host(h, pg);
+	if (k == UINT32_MAX || k >= 64)
+		return UINT32_MAX;
+	*tried |= 1ull << k;
+	h->avoid = k;
+	h->avoid_until_ms = pgr__sat_add(pgr__now_ms(p), PGR__HOST_AVOID_MS);
+	for (uint32_t i = 1; i < h->n && i < 64; i++) {
+		uint32_t j = (k + i) % h->n;
+		if (j < 64 && !(*tried >> j & 1)) {
+			h->aim = j;
+			return j;
+		}
 	}
 	return UINT32_MAX;
 }

@@ -34,6 +34,9 @@ enum pgr__role pgr__role_parse(const char *target_session_attrs);
 bool pgr__role_check(enum pgr__role want, PGconn *pg);
 
 /*
+ * Host lists, for every pool whose conninfo names several hosts. Connects start at the first
+ * (past one that stalled lately: pgr__hosts_stalled), except in replica pools:
+ *
  * Spreading connects over several replicas. libpq 15 has no load_balance_hosts: it tries the
  * hosts of a multi-host conninfo in order, so every connection of a read-only or standby pool
  * would land on the first standby. A pool whose target_session_attrs is read-only, standby or
@@ -55,6 +58,18 @@ uint32_t pgr__hosts_count(const pgr_pool *p);
 void pgr__hosts_aim(pgr_pool *p, uint32_t host);
 /* The index of the host pg reached, 0 without rotation, UINT32_MAX when it cannot tell. */
 uint32_t pgr__hosts_index(const pgr_pool *p, PGconn *pg);
+/* Whether connects rotate over the hosts (a replica pool). */
+bool pgr__hosts_rotating(const pgr_pool *p);
+/*
+ * A connect timed out on the host pg was trying (any multi-host pool). libpq moves to the next
+ * host by itself only when one refuses or fails, never when one stalls: a blackholed server
+ * would hold every connect for connect_timeout_ms and then fail it, however many hosts follow.
+ * Marks the host in *tried (the hosts this connect has stalled on), keeps it from starting
+ * connects for PGR__HOST_AVOID_MS, and returns the host to start again at (aimed), or
+ * UINT32_MAX when every host has stalled this connect or pg's host is unknown.
+ */
+uint32_t pgr__hosts_stalled(pgr_pool *p, PGconn *pg, uint64_t *tried);
+#define PGR__HOST_AVOID_MS 30000
 
 /* The cheap form for the return path: one byte compare when the pool asks for no role. */
 static inline bool pgr__role_ok(const pgr_pool *p, PGconn *pg)

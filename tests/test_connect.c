@@ -1,7 +1,10 @@
 /* SPDX-License-Identifier: PostgreSQL */
 /* Connect failures and authentication, against a real server and a dead port. */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "testutil.h"
@@ -216,4 +219,67 @@ Test(connect, on_connect_runs_before_hand_out, .timeout = 30)
 	pgr_release(c);
 	cr_assert_eq(calls, 1);
 	pgr_pool_destroy(p);
+}
+
+/* A listener that completes TCP handshakes (the kernel does, from its backlog) and never says a
+ * word: a blackholed or stopped server as a client sees it. Returns its port; *fd to close. */
+static int silent_listener(int *fd)
+{
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	cr_assert_geq(s, 0);
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	cr_assert_eq(bind(s, (struct sockaddr *)&a, sizeof(a)), 0);
+	cr_assert_eq(listen(s, 64), 0);
+	socklen_t len = sizeof(a);
+	cr_assert_eq(getsockname(s, (struct sockaddr *)&a, &len), 0);
+	*fd = s;
+	return ntohs(a.sin_port);
+}
+
+/*
+ * The first host of a multi-host conninfo stalls: libpq leaves a host only when it refuses or
+ * fails, so every connect would wait connect_timeout_ms there and fail, however many hosts
+ * follow. The pool moves on to the next host after the timeout, and then starts its connects
+ * past the stalled one for a while.
+ */
+Test(connect, a_stalled_first_host_gives_way_to_the_next, .timeout = 60)
+{
+	int fd;
+	int silent = silent_listener(&fd);
+	char conninfo[512];
+	snprintf(conninfo, sizeof(conninfo),
+	         "host=127.0.0.1,%s port=%d,%s user=pgr_trust dbname=postgres sslmode=disable",
+	         tu_env("PGR_TEST_HOST"), silent, tu_env("PGR_TEST_PORT"));
+	struct tu_events ev;
+	tu_events_init(&ev);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = conninfo;
+	cfg.min_idle = 0;
+	cfg.max_size = 2;
+	cfg.connect_timeout_ms = 1500;
+	cfg.on_event = tu_events_cb;
+	cfg.user_data = &ev;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *a, *b;
+	int rc = pgr_acquire(p, 10000, &a);
+	cr_assert_eq(rc, 0, "%s", pgr_strerror(rc));
+	cr_assert_str_eq(PQport(pgr_conn_pg(a)), tu_env("PGR_TEST_PORT"));
+	cr_assert_geq(tu_events_find(&ev, PGR_EV_CONNECT_FAILED, "trying the next host"), 0,
+	              "the stall was not reported");
+	/* The next connect starts past the stalled host: no second wait of connect_timeout_ms. */
+	int64_t t0 = tu_now_ms();
+	rc = pgr_acquire(p, 10000, &b);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert_eq(rc, 0, "%s", pgr_strerror(rc));
+	cr_assert_str_eq(PQport(pgr_conn_pg(b)), tu_env("PGR_TEST_PORT"));
+	cr_assert_lt(took, 1200, "the second connect took %lld ms: it waited on the stalled host",
+	             (long long)took);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.connects_ok, 2);
+	cr_assert_eq(s.connects_failed, 1, "one stall, counted once");
+	pgr_release(a);
+	pgr_release(b);
+	pgr_pool_destroy(p);
+	close(fd);
 }
