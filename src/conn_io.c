@@ -76,6 +76,9 @@ static uint64_t rnd(pgr_pool *p)
 static void finish_close(pgr_pool *p, struct pgr_conn *c)
 {
 	int reason = c->close_reason;
+	/* A connect a stop cancelled (shutdown_all) never opened: no PGR_EV_CONN_OPENED, no
+	 * connects_ok, so neither a close nor PGR_EV_CONN_CLOSED. */
+	bool opened = c->op != PGR__OP_CONNECT;
 	pgr__replica_closed(p, c, reason);
 	if (c->pg) {
 		PQfinish(c->pg);
@@ -83,9 +86,11 @@ static void finish_close(pgr_pool *p, struct pgr_conn *c)
 	}
 	pgr__pcache_free(c); /* its prepared statements died with the session */
 	c->op = PGR__OP_NONE;
-	atomic_fetch_add_explicit(&p->c_closes[reason], 1, memory_order_relaxed);
-	pgr__emitf(p, PGR_EV_CONN_CLOSED, c->id, "connection %u closed: %s", c->id,
-	           pgr_close_reason_name(reason));
+	if (opened) {
+		atomic_fetch_add_explicit(&p->c_closes[reason], 1, memory_order_relaxed);
+		pgr__emitf(p, PGR_EV_CONN_CLOSED, c->id, "connection %u closed: %s", c->id,
+		           pgr_close_reason_name(reason));
+	}
 	pgr__conn_move(c, PGR__FREE);
 	if (c->uncounted)
 		c->uncounted = 0;

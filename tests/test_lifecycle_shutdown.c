@@ -5,7 +5,11 @@
  * returned during the drain are closed as pool_closing, and after destroy the server holds
  * none of the pool's connections. The ASan build runs these for leaks.
  */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <string.h>
 
@@ -258,4 +262,45 @@ Test(lifecycle, destroy_during_rollback_closes_everything, .timeout = 30)
 	              (long long)(tu_now_ms() - t0));
 	expect_server_forgot(admin, app);
 	PQfinish(admin);
+}
+
+/*
+ * A drain that cancels connects still in flight (min_idle's, to a listener that never answers)
+ * closes no connection: none of them opened, so there is no PGR_EV_CONN_CLOSED and no close
+ * counted, and closes never exceed connects_ok.
+ */
+Test(lifecycle, drain_of_connects_in_flight_reports_no_close, .timeout = 30)
+{
+	int ls = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t len = sizeof(sa);
+	cr_assert(ls >= 0 && bind(ls, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
+	          listen(ls, 16) == 0 && getsockname(ls, (struct sockaddr *)&sa, &len) == 0);
+	char ci[128];
+	snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d dbname=none sslmode=disable",
+	         ntohs(sa.sin_port));
+	struct lc_events *ev = lc_events_new();
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = ci;
+	cfg.min_idle = 4;
+	cfg.max_size = 4;
+	cfg.on_event = lc_events_cb;
+	cfg.user_data = ev;
+	pgr_pool *p = NULL;
+	cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
+	cr_assert(TU_WAIT_UNTIL(tu_stats(p).connecting == 4, 5000), "connects did not start");
+	cr_assert_eq(pgr_pool_drain(p, 0), 0);
+	pgr_stats s = tu_stats(p);
+	cr_assert_eq(s.connects_ok, 0);
+	cr_assert_eq(s.closes, 0, "%llu closes of connections that never opened",
+	             (unsigned long long)s.closes);
+	cr_assert_eq(lc_events_count(ev, PGR_EV_CONN_CLOSED, NULL, UINT32_MAX), 0,
+	             "%d PGR_EV_CONN_CLOSED without a PGR_EV_CONN_OPENED",
+	             lc_events_count(ev, PGR_EV_CONN_CLOSED, NULL, UINT32_MAX));
+	cr_assert_eq(s.size, 0);
+	cr_assert_eq(s.connecting, 0);
+	pgr_pool_destroy(p);
+	lc_events_free(ev);
+	close(ls);
 }
