@@ -170,7 +170,8 @@ typedef struct pgr_config {
 	int64_t leak_threshold_ms;     /* report connections held longer; 0 = off */
 	int64_t backoff_min_ms;        /* first reconnect delay after a failure; default 100 */
 	int64_t backoff_max_ms;        /* cap of the exponential backoff; default 10000 */
-	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it; default 30000 */
+	int64_t tcp_user_timeout_ms;   /* TCP_USER_TIMEOUT unless conninfo sets it (libpq sets it
+	                                  only with keepalives on); default 30000 */
 	const char *reset_sql;         /* run on every return when set, e.g. "DISCARD ALL" */
 	bool metrics;        /* record acquire-wait and hold histograms; default true (counters
 	                        and the connect histogram are always kept) */
