@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "pool.h"
 #include "testutil.h"
 
 static pgr_pool *small_pool(struct tu_events *ev, uint32_t size)
@@ -455,4 +456,18 @@ Test(misuse, any_pool_name_gives_a_valid_exposition, .timeout = 30)
 	unlink(path);
 	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "promtool rejected the exposition");
 	pgr_pool_destroy(p);
+}
+
+/*
+ * The last line of defence, under every event and last error: a URI's password is masked even
+ * where the pool does not know the password (a message from a path that parses nothing), with
+ * the text around it kept.
+ */
+Test(misuse, any_reported_text_loses_a_uri_password, .timeout = 10)
+{
+	char m[] = "echo: postgresql://alice:Sup3rS3cretPw@db.example:5432/app?x=1 (end)";
+	pgr__scrub(NULL, m);
+	cr_assert_null(strstr(m, "Sup3rS3c"), "leaked: %s", m);
+	cr_assert(strstr(m, "postgresql://alice:") && strstr(m, "@db.example:5432/app"),
+	          "the rest of the text went too: %s", m);
 }
