@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -193,6 +194,11 @@ static void pgr_destroy_fake(void *pool)
 	pgr_pool_destroy((pgr_pool *)pool);
 }
 
+static double ratio(uint64_t a, uint64_t b)
+{
+	return (double)a / (double)(b ? b : 1);
+}
+
 /* Whether name is in the comma-separated list (NULL: every pool); the mutex pool always runs:
  * the ratios are against it. */
 static bool wanted(const char *list, const char *name)
@@ -227,10 +233,12 @@ struct worker {
 	void *pool;
 	uint64_t hold_ns;
 	uint64_t sample_mask; /* time acquires whose count & mask == 0 */
+	uint64_t last_wait;
 	_Atomic int *go;
 	_Atomic int *stop;
 	uint64_t ops;
-	pgr__hist hist;
+	pgr__hist hist;      /* acquire waits */
+	pgr__hist pool_hist; /* with a hold: acquire wait + release, per checkout */
 } __attribute__((aligned(64)));
 
 static void *worker_main(void *a)
@@ -244,12 +252,27 @@ static void *worker_main(void *a)
 		if ((ops & w->sample_mask) == 0) {
 			uint64_t t0 = now_ns();
 			h = w->d->acquire(w->pool);
-			pgr__hist_add(&w->hist, now_ns() - t0);
+			w->last_wait = now_ns() - t0;
+			pgr__hist_add(&w->hist, w->last_wait);
 		} else {
 			h = w->d->acquire(w->pool);
 		}
 		spin_ns(w->hold_ns);
-		w->d->release(w->pool, h);
+		if (w->hold_ns) {
+			/*
+			 * A release can block too (the mutex pool's takes its lock, and a thread
+			 * woken there waits for a CPU inside it): with threads outnumbering CPUs,
+			 * a pool that queues callers in release shows a short acquire wait only
+			 * because the queueing moved. The time a checkout spends in the pool is
+			 * both, counted per checkout.
+			 */
+			uint64_t t1 = now_ns();
+			w->d->release(w->pool, h);
+			uint64_t t2 = now_ns();
+			pgr__hist_add(&w->pool_hist, t2 - t1 + w->last_wait);
+		} else {
+			w->d->release(w->pool, h);
+		}
 		ops++;
 	}
 	w->ops = ops;
@@ -259,6 +282,8 @@ static void *worker_main(void *a)
 struct result {
 	double ops_per_s, ns_per_op;
 	uint64_t p50, p99, p999, max;
+	uint64_t pool_p999, pool_max; /* acquire + release, with a hold */
+	double csw_per_op;            /* context switches (both kinds) per checkout */
 };
 
 static struct result run_one(const struct driver *d, unsigned threads, uint32_t conns,
@@ -280,20 +305,26 @@ static struct result run_one(const struct driver *d, unsigned threads, uint32_t 
 		w[i].stop = &stop;
 		pthread_create(&th[i], NULL, worker_main, &w[i]);
 	}
+	struct rusage ru0, ru1;
+	getrusage(RUSAGE_SELF, &ru0);
 	uint64_t t0 = now_ns();
 	atomic_store(&go, 1);
 	struct timespec ts = {(time_t)seconds, (long)((seconds - (time_t)seconds) * 1e9)};
 	nanosleep(&ts, NULL);
 	atomic_store(&stop, 1);
 	uint64_t ops = 0;
-	pgr__hist_snap s;
+	pgr__hist_snap s, ps;
 	pgr__hist_snap_clear(&s);
+	pgr__hist_snap_clear(&ps);
 	for (unsigned i = 0; i < threads; i++) {
 		pthread_join(th[i], NULL);
 		ops += w[i].ops;
 		pgr__hist_snap_merge(&s, &w[i].hist);
+		pgr__hist_snap_merge(&ps, &w[i].pool_hist);
 	}
 	uint64_t el = now_ns() - t0;
+	getrusage(RUSAGE_SELF, &ru1);
+	double csw = (double)(ru1.ru_nvcsw - ru0.ru_nvcsw + ru1.ru_nivcsw - ru0.ru_nivcsw);
 	struct result r = {
 	    .ops_per_s = (double)ops * 1e9 / (double)el,
 	    .ns_per_op = (double)el / (double)(ops ? ops : 1),
@@ -301,6 +332,9 @@ static struct result run_one(const struct driver *d, unsigned threads, uint32_t 
 	    .p99 = pgr__hist_snap_quantile(&s, 0.99),
 	    .p999 = pgr__hist_snap_quantile(&s, 0.999),
 	    .max = s.max_ns,
+	    .pool_p999 = pgr__hist_snap_quantile(&ps, 0.999),
+	    .pool_max = ps.max_ns,
+	    .csw_per_op = csw / (double)(ops ? ops : 1),
 	};
 	free(w);
 	d->destroy(pool);
@@ -344,12 +378,19 @@ int main(int argc, char **argv)
 		/*
 		 * Threads outnumbering connections, each checkout held H us: the waiting policy's
 		 * throughput and its tail (p999 and the longest wait, where starvation shows),
-		 * against the mutex pool, which lets the running thread barge.
+		 * against the mutex pool, which lets the running thread barge. Two tails: the
+		 * acquire wait alone, and the checkout's whole time in the pool (acquire wait +
+		 * release), since a pool may queue its callers in release instead.
 		 */
-		printf("pgr_core_bench: %ld CPUs, %.1f s per configuration, oversubscribed\n\n"
-		       "%-12s %-11s %12s %9s %9s %10s %11s %9s %9s %9s\n",
-		       ncpu, seconds, "thr/conn/us", "pool", "ops/s", "p50_ns", "p99_ns", "p999_ns",
-		       "max_ns", "x ops", "x p999", "x max");
+		printf("pgr_core_bench: %ld CPUs, %.1f s per configuration, oversubscribed\n"
+		       "acquire: the acquire wait; in pool: acquire wait + release, per checkout; "
+		       "csw/op: context switches per checkout\n\n"
+		       "%-12s %-11s %9s %7s %9s %9s %9s %9s %10s %6s %6s %6s %6s %6s\n"
+		       "%-12s %-11s %9s %7s %9s %9s %9s %9s %10s %6s %6s %6s %6s %6s\n",
+		       ncpu, seconds, "", "", "", "", "acquire", "acquire", "in pool", "in pool",
+		       "", "x", "x acq", "x acq", "x pool", "x pool", "thr/conn/us", "pool",
+		       "ops/s", "csw/op", "p99_ns", "p999_ns", "max_ns", "p999_ns", "max_ns", "ops",
+		       "p999", "max", "p999", "max");
 		char *tok;
 		while ((tok = strsep(&oversub, ","))) {
 			unsigned t = 0, c = 0, h = 0;
@@ -368,23 +409,27 @@ int main(int argc, char **argv)
 			for (unsigned d = 0; d < NDRIVERS; d++) {
 				if (d == 2 || !wanted(pools, drivers[d].name))
 					continue;
-				printf("%-12s %-11s %12.0f %9llu %9llu %10llu %11llu %9.2f %9.2f "
-				       "%9.2f\n",
-				       tok, drivers[d].name, r[d].ops_per_s,
-				       (unsigned long long)r[d].p50, (unsigned long long)r[d].p99,
-				       (unsigned long long)r[d].p999, (unsigned long long)r[d].max,
-				       r[d].ops_per_s / r[1].ops_per_s,
-				       (double)r[d].p999 / (double)(r[1].p999 ? r[1].p999 : 1),
-				       (double)r[d].max / (double)(r[1].max ? r[1].max : 1));
+				const struct result *x = &r[d], *m = &r[1];
+				printf(
+				    "%-12s %-11s %9.0f %7.3f %9llu %9llu %9llu %9llu %10llu %6.2f "
+				    "%6.2f %6.2f %6.2f %6.2f\n",
+				    tok, drivers[d].name, x->ops_per_s, x->csw_per_op,
+				    (unsigned long long)x->p99, (unsigned long long)x->p999,
+				    (unsigned long long)x->max, (unsigned long long)x->pool_p999,
+				    (unsigned long long)x->pool_max, x->ops_per_s / m->ops_per_s,
+				    ratio(x->p999, m->p999), ratio(x->max, m->max),
+				    ratio(x->pool_p999, m->pool_p999),
+				    ratio(x->pool_max, m->pool_max));
 				fprintf(
 				    stderr,
 				    "{\"bench\":\"core_oversub\",\"pool\":\"%s\",\"threads\":%u,"
 				    "\"conns\":%u,\"hold_ns\":%u,\"ops_per_s\":%.0f,\"p999_ns\":%"
-				    "llu,"
-				    "\"max_ns\":%llu,\"cpus\":%ld}\n",
-				    drivers[d].name, t, c, h * 1000u, r[d].ops_per_s,
-				    (unsigned long long)r[d].p999, (unsigned long long)r[d].max,
-				    ncpu);
+				    "llu,\"max_ns\":%llu,\"pool_p999_ns\":%llu,\"pool_max_ns\":%"
+				    "llu,\"csw_per_op\":%.4f,\"cpus\":%ld}\n",
+				    drivers[d].name, t, c, h * 1000u, x->ops_per_s,
+				    (unsigned long long)x->p999, (unsigned long long)x->max,
+				    (unsigned long long)x->pool_p999,
+				    (unsigned long long)x->pool_max, x->csw_per_op, ncpu);
 			}
 			fflush(stdout);
 		}

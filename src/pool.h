@@ -182,9 +182,13 @@ enum pgr__wstate {
 	PGR__W_NUDGED,   /* queued, woken without a grant: a connection went idle, look again */
 };
 
-/* Once the oldest waiter has waited this long, returned connections go to it (a hand-off)
- * instead of to whoever runs first (see pgr__publish). */
-#define PGR__STARVE_NS 1000000
+/*
+ * Once the oldest waiter has waited PGR__STARVE_NS, or PGR__STARVE_PER_WAITER_NS per caller
+ * waiting if that is longer, returned connections go to it (a hand-off) instead of to whoever
+ * runs first (see pgr__publish and waiters.c).
+ */
+#define PGR__STARVE_NS            1000000
+#define PGR__STARVE_PER_WAITER_NS 200000
 
 /* After a connection was stolen from another CPU's cache (a fence), releases leave the caches
  * alone this long. */
