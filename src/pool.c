@@ -249,6 +249,7 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	p->spin_iters = ncpu > 1 ? 1000 : 0;
 	p->spin_positions = ncpu > 3 ? (uint32_t)ncpu / 2 : 1;
+	p->spin_busy_max = ncpu > 0 ? (uint32_t)ncpu : 1;
 	/* Each shard's bitmap starts on its own cache line: CPUs write different shards. */
 	p->shard_stride = (p->nwords + 7) & ~7u;
 	p->conns = aligned_alloc(PGR__CACHELINE, sizeof(struct pgr_conn) * p->cap);

@@ -222,6 +222,7 @@ struct pgr_pool {
 	uint32_t shard_stride;        /* words between shards, padded to a cache line */
 	uint32_t spin_iters;          /* pause loops a waiter spins before parking (0 on one CPU) */
 	uint32_t spin_positions;      /* waiters that far from the head or closer spin */
+	uint32_t spin_busy_max;       /* no spinning while more threads hold or wait (CPUs) */
 	uint8_t cpu_shard[PGR__MAX_CPUS]; /* no division on the checkout path */
 	struct pgr_conn *conns;
 	struct pgr__conn_hists *hists; /* cap sets, lazily backed (see pgr_conn.hist) */
