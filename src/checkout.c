@@ -108,8 +108,6 @@ static inline bool pcpu_put(pgr_pool *p, struct pgr_conn *c)
 	return false;
 }
 
-static void shard_put(pgr_pool *p, struct pgr_conn *c);
-
 /*
  * Move every cached connection into the shards. Only a thread that closed the gate calls this,
  * after the fence: no sequence can commit meanwhile, and every commit before it is visible.
@@ -127,7 +125,7 @@ static void pcpu_flush(pgr_pool *p)
 		uint32_t id = atomic_exchange_explicit(&p->pcpu[cpu].id, PGR__PCPU_EMPTY,
 		                                       memory_order_acquire);
 		if (id < p->cap) {
-			shard_put(p, &p->conns[id]);
+			pgr__shard_put(p, &p->conns[id]);
 			moved = true;
 		}
 	}
@@ -216,7 +214,7 @@ static struct pgr_conn *take_any(pgr_pool *p, bool *stolen)
 	return NULL;
 }
 
-static void shard_put(pgr_pool *p, struct pgr_conn *c)
+void pgr__shard_put(pgr_pool *p, struct pgr_conn *c)
 {
 	unsigned s = cur_shard(p);
 	atomic_store_explicit(&c->home_shard, s, memory_order_relaxed);
@@ -272,7 +270,8 @@ uint32_t pgr__idle_count(pgr_pool *p)
 static inline __attribute__((always_inline)) void publish(pgr_pool *p, struct pgr_conn *c,
                                                           bool cache)
 {
-	if (atomic_load_explicit(&p->nwaiters, memory_order_relaxed) > 0 && pgr__handoff(p, c))
+	if (atomic_load_explicit(&p->nwaiters, memory_order_relaxed) > 0 &&
+	    pgr__release_to_waiters(p, c))
 		return;
 	/* A commit to the cache means the gate was open, so no caller was asleep (a waiter closes
 	 * the gate before it parks, and its flush finds this connection): nothing to pump. */
@@ -280,7 +279,7 @@ static inline __attribute__((always_inline)) void publish(pgr_pool *p, struct pg
 	    pgr__now_ms(p) >= atomic_load_explicit(&p->pcpu_calm_ms, memory_order_relaxed) &&
 	    pcpu_put(p, c))
 		return;
-	shard_put(p, c);
+	pgr__shard_put(p, c);
 	if (unlikely(atomic_load_explicit(&p->nwaiters, memory_order_seq_cst) > 0))
 		pgr__pump(p);
 }

@@ -487,8 +487,11 @@ bool pgr__validate(pgr_pool *p, struct pgr_conn *c);
 /* Whether c, just returned (or done with its return's rollback or reset), is above the pool's
  * size with nobody to take it: then it has left nopen, *reason says why, and it must close. */
 bool pgr__surplus(pgr_pool *p, struct pgr_conn *c, int *reason);
-/* Hand c to the oldest waiter if the waiting policy says so (true: it did). */
-bool pgr__handoff(pgr_pool *p, struct pgr_conn *c);
+/* Make c idle in the caller's CPU's shard (no waiter is served: see pgr__pump). */
+void pgr__shard_put(pgr_pool *p, struct pgr_conn *c);
+/* Return c while callers wait: to the oldest waiter if the waiting policy says so, else to a
+ * shard with that waiter nudged. False (nothing done) when nobody waits after all. */
+bool pgr__release_to_waiters(pgr_pool *p, struct pgr_conn *c);
 /* Serve waiters from the shards after a connection went there with callers waiting. */
 void pgr__pump(pgr_pool *p);
 /* A blocking caller's wait for a connection, until its deadline. */

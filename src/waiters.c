@@ -125,21 +125,43 @@ static uint32_t nudge_locked(pgr_pool *p)
 	return PGR__NONE;
 }
 
-/* Hand c (owned by the caller) to the oldest waiter if the policy says so. */
-bool pgr__handoff(pgr_pool *p, struct pgr_conn *c)
+/*
+ * A connection comes back while callers wait: c (owned by the caller) goes to the oldest
+ * waiter if the policy says so; otherwise to a shard, and the oldest waiter is nudged to
+ * compete for it. One critical section for both: with more threads than connections nearly
+ * every return finds callers waiting, and a second trip through wq_lock (pgr__pump) cost
+ * throughput there. Returns false, having done nothing, only when the queue turned out empty:
+ * the caller returns c as if nobody waited.
+ *
+ * No lost wake-up: c reaches the shard under wq_lock, so a caller that queues later (under
+ * the lock) then finds it in its re-scan, and one queued earlier is the head seen here or
+ * behind it, served in turn.
+ */
+bool pgr__release_to_waiters(pgr_pool *p, struct pgr_conn *c)
 {
 	bool wake = false;
-	uint32_t i = PGR__NONE;
+	uint32_t i = PGR__NONE, nudged = PGR__NONE;
 	pthread_mutex_lock(&p->wq_lock);
-	if (grant_due(p))
-		i = wq_grant_locked(p, c, &wake);
-	pthread_mutex_unlock(&p->wq_lock);
-	if (i == PGR__NONE)
+	if (p->wq_head == PGR__NONE) {
+		pthread_mutex_unlock(&p->wq_lock);
 		return false;
-	pgr__inc(&c->n_handoffs);
-	/* A late wake of a slot already reused is a spurious wake-up: waiters re-check state. */
-	if (wake)
-		pgr__futex_wake1(&p->waiters[i].state);
+	}
+	if (grant_due(p)) {
+		i = wq_grant_locked(p, c, &wake);
+	} else {
+		pgr__shard_put(p, c);
+		nudged = nudge_locked(p);
+	}
+	pthread_mutex_unlock(&p->wq_lock);
+	if (i != PGR__NONE) {
+		pgr__inc(&c->n_handoffs);
+		/* A late wake of a slot already reused is a spurious wake-up: waiters re-check
+		 * state. */
+		if (wake)
+			pgr__futex_wake1(&p->waiters[i].state);
+	} else if (nudged != PGR__NONE) {
+		pgr__futex_wake1(&p->waiters[nudged].state);
+	}
 	return true;
 }
 
