@@ -16,6 +16,10 @@
  * Acquire latency is sampled on every 8th acquire (two clock reads would otherwise distort a
  * 20 ns operation); throughput comes from the whole run's wall time.
  *
+ * --oversub T/C/H: T threads on C connections, each checkout held H us; besides the acquire
+ * wait it times release, and reports each checkout's whole time in the pool (acquire wait +
+ * release) and context switches per checkout: the mutex pool queues callers in release.
+ *
  * Output: a table with ratios against the baselines, and one JSON line per configuration.
  */
 #include <ck_ring.h>

@@ -422,10 +422,12 @@ PGR_API int pgr_acquire_at(pgr_pool *pool, int64_t timeout_ms, pgr_conn **out, c
 PGR_API int pgr_try_acquire(pgr_pool *pool, pgr_conn **out);
 
 /*
- * Return a connection. An idle, healthy connection goes to the oldest waiter or back to an
- * idle shard with no system call and no lock; one left in a transaction is rolled back by the
- * manager first; one left in pipeline mode with nothing pending leaves it; one with a query
- * running or a broken socket is closed.
+ * Return a connection. An idle, healthy connection goes back to the CPU's cache or an idle
+ * shard with no system call and no lock while nobody waits; with callers waiting, to the oldest
+ * once it has waited 1 ms (200 us per caller waiting, if longer), else to a shard with that
+ * caller woken to compete (a lock, at most one FUTEX_WAKE). One left in a transaction is
+ * rolled back by the manager first; one left in pipeline mode with nothing pending leaves it;
+ * one with a query running or a broken socket is closed.
  * Returns 0, or (nothing changed, a PGR_EV_MISUSE event reports it) -PGR_E_NOT_OWNED when conn
  * is not checked out by this handle (released or discarded already, or a handle kept from an
  * earlier checkout), -EBUSY while a pgr_loop_query / pgr_loop_pipeline is in flight on it,
