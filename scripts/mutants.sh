@@ -176,7 +176,15 @@ main() {
             broken=1
             continue
         fi
-        if ! cmake --build "$BUILD" -j"$(nproc)" --target "${targets[@]}" \
+        # Only this mutant's test binaries: the others are rebuilt when a mutant needs them
+        # (the restored file's fresh mtime makes the library and its users stale again).
+        local -a mine=()
+        while IFS= read -r c; do
+            [[ -n $c ]] || continue
+            t=$(test_binary "$c")
+            [[ " ${mine[*]-} " == *" $t "* ]] || mine+=("$t")
+        done <<<"${M_TESTS[i]}"
+        if ! cmake --build "$BUILD" -j"$(nproc)" --target "${mine[@]}" \
             >"$WORK/build.log" 2>&1; then
             tail -n 20 "$WORK/build.log" >&2
             results+=("$name|NO BUILD|the mutated source does not compile: re-target it|$((SECONDS - t0))")

@@ -184,8 +184,8 @@ enum pgr__wstate {
 
 /*
  * Once the oldest waiter has waited PGR__STARVE_NS, or PGR__STARVE_PER_WAITER_NS per caller
- * waiting if that is longer, returned connections go to it (a hand-off) instead of to whoever
- * runs first (see pgr__publish and waiters.c).
+ * waiting when it queued if that is longer, returned connections go to it (a hand-off) instead
+ * of to whoever runs first (see pgr__publish and waiters.c).
  */
 #define PGR__STARVE_NS            1000000
 #define PGR__STARVE_PER_WAITER_NS 200000

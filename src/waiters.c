@@ -82,20 +82,22 @@ static uint32_t wq_grant_locked(pgr_pool *p, struct pgr_conn *c, bool *wake)
  * is ever nudged or granted), and once the head has starved it is served next.
  *
  * When the head has starved: it has waited PGR__STARVE_NS (1 ms), or PGR__STARVE_PER_WAITER_NS
- * (200 us) for each caller waiting, whichever is longer. Each starvation hand-off to a sleeping
+ * (200 us) for each caller waiting when it queued (itself included), whichever is longer. Each
+ * starvation hand-off to a sleeping
  * waiter costs a context switch, and the connection stays unused until that waiter gets a CPU,
  * while the thread that would have taken it parks. With a fixed threshold, W waiters each
  * served once per threshold make W such hand-offs per threshold: 48 waiters (64 threads on 16
  * connections) at 1 ms was 48,000 a second, 0.2 context switches per checkout, and took
  * throughput to 0.7x a barging mutex pool's on 2 CPUs. Scaled with the queue, starvation
  * hand-offs stay under about 5,000 a second however long the queue grows, and a caller's wait
- * stays bounded by its queue's length times 200 us (at least 1 ms), plus the time the
- * scheduler takes to give it a CPU.
+ * stays bounded by the queue's length when it came times 200 us (at least 1 ms), plus the
+ * time the callers ahead of it take to be served and the scheduler to give it a CPU.
  */
-static int64_t starve_ns(pgr_pool *p)
+static int64_t starve_ns(const struct pgr__waiter *w)
 {
-	int64_t scaled = (int64_t)atomic_load_explicit(&p->nwaiters, memory_order_relaxed) *
-	                 PGR__STARVE_PER_WAITER_NS;
+	/* Its place when it queued, not the queue now: callers that came later do not push the
+	 * bound of one that came earlier. */
+	int64_t scaled = (int64_t)w->pos * PGR__STARVE_PER_WAITER_NS;
 	return scaled > PGR__STARVE_NS ? scaled : PGR__STARVE_NS;
 }
 
@@ -105,10 +107,25 @@ static bool grant_due(pgr_pool *p)
 	if (i == PGR__NONE)
 		return false;
 	struct pgr__waiter *w = &p->waiters[i];
-	/* A precise clock here: only releasers that find callers waiting get this far. */
-	return atomic_load_explicit(&w->state, memory_order_acquire) == PGR__W_WAITING ||
+	/*
+	 * seq_cst: after a connection went to a shard (pump_locked), this load and the waiter's
+	 * NUDGED -> WAITING (pgr__waiter_resume) followed by its shard scan are a Dekker pair:
+	 * either the waiter finds the connection or this sees it awake and grants.
+	 * A precise clock here: only releasers that find callers waiting get this far.
+	 */
+	return atomic_load_explicit(&w->state, memory_order_seq_cst) == PGR__W_WAITING ||
 	       pgr__mono_ns() - atomic_load_explicit(&w->since_ns, memory_order_relaxed) >=
-	           starve_ns(p);
+	           starve_ns(w);
+}
+
+/* Whether any shard holds an idle connection (a hint: relaxed, read under wq_lock). */
+static bool shards_hold_idle(pgr_pool *p)
+{
+	for (uint32_t sh = 0; sh < p->nshards; sh++)
+		for (uint32_t i = 0; i < p->nwords; i++)
+			if (atomic_load_explicit(&pgr__shard_words(p, sh)[i], memory_order_relaxed))
+				return true;
+	return false;
 }
 
 /* Wake the oldest waiter to look again. Caller holds wq_lock; returns the slot to wake. */
@@ -126,16 +143,41 @@ static uint32_t nudge_locked(pgr_pool *p)
 }
 
 /*
+ * Serve the queue from idle shards; caller holds wq_lock. Heads due a grant get one (woken
+ * here if asleep); a sleeping head that is not due is nudged: its slot is returned, to wake
+ * once the lock is dropped.
+ */
+static uint32_t pump_locked(pgr_pool *p)
+{
+	while (p->wq_head != PGR__NONE) {
+		if (!grant_due(p))
+			return nudge_locked(p);
+		bool stolen, wake = false;
+		struct pgr_conn *c = pgr__take_any(p, &stolen);
+		if (!c)
+			break;
+		/* Counted while it is still ours: once granted, the waiter may return it. */
+		pgr__inc(&c->n_handoffs);
+		uint32_t i = wq_grant_locked(p, c, &wake);
+		if (wake)
+			pgr__futex_wake1(&p->waiters[i].state);
+	}
+	return PGR__NONE;
+}
+
+/*
  * A connection comes back while callers wait: c (owned by the caller) goes to the oldest
  * waiter if the policy says so; otherwise to a shard, and the oldest waiter is nudged to
  * compete for it. One critical section for both: with more threads than connections nearly
- * every return finds callers waiting, and a second trip through wq_lock (pgr__pump) cost
- * throughput there. Returns false, having done nothing, only when the queue turned out empty:
- * the caller returns c as if nobody waited.
+ * every return finds callers waiting, and a second trip through wq_lock cost throughput
+ * there. Returns false, having done nothing, only when the queue turned out empty: the caller
+ * returns c as if nobody waited.
  *
  * No lost wake-up: c reaches the shard under wq_lock, so a caller that queues later (under
- * the lock) then finds it in its re-scan, and one queued earlier is the head seen here or
- * behind it, served in turn.
+ * the lock) finds it in its re-scan. The head is looked at again after the put
+ * (pump_locked), not only before: a head nudged earlier may have woken meanwhile, scanned the
+ * shards before c was there and be about to park again, which no nudge would undo; seen
+ * awake (WAITING) after the put, it is granted.
  */
 bool pgr__release_to_waiters(pgr_pool *p, struct pgr_conn *c)
 {
@@ -147,47 +189,30 @@ bool pgr__release_to_waiters(pgr_pool *p, struct pgr_conn *c)
 		return false;
 	}
 	if (grant_due(p)) {
+		pgr__inc(&c->n_handoffs);
 		i = wq_grant_locked(p, c, &wake);
 	} else {
 		pgr__shard_put(p, c);
-		nudged = nudge_locked(p);
+		nudged = pump_locked(p);
 	}
 	pthread_mutex_unlock(&p->wq_lock);
-	if (i != PGR__NONE) {
-		pgr__inc(&c->n_handoffs);
-		/* A late wake of a slot already reused is a spurious wake-up: waiters re-check
-		 * state. */
-		if (wake)
-			pgr__futex_wake1(&p->waiters[i].state);
-	} else if (nudged != PGR__NONE) {
+	/* A late wake of a slot already reused is a spurious wake-up: waiters re-check state. */
+	if (wake)
+		pgr__futex_wake1(&p->waiters[i].state);
+	if (nudged != PGR__NONE)
 		pgr__futex_wake1(&p->waiters[nudged].state);
-	}
 	return true;
 }
 
 /*
  * Serve waiters from idle shards: after a connection went to a shard with callers waiting
- * (it raced with a waiter's arrival, or the policy let it go there). Heads that are due a
+ * (it raced with a waiter's arrival, or a cache flush moved it there). Heads that are due a
  * grant get one; a sleeping head is nudged to take its chance.
  */
 void pgr__pump(pgr_pool *p)
 {
-	uint32_t nudged = PGR__NONE;
 	pthread_mutex_lock(&p->wq_lock);
-	while (p->wq_head != PGR__NONE) {
-		if (!grant_due(p)) {
-			nudged = nudge_locked(p);
-			break;
-		}
-		bool stolen, wake = false;
-		struct pgr_conn *c = pgr__take_any(p, &stolen);
-		if (!c)
-			break;
-		uint32_t i = wq_grant_locked(p, c, &wake);
-		pgr__inc(&c->n_handoffs);
-		if (wake)
-			pgr__futex_wake1(&p->waiters[i].state);
-	}
+	uint32_t nudged = pump_locked(p);
 	pthread_mutex_unlock(&p->wq_lock);
 	if (nudged != PGR__NONE)
 		pgr__futex_wake1(&p->waiters[nudged].state);
@@ -227,8 +252,9 @@ static inline bool still_queued(uint32_t s)
 bool pgr__waiter_resume(struct pgr__waiter *w)
 {
 	uint32_t expect = PGR__W_NUDGED;
+	/* seq_cst: the waiter's half of the Dekker pair with grant_due (the scan follows). */
 	return atomic_compare_exchange_strong_explicit(&w->state, &expect, PGR__W_WAITING,
-	                                               memory_order_acq_rel, memory_order_acquire);
+	                                               memory_order_seq_cst, memory_order_seq_cst);
 }
 
 /*
@@ -356,15 +382,26 @@ int pgr__wq_enqueue(pgr_pool *p, uint32_t *wi_out, bool gate)
 unsigned pgr__wq_settle(pgr_pool *p, uint32_t wi, struct pgr_conn **granted)
 {
 	struct pgr__waiter *w = &p->waiters[wi];
+	uint32_t nudged = PGR__NONE;
 	pthread_mutex_lock(&p->wq_lock);
 	unsigned s = atomic_load_explicit(&w->state, memory_order_acquire);
 	if (still_queued(s)) {
 		wq_unlink(p, wi);
 		atomic_fetch_sub_explicit(&p->nwaiters, 1, memory_order_relaxed);
 		atomic_store_explicit(&w->state, PGR__W_CANCELLED, memory_order_relaxed);
+		/*
+		 * Pass the turn on. Only the head is nudged, and a head already nudged takes no
+		 * second nudge, so two returns before it runs leave one connection idle with the
+		 * next waiter asleep; and a nudged head that times out leaves its connection too.
+		 * Whoever leaves the queue without a grant serves the next head if a shard holds
+		 * a connection.
+		 */
+		if (p->wq_head != PGR__NONE && shards_hold_idle(p))
+			nudged = pump_locked(p);
 	}
-
 	pthread_mutex_unlock(&p->wq_lock);
+	if (nudged != PGR__NONE)
+		pgr__futex_wake1(&p->waiters[nudged].state);
 	*granted = s == PGR__W_GRANTED ? &p->conns[w->conn] : NULL;
 	return s;
 }

@@ -5,8 +5,46 @@
 #include <stdatomic.h>
 #include <string.h>
 
+#include "placeholder.h"
 #include "pool.h" /* cpu_shard: which CPUs map to which shard */
 #include "testutil.h"
+
+#include <dlfcn.h>
+#include <time.h>
+
+/*
+ * A pause point inside a release. The core reads CLOCK_MONOTONIC_COARSE (pgr__coarse_ms) when
+ * it has no runtime clock, as a placeholder pool without a manager; this binary's
+ * clock_gettime stops the armed thread at its Nth such read, and is glibc's otherwise.
+ */
+enum {
+	COARSE_OFF,
+	COARSE_COUNT,
+	COARSE_ARMED,
+	COARSE_PAUSED,
+	COARSE_GO
+};
+static _Atomic int coarse_state;
+static _Atomic int coarse_calls, coarse_pause_at;
+static pthread_t coarse_thread;
+
+int clock_gettime(clockid_t id, struct timespec *ts)
+{
+	static int (*real)(clockid_t, struct timespec *);
+	if (!real)
+		real = (int (*)(clockid_t, struct timespec *))dlsym(RTLD_NEXT, "clock_gettime");
+	int st = atomic_load(&coarse_state);
+	if (id == CLOCK_MONOTONIC_COARSE && (st == COARSE_COUNT || st == COARSE_ARMED) &&
+	    pthread_equal(pthread_self(), coarse_thread)) {
+		int n = atomic_fetch_add(&coarse_calls, 1) + 1;
+		if (st == COARSE_ARMED && n == atomic_load(&coarse_pause_at)) {
+			atomic_store(&coarse_state, COARSE_PAUSED);
+			while (atomic_load(&coarse_state) != COARSE_GO)
+				tu_sleep_ms(1);
+		}
+	}
+	return real(id, ts);
+}
 
 /*
  * Deadline slack: the wait is an absolute CLOCK_MONOTONIC futex deadline, so never early (the
@@ -503,5 +541,94 @@ Test(checkout, a_connection_cached_by_another_cpu_is_taken_even_without_waiting,
 	cr_assert_eq(st.steals, r.steals[1], "taken again on b: no steal");
 	cr_assert_eq(st.idle, 1);
 	cr_assert_eq(st.connects_ok, 1);
+	pgr_pool_destroy(p);
+}
+
+struct paused_release {
+	pgr_conn *c;
+	int cpu;
+	int mode; /* COARSE_COUNT or COARSE_ARMED */
+	int rc;
+};
+
+static void *paused_release_main(void *arg)
+{
+	struct paused_release *r = arg;
+	pin(r->cpu);
+	coarse_thread = pthread_self();
+	atomic_store(&coarse_calls, 0);
+	atomic_store(&coarse_state, r->mode);
+	r->rc = pgr_release(r->c);
+	atomic_store(&coarse_state, COARSE_OFF);
+	return NULL;
+}
+
+/*
+ * A release that looked for waiters just before a caller queued, and then commits its
+ * connection to its CPU's cache: the caller, asleep by then, never looks in that cache. It
+ * closed the caches' gate before its last look and its sleep (percpu.h), so the commit fails
+ * and the connection goes to a shard, where the release's second look at the waiters finds
+ * the sleeper. The releaser is stopped between its look at the waiters and its commit (at
+ * its last clock read, the cache's calm check), and the caller queues and sleeps meanwhile.
+ */
+Test(checkout, a_release_racing_a_caller_into_sleep_does_not_strand_its_connection_in_a_cache,
+     .timeout = 30)
+{
+	cpu_set_t allowed;
+	cr_assert_eq(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+	int cpus[2] = {-1, -1}, n = 0;
+	for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
+		if (CPU_ISSET(cpu, &allowed))
+			cpus[n++] = cpu;
+	cr_assert_eq(n, 2, "this test needs two CPUs this process may run on");
+	pgr_config cfg;
+	pgr__fake_config(&cfg, 1);
+	pgr_pool *p = NULL;
+	cr_assert_eq(pgr__pool_create_fake(&cfg, &p), 0);
+	cr_assert_gt(p->npcpu, 0, "no per-CPU caches here (rseq or membarrier missing)");
+
+	/* The pool's clock read through the coarse clock, not a ticked cache: the pause point. */
+	atomic_store(&p->clock->live, 0);
+	/* How many coarse clock reads a release makes: the last is the cache's calm check. */
+	struct paused_release r = {.cpu = cpus[0], .mode = COARSE_COUNT};
+	cr_assert_eq(pgr_acquire(p, 0, &r.c), 0);
+	pthread_t t;
+	pthread_create(&t, NULL, paused_release_main, &r);
+	pthread_join(t, NULL);
+	cr_assert_eq(r.rc, 0);
+	int reads = atomic_load(&coarse_calls);
+	cr_assert_gt(reads, 0, "a release reads no coarse clock: the pause point is gone");
+
+	cr_assert_eq(pgr_acquire(p, 0, &r.c), 0);
+	/* Taken from the releaser's CPU's cache (a steal, a fence): releases leave the caches
+	 * alone for PGR__PCPU_CALM_MS after that, and this one must try the cache. */
+	tu_sleep_ms(PGR__PCPU_CALM_MS * 2);
+	r.mode = COARSE_ARMED;
+	atomic_store(&coarse_pause_at, reads);
+	pthread_create(&t, NULL, paused_release_main, &r);
+	cr_assert(TU_WAIT_UNTIL(atomic_load(&coarse_state) == COARSE_PAUSED, 2000),
+	          "the releaser did not stop");
+	cr_assert_eq(atomic_load(&p->nwaiters), 0);
+
+	struct sleeper_run s = {.p = p, .cpu = cpus[1]};
+	pthread_t st;
+	cr_assert_eq(pthread_create(&st, NULL, sleeper_main, &s), 0);
+	bool asleep = false;
+	for (int i = 0; i < 2000 && !asleep; i++) {
+		uint32_t head = p->wq_head;
+		asleep = atomic_load(&p->nwaiters) == 1 && head != PGR__NONE &&
+		         atomic_load(&p->waiters[head].state) == PGR__W_SLEEPING;
+		if (!asleep)
+			tu_sleep_ms(1);
+	}
+	cr_assert(asleep, "the caller never went to sleep");
+	atomic_store(&coarse_state, COARSE_GO);
+	pthread_join(t, NULL);
+	cr_assert_eq(r.rc, 0);
+	pthread_join(st, NULL);
+	cr_assert_eq(s.rc, 0, "the sleeper: %s", pgr_strerror(s.rc));
+	cr_assert_lt(s.waited_ms, 1000,
+	             "the sleeper waited %lld ms while the connection sat in a CPU's cache",
+	             (long long)s.waited_ms);
 	pgr_pool_destroy(p);
 }
