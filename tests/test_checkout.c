@@ -404,6 +404,18 @@ Test(checkout, a_caller_whose_shard_is_empty_steals_from_another_shard, .timeout
 
 /* ---- per-CPU caches ---- */
 
+/* The first two CPUs this process may run on. */
+static void two_cpus(int cpus[2])
+{
+	cpu_set_t allowed;
+	cr_assert_eq(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+	int n = 0;
+	for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
+		if (CPU_ISSET(cpu, &allowed))
+			cpus[n++] = cpu;
+	cr_assert_eq(n, 2, "this test needs two CPUs this process may run on");
+}
+
 struct sleeper_run {
 	pgr_pool *p;
 	int cpu;
@@ -437,13 +449,8 @@ Test(checkout, a_release_while_a_caller_sleeps_reaches_it_not_a_cpu_cache, .time
 	cfg.conninfo = tu_conninfo();
 	cfg.min_idle = cfg.max_size = 1;
 	pgr_pool *p = tu_pool(&cfg);
-	cpu_set_t allowed;
-	cr_assert_eq(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
-	int cpus[2] = {-1, -1}, n = 0;
-	for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
-		if (CPU_ISSET(cpu, &allowed))
-			cpus[n++] = cpu;
-	cr_assert_eq(n, 2, "this test needs two CPUs this process may run on");
+	int cpus[2];
+	two_cpus(cpus);
 	pin(cpus[0]);
 	pgr_conn *held;
 	cr_assert_eq(pgr_acquire(p, 5000, &held), 0);
@@ -574,13 +581,8 @@ static void *paused_release_main(void *arg)
 Test(checkout, a_release_racing_a_caller_into_sleep_does_not_strand_its_connection_in_a_cache,
      .timeout = 30)
 {
-	cpu_set_t allowed;
-	cr_assert_eq(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
-	int cpus[2] = {-1, -1}, n = 0;
-	for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
-		if (CPU_ISSET(cpu, &allowed))
-			cpus[n++] = cpu;
-	cr_assert_eq(n, 2, "this test needs two CPUs this process may run on");
+	int cpus[2];
+	two_cpus(cpus);
 	pgr_config cfg;
 	pgr__fake_config(&cfg, 1);
 	pgr_pool *p = NULL;

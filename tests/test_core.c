@@ -88,6 +88,19 @@ struct rel {
 	int rc;
 };
 
+/* A one-connection pool whose connection r holds, for release_main to return. */
+static pgr_pool *pool_for_a_paused_release(struct rel *r)
+{
+	cr_assert_eq(__rseq_size, 0,
+	             "run with GLIBC_TUNABLES=glibc.pthread.rseq=0 (CTest sets it): the test "
+	             "pauses the releaser in sched_getcpu(), which the core calls only without "
+	             "rseq");
+	pgr_pool *p = fake_pool(1);
+	*r = (struct rel){.p = p};
+	cr_assert_eq(pgr_acquire(p, 0, &r->c), 0);
+	return p;
+}
+
 /* Releases with the pause point armed for this thread only. */
 static void *release_main(void *a)
 {
@@ -133,13 +146,8 @@ Test(core, release_hands_the_connection_to_a_parked_waiter, .timeout = 30)
 
 Test(core, release_that_raced_a_waiter_rechecks_and_serves_it, .timeout = 30)
 {
-	cr_assert_eq(__rseq_size, 0,
-	             "run with GLIBC_TUNABLES=glibc.pthread.rseq=0 (CTest sets it): the test "
-	             "pauses the releaser in sched_getcpu(), which the core calls only without "
-	             "rseq");
-	pgr_pool *p = fake_pool(1);
-	struct rel r = {.p = p};
-	cr_assert_eq(pgr_acquire(p, 0, &r.c), 0);
+	struct rel r;
+	pgr_pool *p = pool_for_a_paused_release(&r);
 
 	/* The releaser reads nwaiters (0), then stops before setting its idle bit. */
 	pthread_t rt;
@@ -343,13 +351,8 @@ Test(core, the_starvation_threshold_grows_with_the_queue, .timeout = 30)
  */
 Test(core, a_head_waking_during_a_return_is_not_left_asleep_with_the_connection_idle, .timeout = 30)
 {
-	cr_assert_eq(__rseq_size, 0,
-	             "run with GLIBC_TUNABLES=glibc.pthread.rseq=0 (CTest sets it): the test "
-	             "pauses the releaser in sched_getcpu(), which the core calls only without "
-	             "rseq");
-	pgr_pool *p = fake_pool(1);
-	struct rel r = {.p = p};
-	cr_assert_eq(pgr_acquire(p, 0, &r.c), 0);
+	struct rel r;
+	pgr_pool *p = pool_for_a_paused_release(&r);
 	uint32_t wi;
 	cr_assert_eq(pgr__wq_enqueue(p, &wi, false), 0);
 	struct pgr__waiter *w = &p->waiters[wi];
