@@ -288,6 +288,7 @@ static int pool_create(const pgr_config *cfg, bool manager, pgr_pool **out)
 	}
 	/* No free list yet: slots are taken in index order the first time (pool.h). */
 	p->wq_head = p->wq_tail = p->wq_free = PGR__NONE;
+	atomic_init(&p->wq_head_hint, PGR__NONE);
 	p->req_head = PGR__NONE;
 	rc = manager ? pgr__manager_start(p) : 0;
 	if (rc != 0) {

@@ -199,7 +199,7 @@ struct pgr__waiter {
 	uint32_t conn;          /* granted slot, valid once state == GRANTED */
 	uint32_t next, prev;    /* FIFO links, under wq_lock */
 	uint32_t gen;
-	uint32_t pos;             /* place in the queue at arrival (1 = head), under wq_lock */
+	_Atomic uint32_t pos;     /* place in the queue at arrival (1 = head); read by releasers */
 	bool gated;               /* holds the caches' gate (percpu.h); the waiter's own */
 	_Atomic int64_t since_ns; /* when it queued (CLOCK_MONOTONIC; read by releasers) */
 } PGR__ALIGNED;
@@ -251,6 +251,9 @@ struct pgr_pool {
 	/* Written by waiters and releasers; its own line. The per-CPU caches' gate (percpu.h)
 	 * changes when waiting starts and ends, like nwaiters, and releasers read both. */
 	_Atomic uint32_t nwaiters PGR__ALIGNED;
+	/* The FIFO's head (a slot index, or PGR__NONE) for releases that serve the queue without
+	 * wq_lock (waiters.c); written under the lock whenever the head changes. */
+	_Atomic uint32_t wq_head_hint;
 	_Atomic uint64_t pcpu_gate;
 	_Atomic int64_t pcpu_calm_ms; /* releases skip the caches until then (a steal from a
 	                                 cache happened: checkout.c, pcpu_steal) */

@@ -431,3 +431,101 @@ Test(core, a_waiter_behind_a_nudged_head_is_served_from_a_connection_left_idle, 
 	cr_assert_eq(tu_stats(p).idle, 2);
 	pgr_pool_destroy(p);
 }
+
+struct bg_release {
+	pgr_conn *c;
+	int rc;
+	_Atomic bool done;
+};
+
+static void *bg_release_main(void *a)
+{
+	struct bg_release *r = a;
+	r->rc = pgr_release(r->c);
+	atomic_store(&r->done, true);
+	return NULL;
+}
+
+/*
+ * With more threads than connections nearly every return finds callers waiting. One that finds
+ * the oldest asleep and not starved shards its connection and nudges it without the waiters'
+ * lock: that lock's cache line moving between CPUs on every return cost more than the rest of
+ * a return and an acquire together. The test holds the lock across such a return.
+ */
+Test(core, a_return_that_nudges_a_sleeping_head_does_not_wait_for_the_waiters_lock, .timeout = 30)
+{
+	pgr_conn *c;
+	struct waiter_thread w;
+	pgr_pool *p = held_with_a_waiter(&c, &w);
+	set_head(p, -1000000000, 0);
+	uint32_t head = p->wq_head;
+	pthread_mutex_lock(&p->wq_lock);
+	struct bg_release r = {.c = c, .rc = -1};
+	pthread_t rt;
+	pthread_create(&rt, NULL, bg_release_main, &r);
+	bool done = TU_WAIT_UNTIL(atomic_load(&r.done), 2000);
+	/* Nudged, not granted; it cannot leave the queue while the lock is held. */
+	uint32_t s = atomic_load(&p->waiters[head].state);
+	pthread_mutex_unlock(&p->wq_lock);
+	pthread_join(rt, NULL);
+	cr_assert(done, "the return waited for the waiters' lock");
+	cr_assert_eq(r.rc, 0);
+	cr_assert(s == PGR__W_NUDGED || s == PGR__W_WAITING,
+	          "the sleeping head was not nudged (state %u)", s);
+	join_waiters(&w, 1);
+	pgr_stats st = tu_stats(p);
+	cr_assert_eq(st.handoffs, 0);
+	cr_assert_eq(st.waits, 1, "the nudged waiter did not take the connection");
+	cr_assert_eq(st.idle, 1);
+	pgr_pool_destroy(p);
+}
+
+/*
+ * A return shards its connection and nudges the head; before the head runs it starves, and
+ * the next return is handed to it. It leaves the queue with that one, and the first
+ * connection is still idle: the waiter behind it, now the head, must be served from it, not
+ * sleep on until another return or its deadline.
+ */
+Test(core, a_head_granted_before_it_ran_leaves_the_idle_connection_to_the_next_waiter,
+     .timeout = 30)
+{
+	pgr_config cfg;
+	pgr__fake_config(&cfg, 2);
+	cfg.shards = 1;
+	pgr_pool *p = NULL;
+	cr_assert_eq(pgr__pool_create_fake(&cfg, &p), 0);
+	pgr_conn *a, *b;
+	cr_assert_eq(pgr_acquire(p, 0, &a), 0);
+	cr_assert_eq(pgr_acquire(p, 0, &b), 0);
+	uint32_t wi;
+	cr_assert_eq(pgr__wq_enqueue(p, &wi, false), 0);
+	struct pgr__waiter *head = &p->waiters[wi];
+	atomic_store(&head->since_ns, pgr__mono_ns() + 1000000000);
+	cr_assert(pgr__waiter_park(head));
+	struct acq q = {.p = p, .timeout_ms = LONG_DEADLINE};
+	pthread_t t;
+	pthread_create(&t, NULL, acquire_main, &q);
+	cr_assert(TU_WAIT_UNTIL(sleepers(p) == 2, 2000), "the second waiter never parked");
+
+	cr_assert_eq(pgr_release(a), 0);
+	cr_assert_eq(atomic_load(&head->state), PGR__W_NUDGED);
+	cr_assert_eq(tu_stats(p).idle, 1);
+	atomic_store(&head->since_ns, pgr__mono_ns() - 2 * PGR__STARVE_NS);
+	int64_t t0 = tu_now_ms();
+	cr_assert_eq(pgr_release(b), 0);
+	cr_assert_eq(atomic_load(&head->state), PGR__W_GRANTED);
+	pthread_join(t, NULL);
+	cr_assert_eq(q.rc, 0, "the second waiter: %s", pgr_strerror(q.rc));
+	cr_assert_lt(q.done_ms - t0, WAKE_BOUND_MS,
+	             "the second waiter slept %lld ms beside an idle connection",
+	             (long long)(q.done_ms - t0));
+	struct pgr_conn *granted;
+	cr_assert_eq(pgr__wq_settle(p, wi, &granted), PGR__W_GRANTED);
+	pgr__wq_free(p, wi);
+	cr_assert_not_null(granted);
+	pgr__publish(p, granted);
+	cr_assert_eq(pgr_release(q.c), 0);
+	cr_assert_eq(tu_stats(p).idle, 2);
+	cr_assert_geq(tu_stats(p).handoffs, 1);
+	pgr_pool_destroy(p);
+}
