@@ -425,7 +425,8 @@ PGR_API int pgr_try_acquire(pgr_pool *pool, pgr_conn **out);
  * Return a connection. An idle, healthy connection goes back to the CPU's cache or an idle
  * shard with no system call and no lock while nobody waits; with callers waiting, to the oldest
  * once it has waited 1 ms (200 us per caller waiting when it came, if longer), else to a shard with
- * that caller woken to compete (a lock, at most one FUTEX_WAKE). One left in a transaction is
+ * that caller woken to compete (the wait queue's lock only for a hand-off or an oldest caller
+ * found awake; at most one FUTEX_WAKE). One left in a transaction is
  * rolled back by the manager first; one left in pipeline mode with nothing pending leaves it;
  * one with a query running or a broken socket is closed.
  * Returns 0, or (nothing changed, a PGR_EV_MISUSE event reports it) -PGR_E_NOT_OWNED when conn
