@@ -352,6 +352,37 @@ static void scrub_kv_secrets(const char *conninfo, char *msg)
 	PQconninfoFree(known);
 }
 
+/*
+ * libpq reads connect_timeout (and PGCONNECT_TIMEOUT) only in its blocking connect; the pool
+ * connects asynchronously, so it applies the value itself, by libpq's rules: whole seconds, 0
+ * or less meaning no bound, 1 meaning 2. A bound the user set is a bound: the shorter of it and
+ * connect_timeout_ms limits each host. A value libpq would refuse is refused here, at create.
+ */
+static int conninfo_connect_timeout(pgr_pool *p, const char *v, const char *where)
+{
+	if (!v)
+		return 0;
+	char *end;
+	errno = 0;
+	long long s = strtoll(v, &end, 10);
+	while (isspace((unsigned char)*end))
+		end++;
+	if (end == v || *end || errno == ERANGE) {
+		char why[160];
+		snprintf(why, sizeof(why), "\"%.40s\" is not a whole number of seconds", v);
+		return reject(p, where, why);
+	}
+	if (s <= 0)
+		return 0;
+	if (s < 2)
+		s = 2;
+	if (s < INT64_MAX / 1000 && s * 1000 < p->cfg.connect_timeout_ms) {
+		p->cfg.connect_timeout_ms = s * 1000;
+		p->connect_timeout_src = where;
+	}
+	return 0;
+}
+
 static int build_params(pgr_pool *p)
 {
 	char *err = NULL;
@@ -428,8 +459,16 @@ static int build_params(pgr_pool *p)
 			goto nomem;
 		k++;
 	}
+	p->connect_timeout_src = "connect_timeout_ms";
+	const char *ct = find(opts, "connect_timeout");
+	int rc = ct ? conninfo_connect_timeout(p, ct, "conninfo connect_timeout")
+	            : conninfo_connect_timeout(p, getenv("PGCONNECT_TIMEOUT"), "PGCONNECT_TIMEOUT");
+	if (rc != 0) {
+		PQconninfoFree(opts);
+		return rc;
+	}
 	p->role = (uint8_t)pgr__role_parse(find(opts, "target_session_attrs"));
-	int rc = pgr__hosts_init(p, find(opts, "target_session_attrs"));
+	rc = pgr__hosts_init(p, find(opts, "target_session_attrs"));
 	if (rc == 0)
 		rc = pgr__replica_init(p);
 	PQconninfoFree(opts);

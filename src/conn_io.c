@@ -496,9 +496,9 @@ void pgr__mgr_poll_done(pgr_pool *p, struct pgr_conn *c, int res)
 			char msg[384];
 			const char *host = PQhost(c->pg), *port = PQport(c->pg);
 			snprintf(msg, sizeof(msg),
-			         "timeout expired after %lld ms (connect_timeout_ms) at %s port %s",
-			         (long long)p->cfg.connect_timeout_ms, host ? host : "?",
-			         port ? port : "?");
+			         "timeout expired after %lld ms (%s) at %s port %s",
+			         (long long)p->cfg.connect_timeout_ms, p->connect_timeout_src,
+			         host ? host : "?", port ? port : "?");
 			/* A host that stalls (no answer at all) is not one libpq leaves for the
 			 * next: this pool does, while hosts it has not stalled on remain. */
 			if (!atomic_load_explicit(&p->closing, memory_order_relaxed) &&

@@ -211,7 +211,10 @@ struct pgr_pool {
 	const char **kw; /* conninfo as keywords/values, keepalive defaults added */
 	const char **val;
 	char *password; /* to scrub from messages */
-	uint32_t cap;   /* slots allocated at create: cfg.max_capacity, the resize bound */
+	/* What set cfg.connect_timeout_ms, for messages: the field, or the conninfo's
+	 * connect_timeout / PGCONNECT_TIMEOUT when shorter (config.c). */
+	const char *connect_timeout_src;
+	uint32_t cap; /* slots allocated at create: cfg.max_capacity, the resize bound */
 	uint32_t nshards;
 	uint8_t role;             /* enum pgr__role (role.h): what target_session_attrs asks for */
 	_Atomic uint8_t pooler;   /* enum pgr_pooler (pooler.h): manager-written, read relaxed */

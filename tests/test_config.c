@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: PostgreSQL */
 /* Config validation: each bad field is refused with -EINVAL and an event that names it. */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "testutil.h"
@@ -312,4 +313,29 @@ Test(config, exec_sync_group_above_1024_rejected, .timeout = 10)
 	pgr_config c = base();
 	c.exec_sync_group = 1025;
 	expect_rejected(&c, "exec_sync_group");
+}
+
+/* libpq would refuse these in a blocking connect; the pool connects asynchronously, where
+ * libpq does not look at them, so it refuses them itself at create. */
+Test(config, connect_timeout_in_the_conninfo_that_is_not_whole_seconds_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	c.conninfo = "host=127.0.0.1 port=1 dbname=x connect_timeout=2s";
+	expect_rejected(&c, "conninfo connect_timeout");
+	cr_assert(tu_events_find(&ev, PGR_EV_CONFIG_ERROR, "\"2s\"") >= 0, "%s", ev.msg[0]);
+}
+
+Test(config, pgconnect_timeout_that_is_not_whole_seconds_rejected, .timeout = 10)
+{
+	pgr_config c = base();
+	setenv("PGCONNECT_TIMEOUT", "soon", 1);
+	expect_rejected(&c, "PGCONNECT_TIMEOUT");
+	/* The conninfo's own value takes precedence, as in libpq. */
+	pgr_config d = base();
+	d.conninfo = "host=127.0.0.1 port=1 dbname=x connect_timeout=5";
+	d.min_idle = 0;
+	pgr_pool *p = NULL;
+	cr_assert_eq(pgr_pool_create(&d, &p), 0);
+	pgr_pool_destroy(p);
+	unsetenv("PGCONNECT_TIMEOUT");
 }

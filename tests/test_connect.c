@@ -283,3 +283,41 @@ Test(connect, a_stalled_first_host_gives_way_to_the_next, .timeout = 60)
 	pgr_pool_destroy(p);
 	close(fd);
 }
+
+/*
+ * connect_timeout in the conninfo bounds a connect as it does in libpq, even though libpq reads
+ * it only in its blocking connect: a host that never answers fails after 2 s, not after the
+ * 10 s connect_timeout_ms default, and the failure names the setting that bounded it.
+ */
+Test(connect, the_conninfo_connect_timeout_bounds_a_connect_to_a_silent_host, .timeout = 60)
+{
+	int fd;
+	int silent = silent_listener(&fd);
+	char conninfo[256];
+	snprintf(conninfo, sizeof(conninfo),
+	         "host=127.0.0.1 port=%d user=pgr_trust dbname=postgres sslmode=disable "
+	         "connect_timeout=2",
+	         silent);
+	struct tu_events ev;
+	tu_events_init(&ev);
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = conninfo;
+	cfg.min_idle = 1;
+	cfg.max_size = 1;
+	cfg.on_event = tu_events_cb;
+	cfg.user_data = &ev;
+	int64_t t0 = tu_now_ms();
+	pgr_pool *p = NULL;
+	cr_assert_eq(pgr_pool_create(&cfg, &p), 0);
+	cr_assert(TU_WAIT_UNTIL(tu_events_count(&ev, PGR_EV_CONNECT_FAILED) > 0, 9000),
+	          "no connect failure within 9 s: connect_timeout=2 was not applied");
+	int64_t took = tu_now_ms() - t0;
+	int i =
+	    tu_events_find(&ev, PGR_EV_CONNECT_FAILED, "after 2000 ms (conninfo connect_timeout)");
+	cr_assert_geq(i, 0, "the failure does not name the conninfo's connect_timeout: %s",
+	              ev.msg[0]);
+	cr_assert_geq(took, 1900, "failed after %lld ms, before its 2 s bound", (long long)took);
+	pgr_pool_destroy(p);
+	close(fd);
+}
