@@ -184,9 +184,21 @@ void pgr__loop_acquire_cqe(pgr_loop *l, struct op *o)
 	unsigned s = atomic_load_explicit(&w->state, memory_order_acquire);
 	int64_t now = pgr__mono_ns();
 	if (s == PGR__W_SLEEPING && !l->destroying && now < o->deadline_ns) {
-		/* A spurious wake-up (a late wake meant for the slot's earlier waiter). */
-		pgr__loop_arm_futex(l, o);
-		return;
+		/*
+		 * A spurious wake-up (a late wake meant for the slot's earlier waiter). Awake again
+		 * until the wait is re-armed: the SQ may be full and the re-arm wait in the
+		 * backlog, and a waiter left SLEEPING meanwhile would be nudged with no wait to
+		 * end, then fail its park (it expects WAITING) as if shut down. WAITING, a return
+		 * grants it instead; the park then finds GRANTED.
+		 */
+		uint32_t expect = PGR__W_SLEEPING;
+		if (atomic_compare_exchange_strong_explicit(&w->state, &expect, PGR__W_WAITING,
+		                                            memory_order_seq_cst,
+		                                            memory_order_seq_cst)) {
+			pgr__loop_arm_futex(l, o);
+			return;
+		}
+		s = expect; /* nudged, granted or shut down meanwhile: as below */
 	}
 	if (s == PGR__W_NUDGED && !l->destroying && pgr__waiter_resume(w)) {
 		/* A connection went idle: take it if it is still there, else wait again. */

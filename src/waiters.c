@@ -215,9 +215,10 @@ static uint32_t pass_turn_locked(pgr_pool *p)
  *
  * The hint may be stale, or its slot reused: whoever changed the head stored the hint and then
  * looked at the shards (pass_turn_locked), so the new head is served either way, and a nudge
- * that lands on a reused slot is a spurious wake-up, which waiters tolerate.
+ * that lands on a reused slot is a spurious wake-up, which waiters tolerate. seen: the head the
+ * return judged not due; a different one is judged again (it may have starved).
  */
-static void serve_head(pgr_pool *p)
+static void serve_head(pgr_pool *p, uint32_t seen)
 {
 	for (;;) {
 		uint32_t h = atomic_load_explicit(&p->wq_head_hint, memory_order_seq_cst);
@@ -225,6 +226,8 @@ static void serve_head(pgr_pool *p)
 			return; /* a caller that queues from now on scans after counting itself */
 		struct pgr__waiter *w = &p->waiters[h];
 		uint32_t s = atomic_load_explicit(&w->state, memory_order_seq_cst);
+		if (h != seen && head_due(w, s))
+			break;
 		if (s == PGR__W_NUDGED)
 			return;
 		if (s != PGR__W_SLEEPING)
@@ -266,10 +269,12 @@ bool pgr__release_to_waiters(pgr_pool *p, struct pgr_conn *c)
 	/* A stale hint only sends this return down the locked path, or past it: both are safe
 	 * (serve_head). */
 	struct pgr__waiter *hw = &p->waiters[h];
-	uint32_t hs = atomic_load_explicit(&hw->state, memory_order_relaxed);
+	/* acquire: a SLEEPING or NUDGED read here comes from the waiter's park (a release), so
+	 * the since_ns and pos read next are the ones it stored when it queued. */
+	uint32_t hs = atomic_load_explicit(&hw->state, memory_order_acquire);
 	if ((hs == PGR__W_SLEEPING || hs == PGR__W_NUDGED) && !head_due(hw, hs)) {
 		pgr__shard_put(p, c);
-		serve_head(p);
+		serve_head(p, h);
 		return true;
 	}
 

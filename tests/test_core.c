@@ -13,6 +13,8 @@
  * sched_getcpu(), which this binary defines, between the two reads of nwaiters.
  */
 #include <errno.h>
+#include <linux/futex.h>
+#include <liburing.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -527,5 +529,98 @@ Test(core, a_head_granted_before_it_ran_leaves_the_idle_connection_to_the_next_w
 	cr_assert_eq(pgr_release(q.c), 0);
 	cr_assert_eq(tu_stats(p).idle, 2);
 	cr_assert_geq(tu_stats(p).handoffs, 1);
+	pgr_pool_destroy(p);
+}
+
+/* ---- a pgr_loop waiter on the same queue ---- */
+
+struct loop_cb {
+	bool called;
+	int err;
+	pgr_conn *c;
+};
+
+static void loop_acquired(pgr_loop *l, int err, pgr_conn *c, void *arg)
+{
+	(void)l;
+	struct loop_cb *r = arg;
+	r->called = true;
+	r->err = err;
+	r->c = c;
+}
+
+static void hand_cqes(struct io_uring *ring, pgr_loop *l)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+	io_uring_for_each_cqe (ring, head, cqe) {
+		if (pgr_loop_owns(io_uring_cqe_get_data64(cqe)))
+			pgr_loop_handle_cqe(l, cqe);
+		n++;
+	}
+	io_uring_cq_advance(ring, n);
+}
+
+/*
+ * A loop waiter is woken spuriously (a late FUTEX_WAKE meant for its slot's earlier waiter)
+ * while its caller keeps the SQ full: the re-armed wait sits in the loop's backlog. A return
+ * that comes meanwhile must reach it, and not make its later park fail as if the pool had shut
+ * down: the acquire gets the connection, not -ETIMEDOUT long before its deadline.
+ */
+Test(core, a_loop_waiter_woken_spuriously_with_its_sq_full_still_gets_the_next_connection,
+     .timeout = 30)
+{
+	pgr_pool *p = fake_pool(1);
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 0, &c), 0);
+	struct io_uring ring;
+	cr_assert_eq(io_uring_queue_init(4, &ring, 0), 0);
+	pgr_loop *l;
+	cr_assert_eq(pgr_loop_create(p, &ring, 0, &l), 0);
+	struct loop_cb r = {0};
+	cr_assert_eq(pgr_loop_acquire(l, LONG_DEADLINE, loop_acquired, &r), 0);
+	io_uring_submit(&ring);
+	uint32_t wi = p->wq_head;
+	cr_assert_neq(wi, PGR__NONE);
+	struct pgr__waiter *w = &p->waiters[wi];
+	cr_assert(TU_WAIT_UNTIL(atomic_load(&w->state) == PGR__W_SLEEPING, 2000));
+	/* Far from starving: the return below nudges rather than grants, if it can. */
+	atomic_store(&w->since_ns, pgr__mono_ns() + 1000000000);
+	tu_sleep_ms(20); /* the futex wait is in the kernel by now */
+	syscall(SYS_futex, &w->state, FUTEX_WAKE, 1, NULL, NULL, 0);
+	struct io_uring_cqe *cqe;
+	cr_assert_eq(io_uring_wait_cqe_nr(&ring, &cqe, 2), 0);
+	/* A busy caller fills the SQ before it hands the CQEs over. */
+	struct io_uring_sqe *sqe;
+	int nops = 0;
+	while ((sqe = io_uring_get_sqe(&ring)) != NULL) {
+		io_uring_prep_nop(sqe);
+		io_uring_sqe_set_data64(sqe, 0);
+		nops++;
+	}
+	cr_assert_gt(nops, 0);
+	hand_cqes(&ring, l);
+	cr_assert_eq(pgr_release(c), 0);
+	int64_t t0 = tu_now_ms();
+	while (!r.called && tu_now_ms() - t0 < 2000) {
+		io_uring_submit(&ring);
+		tu_sleep_ms(1);
+		hand_cqes(&ring, l);
+		pgr_loop_flush(l);
+	}
+	cr_assert(r.called, "the loop acquire never completed");
+	cr_assert_eq(r.err, 0, "the loop acquire failed (%s) %lld ms into a %d ms deadline",
+	             pgr_strerror(r.err), (long long)(tu_now_ms() - t0), LONG_DEADLINE);
+	cr_assert_not_null(r.c);
+	cr_assert_eq(tu_stats(p).in_use, 1);
+	cr_assert_eq(pgr_loop_release(l, r.c), 0);
+	cr_assert_eq(tu_stats(p).idle, 1);
+	int64_t t1 = tu_now_ms();
+	while (pgr_loop_destroy(l) == -EBUSY && tu_now_ms() - t1 < 2000) {
+		io_uring_submit(&ring);
+		tu_sleep_ms(1);
+		hand_cqes(&ring, l);
+	}
+	io_uring_queue_exit(&ring);
 	pgr_pool_destroy(p);
 }
