@@ -387,30 +387,43 @@ Test(core, a_head_waking_during_a_return_is_not_left_asleep_with_the_connection_
 }
 
 /*
- * Two returns before a nudged head runs: the second finds the head already nudged, and the
- * waiter behind it sleeps on beside an idle connection. The head, leaving the queue with one
- * connection, passes the turn to the next waiter, who must not wait for another return.
+ * Both connections of a two-connection pool held by the test. The head of the queue is the
+ * test's own slot (*wi), asleep as far as releases can tell and far from starving, and a
+ * caller (*q, on *t) sleeps behind it.
  */
-Test(core, a_waiter_behind_a_nudged_head_is_served_from_a_connection_left_idle, .timeout = 30)
+static pgr_pool *both_held_behind_the_tests_head(pgr_conn **a, pgr_conn **b, uint32_t *wi,
+                                                 struct acq *q, pthread_t *t)
 {
 	pgr_config cfg;
 	pgr__fake_config(&cfg, 2);
 	cfg.shards = 1;
 	pgr_pool *p = NULL;
 	cr_assert_eq(pgr__pool_create_fake(&cfg, &p), 0);
-	pgr_conn *a, *b;
-	cr_assert_eq(pgr_acquire(p, 0, &a), 0);
-	cr_assert_eq(pgr_acquire(p, 0, &b), 0);
-	/* The head is the test's, asleep as far as releases can tell, and far from starving. */
-	uint32_t wi;
-	cr_assert_eq(pgr__wq_enqueue(p, &wi, false), 0);
-	struct pgr__waiter *head = &p->waiters[wi];
+	cr_assert_eq(pgr_acquire(p, 0, a), 0);
+	cr_assert_eq(pgr_acquire(p, 0, b), 0);
+	cr_assert_eq(pgr__wq_enqueue(p, wi, false), 0);
+	struct pgr__waiter *head = &p->waiters[*wi];
 	atomic_store(&head->since_ns, pgr__mono_ns() + 1000000000);
 	cr_assert(pgr__waiter_park(head));
-	struct acq q = {.p = p, .timeout_ms = LONG_DEADLINE};
-	pthread_t t;
-	pthread_create(&t, NULL, acquire_main, &q);
+	*q = (struct acq){.p = p, .timeout_ms = LONG_DEADLINE};
+	pthread_create(t, NULL, acquire_main, q);
 	cr_assert(TU_WAIT_UNTIL(sleepers(p) == 2, 2000), "the second waiter never parked");
+	return p;
+}
+
+/*
+ * Two returns before a nudged head runs: the second finds the head already nudged, and the
+ * waiter behind it sleeps on beside an idle connection. The head, leaving the queue with one
+ * connection, passes the turn to the next waiter, who must not wait for another return.
+ */
+Test(core, a_waiter_behind_a_nudged_head_is_served_from_a_connection_left_idle, .timeout = 30)
+{
+	pgr_conn *a, *b;
+	uint32_t wi;
+	struct acq q;
+	pthread_t t;
+	pgr_pool *p = both_held_behind_the_tests_head(&a, &b, &wi, &q, &t);
+	struct pgr__waiter *head = &p->waiters[wi];
 
 	cr_assert_eq(pgr_release(a), 0); /* to a shard, the head nudged */
 	cr_assert_eq(atomic_load(&head->state), PGR__W_NUDGED);
@@ -491,23 +504,12 @@ Test(core, a_return_that_nudges_a_sleeping_head_does_not_wait_for_the_waiters_lo
 Test(core, a_head_granted_before_it_ran_leaves_the_idle_connection_to_the_next_waiter,
      .timeout = 30)
 {
-	pgr_config cfg;
-	pgr__fake_config(&cfg, 2);
-	cfg.shards = 1;
-	pgr_pool *p = NULL;
-	cr_assert_eq(pgr__pool_create_fake(&cfg, &p), 0);
 	pgr_conn *a, *b;
-	cr_assert_eq(pgr_acquire(p, 0, &a), 0);
-	cr_assert_eq(pgr_acquire(p, 0, &b), 0);
 	uint32_t wi;
-	cr_assert_eq(pgr__wq_enqueue(p, &wi, false), 0);
-	struct pgr__waiter *head = &p->waiters[wi];
-	atomic_store(&head->since_ns, pgr__mono_ns() + 1000000000);
-	cr_assert(pgr__waiter_park(head));
-	struct acq q = {.p = p, .timeout_ms = LONG_DEADLINE};
+	struct acq q;
 	pthread_t t;
-	pthread_create(&t, NULL, acquire_main, &q);
-	cr_assert(TU_WAIT_UNTIL(sleepers(p) == 2, 2000), "the second waiter never parked");
+	pgr_pool *p = both_held_behind_the_tests_head(&a, &b, &wi, &q, &t);
+	struct pgr__waiter *head = &p->waiters[wi];
 
 	cr_assert_eq(pgr_release(a), 0);
 	cr_assert_eq(atomic_load(&head->state), PGR__W_NUDGED);
