@@ -123,8 +123,13 @@ int main(void)
 	for (int i = 0; i < POOLS * PER; i++)
 		pthread_create(&th[i], NULL, steady_main, &s[i / PER]);
 	pthread_create(&churn, NULL, churn_main, NULL);
-	int64_t until = now_ms() + SECONDS * 1000;
-	while (now_ms() < until) {
+	/*
+	 * At least SECONDS, and until two pools have churned: each churned pool's first acquire
+	 * waits for a connect, and a PostgreSQL backend's start under this load (six threads busy
+	 * on two CPUs) has taken 1-3 s, plain PQconnectdb included. 30 s is a hang.
+	 */
+	int64_t start = now_ms(), until = start + SECONDS * 1000;
+	while (now_ms() < until || (atomic_load(&churned) < 2 && now_ms() < start + 30 * 1000)) {
 		struct timespec ts = {0, 50000000};
 		nanosleep(&ts, NULL);
 	}
