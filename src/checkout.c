@@ -337,6 +337,14 @@ static bool validate_ex(pgr_pool *p, struct pgr_conn *c, bool *ping_here)
 	}
 	int64_t idle = now - atomic_load_explicit(&c->idle_since_ms, memory_order_relaxed);
 	/*
+	 * The hot path's clock lags the coarse clock by up to a tick while the runtime ticks it,
+	 * and a return stamped from the coarse clock (the ticking had stopped) can look up to a
+	 * tick in the future to a checkout that reads the ticked value: 0 idle, not less, or a
+	 * ping_after_idle_ms of 0 would skip its ping.
+	 */
+	if (idle < 0)
+		idle = 0;
+	/*
 	 * Just connected or pinged for a waiting caller: skip the ping, never the zero-cost socket
 	 * check (the coarse clock can make an older connection look 0 ms idle).
 	 */

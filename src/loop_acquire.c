@@ -278,8 +278,9 @@ void pgr__loop_ping_done(pgr_loop *l, struct op *o, int err)
 		return;
 	}
 	if (ok) {
-		atomic_store_explicit(&c->idle_since_ms, now / PGR__NS_PER_MS,
-		                      memory_order_relaxed);
+		/* The hot path's clock, as every idle_since_ms: a CLOCK_MONOTONIC stamp runs up to
+		 * a tick ahead of it. */
+		atomic_store_explicit(&c->idle_since_ms, pgr__now_ms(p), memory_order_relaxed);
 		if (o->detached || o->done) {
 			atomic_store_explicit(&c->fresh, 1, memory_order_relaxed);
 			give_back(p, c);

@@ -51,7 +51,7 @@ struct shared {
 	pgr_pool *p;
 	_Atomic int holder[PGR__MAX_CONNS];
 	_Atomic uint64_t double_holds, acquires, timeouts, errors, release_errors;
-	_Atomic uint64_t async_waited; /* async acquires completed after the call returned */
+	_Atomic uint64_t async_waited; /* async acquires served after the call returned */
 	_Atomic int64_t max_wait_ns;
 	int64_t until_ms;
 	bool liveness;
@@ -145,7 +145,8 @@ static void on_acquired(pgr_loop *l, int err, pgr_conn *c, void *arg)
 	struct lthread *t = rq->t;
 	rq->busy = false;
 	note_wait(t->s, now_ns() - rq->t0_ns);
-	if (!t->in_call)
+	/* Served after a wait, as the pool's waits count (a timeout is not one). */
+	if (!t->in_call && err == 0)
 		atomic_fetch_add(&t->s->async_waited, 1);
 	t->outstanding--;
 	t->completions++;

@@ -634,3 +634,31 @@ Test(checkout, a_release_racing_a_caller_into_sleep_does_not_strand_its_connecti
 	             (long long)s.waited_ms);
 	pgr_pool_destroy(p);
 }
+
+/*
+ * ping_after_idle_ms 0 pings on every checkout, even one of a connection whose return was
+ * stamped ahead of the clock the checkout reads: while the runtime ticks the hot path's clock
+ * it lags the coarse clock by up to a tick, and a return stamped from the coarse clock (the
+ * ticking had stopped) looks up to a tick in the future.
+ */
+Test(checkout, a_return_stamped_ahead_of_the_clock_is_still_pinged_when_every_checkout_pings,
+     .timeout = 30)
+{
+	pgr_config cfg;
+	pgr_config_init(&cfg);
+	cfg.conninfo = tu_conninfo();
+	cfg.min_idle = cfg.max_size = 1;
+	cfg.ping_after_idle_ms = 0;
+	pgr_pool *p = tu_pool(&cfg);
+	pgr_conn *c;
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	uint32_t id = pgr_conn_id(c);
+	cr_assert_eq(pgr_release(c), 0);
+	atomic_store(&p->conns[id].fresh, 0);
+	atomic_store(&p->conns[id].idle_since_ms, pgr__now_ms(p) + 3);
+	uint64_t pings = tu_stats(p).pings;
+	cr_assert_eq(pgr_acquire(p, 5000, &c), 0);
+	cr_assert_eq(tu_stats(p).pings, pings + 1, "the checkout skipped its ping");
+	cr_assert_eq(pgr_release(c), 0);
+	pgr_pool_destroy(p);
+}
