@@ -357,6 +357,8 @@ static void scrub_kv_secrets(const char *conninfo, char *msg)
  * connects asynchronously, so it applies the value itself, by libpq's rules: whole seconds, 0
  * or less meaning no bound, 1 meaning 2. A bound the user set is a bound: the shorter of it and
  * connect_timeout_ms limits each host. A value libpq would refuse is refused here, at create.
+ * A service file's connect_timeout is not seen here (PQconninfoParse does not read service
+ * files): connect_timeout_ms, the conninfo or PGCONNECT_TIMEOUT set it.
  */
 static int conninfo_connect_timeout(pgr_pool *p, const char *v, const char *where)
 {
@@ -365,9 +367,11 @@ static int conninfo_connect_timeout(pgr_pool *p, const char *v, const char *wher
 	char *end;
 	errno = 0;
 	long long s = strtoll(v, &end, 10);
+	bool digits = end != v;
 	while (isspace((unsigned char)*end))
 		end++;
-	if (end == v || *end || errno == ERANGE) {
+	/* libpq's own test: digits, then nothing but blanks, and an int. */
+	if (!digits || *end || errno == ERANGE || s > INT_MAX || s < INT_MIN) {
 		char why[160];
 		snprintf(why, sizeof(why), "\"%.40s\" is not a whole number of seconds", v);
 		return reject(p, where, why);

@@ -323,6 +323,28 @@ Test(config, connect_timeout_in_the_conninfo_that_is_not_whole_seconds_rejected,
 	c.conninfo = "host=127.0.0.1 port=1 dbname=x connect_timeout=2s";
 	expect_rejected(&c, "conninfo connect_timeout");
 	cr_assert(tu_events_find(&ev, PGR_EV_CONFIG_ERROR, "\"2s\"") >= 0, "%s", ev.msg[0]);
+	/* Blanks alone, and whole numbers past an int, are refused by libpq too. */
+	const char *bad[] = {"host=127.0.0.1 port=1 dbname=x connect_timeout=' '",
+	                     "host=127.0.0.1 port=1 dbname=x connect_timeout=2147483648",
+	                     "host=127.0.0.1 port=1 dbname=x connect_timeout=-2147483649"};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		c = base();
+		c.conninfo = bad[i];
+		expect_rejected(&c, "conninfo connect_timeout");
+	}
+	/* Blanks around digits, a sign, 0 and negatives (no bound) are what libpq accepts. */
+	const char *good[] = {"host=127.0.0.1 port=1 dbname=x connect_timeout=' 3 '",
+	                      "host=127.0.0.1 port=1 dbname=x connect_timeout=+3",
+	                      "host=127.0.0.1 port=1 dbname=x connect_timeout=0",
+	                      "host=127.0.0.1 port=1 dbname=x connect_timeout=-1",
+	                      "host=127.0.0.1 port=1 dbname=x connect_timeout=2147483647"};
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		c = base();
+		c.conninfo = good[i];
+		pgr_pool *p = NULL;
+		cr_assert_eq(pgr_pool_create(&c, &p), 0, "%s refused", good[i]);
+		pgr_pool_destroy(p);
+	}
 }
 
 Test(config, pgconnect_timeout_that_is_not_whole_seconds_rejected, .timeout = 10)
